@@ -1,0 +1,644 @@
+"""The vision-language model of the paper (section 3.1, Fig. 2), in plain PyTorch.
+
+    image -> SigLIP -> projector (Linear, GELU, Linear) -> image tokens --+
+                                                                          +--> Qwen2 decoder -> next-token loss on text
+    text  -> Qwen2 token embedding -------------------------------------> text tokens --+
+
+The file reads top to bottom: attention shared by both towers, the SigLIP vision encoder, the Qwen2 language
+model, loading of the official safetensors, then the VLM that joins them (Algorithms 1 and 2) and generates.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
+
+import masks
+
+try:  # FlexAttention skips fully masked blocks; the dense boolean mask through SDPA is the reference path
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # older torch
+    BlockMask, flex_attention = (), None
+
+IGNORE_INDEX = -100
+
+
+# -----------------------------------------------------------------------------
+# Attention, shared by both towers
+
+def attend(q, k, v, mask):
+    """Scaled dot-product attention for q [B,H,Q,hd] and k, v [B,Hkv,K,hd] (Hkv divides H: GQA).
+
+    `mask` is None (no mask), a boolean [B,1,Q,K] (True = may attend), or a FlexAttention BlockMask."""
+    gqa = k.shape[1] != q.shape[1]
+    if isinstance(mask, BlockMask):
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+# -----------------------------------------------------------------------------
+# SigLIP vision encoder (the so400m tower: 27 pre-LN blocks of width 1152 over 16x16 patches)
+
+@dataclass
+class SigLIPConfig:
+    image_size: int = 224
+    patch_size: int = 14
+    num_channels: int = 3
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    layer_norm_eps: float = 1e-6
+
+
+class SigLIPAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.num_attention_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = (proj(x).view(B, N, self.n_head, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        y = attend(q, k, v, None)  # every patch sees every patch
+        return self.out_proj(y.transpose(1, 2).reshape(B, N, D))
+
+
+class SigLIPMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SigLIPBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = SigLIPAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = SigLIPMLP(cfg)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class SigLIP(nn.Module):
+    """pixel_values [B,3,H,W] in [-1,1] -> one feature per patch [B, (H/p)*(W/p), width]. No CLS token."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.n_patches = (cfg.image_size // cfg.patch_size) ** 2
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
+        self.position_embedding = nn.Embedding(self.n_patches, cfg.hidden_size)
+        self.layers = nn.ModuleList(SigLIPBlock(cfg) for _ in range(cfg.num_hidden_layers))
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, pixel_values):
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        x = x.flatten(2).transpose(1, 2) + self.position_embedding.weight
+        for layer in self.layers:
+            x = checkpoint(layer, x, use_reentrant=False) if self.gradient_checkpointing and self.training else layer(x)
+        return self.post_layernorm(x)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype=torch.float32):
+        folder = resolve(name_or_path)
+        config = read_json(os.path.join(folder, "config.json"))
+        model = cls(siglip_config(config, folder))
+        # the Hub's file holds the whole SigLIP (both towers); a lone vision tower is saved without the prefix
+        prefix = "vision_model." if config.get("model_type") == "siglip" else ""
+        state = read_safetensors(folder, prefix=prefix, skip=(prefix + "head.",))  # the pooling head is unused
+        load_state(model, {n.removeprefix(prefix): t for n, t in state.items()}, rename=siglip_name, source=folder, dtype=dtype)
+        return model
+
+
+# -----------------------------------------------------------------------------
+# Qwen2 decoder (Qwen2.5-0.5B: 24 blocks of width 896, GQA 14 query / 2 key-value heads, RoPE, RMSNorm, SwiGLU)
+
+@dataclass
+class Qwen2Config:
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    rope_theta: float = 1000000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 and scale after casting back, as Qwen2 was trained
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(position_ids, head_dim, theta):
+    """cos and sin [B, 1, T, head_dim] for rotary position embedding, computed in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    angles = position_ids[..., None].float() * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)[:, None]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    # Qwen2 rotates the two halves of each head (not interleaved pairs)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one pair per layer, for decoding token by token."""
+
+    def __init__(self):
+        self.layers = {}
+
+    def update(self, layer, k, v):
+        if layer in self.layers:
+            past_k, past_v = self.layers[layer]
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        self.layers[layer] = (k, v)
+        return k, v
+
+    def reorder(self, batch_index):
+        # beam search keeps the surviving beams' histories
+        self.layers = {i: (k[batch_index], v[batch_index]) for i, (k, v) in self.layers.items()}
+
+
+class Qwen2Attention(nn.Module):
+    def __init__(self, cfg, layer_index):
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_head, self.n_kv_head = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)
+        y = attend(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Qwen2Block(nn.Module):
+    def __init__(self, cfg, layer_index):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Qwen2Attention(cfg, layer_index)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = Qwen2MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Qwen2Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.gradient_checkpointing = False
+
+    def hidden_states(self, input_ids=None, inputs_embeds=None, mask=None, position_ids=None, cache=None):
+        """The final-norm hidden states [B,T,D]. `mask` None means causal; `position_ids` default 0..T-1."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=x.device).expand(B, T)
+        if mask is None:
+            mask = masks.causal(T).to(x.device)[None, None]
+        cos, sin = rope_tables(position_ids, self.config.hidden_size // self.config.num_attention_heads, self.config.rope_theta)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        return self.norm(x)
+
+    def forward(self, input_ids=None, inputs_embeds=None, mask=None, position_ids=None, cache=None):
+        return self.lm_head(self.hidden_states(input_ids, inputs_embeds, mask, position_ids, cache))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype=torch.float32):
+        folder = resolve(name_or_path)
+        cfg = qwen2_config(read_json(os.path.join(folder, "config.json")), folder)
+        model = cls(cfg)
+        state = read_safetensors(folder)
+        if cfg.tie_word_embeddings:
+            state.pop("lm_head.weight", None)  # some tied checkpoints still store the shared matrix twice
+        load_state(model, state, rename=qwen2_name, source=folder, dtype=dtype)
+        return model
+
+
+# -----------------------------------------------------------------------------
+# Loading the official checkpoints: a local folder or a Hub repo id, config.json + safetensors, strictly
+
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"]
+
+
+def resolve(name_or_path):
+    """A local folder as is; anything else is a Hub repo id, of which only the files we read are fetched."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if os.path.exists(name_or_path):
+        raise ValueError(f"{name_or_path} is a file; pass the folder that holds config.json and the safetensors")
+    from huggingface_hub import snapshot_download
+    return snapshot_download(name_or_path, allow_patterns=HUB_FILES)
+
+
+def read_json(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found")
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_safetensors(folder, prefix="", skip=()):
+    """All tensors whose name starts with `prefix` (minus those starting with a `skip` entry), from
+    model.safetensors or from the shards listed in model.safetensors.index.json."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        files = sorted(set(read_json(index)["weight_map"].values()))
+    elif os.path.exists(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}")
+    state = {}
+    for file in files:
+        with safe_open(os.path.join(folder, file), framework="pt") as f:
+            for name in f.keys():
+                if name.startswith(prefix) and not name.startswith(skip):
+                    state[name] = f.get_tensor(name)
+    return state
+
+
+def load_state(model, state, rename, source, dtype):
+    """Copy checkpoint tensors into `model`; any missing, unexpected or wrongly shaped tensor is an error."""
+    ours = model.state_dict()
+    state = {rename(name): tensor for name, tensor in state.items()}
+    missing = [n for n in ours if n not in state and not any(alias in state for alias in aliases(model, n))]
+    unexpected = [n for n in state if n not in ours]
+    problems = [f"missing tensor {n}" for n in missing] + [f"unexpected tensor {n}" for n in unexpected]
+    problems += [f"tensor {n} has shape {tuple(t.shape)}, expected {tuple(ours[n].shape)}"
+                 for n, t in state.items() if n in ours and t.shape != ours[n].shape]
+    if problems:
+        raise ValueError(f"cannot load {source} into {type(model).__name__}: " + "; ".join(problems[:10])
+                         + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""))
+    model.load_state_dict(state, strict=False)
+    model.to(dtype)
+
+
+def aliases(model, name):
+    """Other names of the same parameter (the tied output layer is the token embedding)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return [other for other, p in params.items() if name in params and p is params[name] and other != name]
+
+
+def has_tensor(folder, name):
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        return name in read_json(index)["weight_map"]
+    if not os.path.exists(os.path.join(folder, "model.safetensors")):
+        return False  # read_safetensors names the missing file
+    with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
+        return name in f.keys()
+
+
+def siglip_name(name):
+    name = name.replace("embeddings.patch_embedding", "patch_embedding")
+    name = name.replace("embeddings.position_embedding", "position_embedding")
+    return name.replace("encoder.layers.", "layers.")
+
+
+def qwen2_name(name):
+    return name.removeprefix("model.")
+
+
+def pick(cls, values):
+    """The dataclass `cls` from those entries of `values` it declares; the rest keep their defaults."""
+    return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+
+def siglip_config(config, source):
+    # the Hub's SigLIP config.json holds both towers and spells out only what differs from the defaults
+    if config.get("model_type") == "siglip":
+        config = config.get("vision_config", {})
+    elif config.get("model_type") != "siglip_vision_model":
+        raise ValueError(f"{source} holds a {config.get('model_type')!r} model, not SigLIP (model_type 'siglip')")
+    act = config.get("hidden_act", "gelu_pytorch_tanh")
+    if act not in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
+        raise ValueError(f"{source}: SigLIP with hidden_act {act!r} is not supported (expected the tanh GELU)")
+    defaults = dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072,
+                    num_hidden_layers=12, num_attention_heads=12, layer_norm_eps=1e-6, num_channels=3)
+    return pick(SigLIPConfig, {**defaults, **config})
+
+
+def qwen2_config(config, source):
+    if config.get("model_type") != "qwen2":
+        raise ValueError(f"{source} holds a {config.get('model_type')!r} model, not Qwen2 (model_type 'qwen2')")
+    if config.get("use_sliding_window"):
+        raise ValueError(f"{source}: sliding-window attention is not implemented")
+    values = dict(config)
+    values["rope_theta"] = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 1e6)
+    if "tie_word_embeddings" not in config:  # a config silent on it: a checkpoint without lm_head.weight is tied
+        values["tie_word_embeddings"] = not has_tensor(source, "lm_head.weight")
+    head_dim = config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
+    if head_dim * config["num_attention_heads"] != config["hidden_size"]:
+        raise ValueError(f"{source}: head_dim {head_dim} x {config['num_attention_heads']} heads != hidden_size")
+    return pick(Qwen2Config, values)
+
+
+# -----------------------------------------------------------------------------
+# The vision-language model (paper 3.1, Algorithms 1 and 2)
+
+@dataclass
+class VLMConfig:
+    vision: SigLIPConfig
+    language: Qwen2Config
+    projector_hidden: int = 896  # the paper's Linear(1152 -> 896), GELU, Linear(896 -> 896)
+
+
+class Projector(nn.Module):
+    """Maps vision features into the language model's embedding space (paper 3.1)."""
+
+    def __init__(self, vision_width, hidden, language_width):
+        super().__init__()
+        self.fc1 = nn.Linear(vision_width, hidden)
+        self.fc2 = nn.Linear(hidden, language_width)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class VLM(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.vision = SigLIP(config.vision)
+        self.projector = Projector(config.vision.hidden_size, config.projector_hidden, config.language.hidden_size)
+        self.language = Qwen2(config.language)
+        self.n_image_tokens = self.vision.n_patches
+
+    # --- training forward pass -------------------------------------------------
+
+    def forward(self, pixel_values, input_ids, labels, text_mask, mask_kind="prefix", noise_prob=0.0, noise_token_id=None):
+        """Mean next-token cross-entropy over the text (paper eq. 1). Algorithm 2, or Algorithm 1 when
+        mask_kind is 'bidirectional' and noise_prob > 0 (stage 0)."""
+        image_tokens = self.projector(self.vision(pixel_values))                  # V <- projector(vision(image))
+        if noise_prob > 0:                                                          # Algorithm 1: text <- add_noise(text)
+            input_ids = masks.add_noise(input_ids, text_mask, noise_prob, noise_token_id, self.config.language.vocab_size)
+        hidden = self.decode(image_tokens, input_ids, text_mask, mask_kind)
+        return self.text_loss(hidden, labels)
+
+    def decode(self, image_tokens, input_ids, text_mask, mask_kind):
+        """Run the language model over [image tokens | text tokens] under the stage's mask (paper 3.1, 3.2)."""
+        text_tokens = self.language.embed_tokens(input_ids)
+        sequence = torch.cat([image_tokens.to(text_tokens.dtype), text_tokens], dim=1)  # L <- concat(V, T)
+        keep = self.keep(text_mask)
+        mask = masks.attention_mask(mask_kind, self.n_image_tokens, keep)            # attn_mask <- update_attention(...)
+        return self.language.hidden_states(inputs_embeds=sequence, mask=mask, position_ids=positions(keep))
+
+    def keep(self, text_mask):
+        image = torch.ones(text_mask.shape[0], self.n_image_tokens, dtype=torch.bool, device=text_mask.device)
+        return torch.cat([image, text_mask.bool()], dim=1)
+
+    def text_loss(self, hidden, labels, chunk_size=4096):
+        """Cross-entropy of next-token prediction at the text positions that carry a label.
+
+        Only those rows go through the 151,936-wide output layer, a chunk at a time, and each chunk's logits
+        are recomputed in the backward pass rather than stored: the full [B, S, vocab] logits never exist."""
+        targets = labels
+        rows = hidden[:, self.n_image_tokens - 1:-1]  # the last image token predicts the first text token
+        is_target = targets != IGNORE_INDEX
+        rows, targets = rows[is_target], targets[is_target]
+        if targets.numel() == 0:
+            raise ValueError("no text position carries a label: check the prompt template and the label masking")
+        total = sum(checkpoint(chunk_loss, self.language.lm_head.weight, rows[i:i + chunk_size], targets[i:i + chunk_size],
+                               use_reentrant=False)
+                    for i in range(0, len(targets), chunk_size))
+        return total / len(targets)
+
+    # --- generation ------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, pixel_values, input_ids, text_mask, max_new_tokens=30, num_beams=1,
+                 eos_ids=(151645, 151643), mask_kind="prefix", length_penalty=1.0, on_token=None):
+        """Decode from [image | prompt] with a KV cache; the prompt may be left- or right-padded.
+
+        Returns the new tokens of each sample, without the end token. `on_token(tokens [B])` is called after
+        each greedy step, for streaming."""
+        image_tokens = self.projector(self.vision(pixel_values))
+        text_mask = text_mask.bool()
+        if num_beams > 1:
+            expand = lambda t: t.repeat_interleave(num_beams, dim=0)
+            image_tokens, input_ids, text_mask = expand(image_tokens), expand(input_ids), expand(text_mask)
+        cache, keep = KVCache(), self.keep(text_mask)
+        text_tokens = self.language.embed_tokens(input_ids)
+        sequence = torch.cat([image_tokens.to(text_tokens.dtype), text_tokens], dim=1)
+        hidden = self.language.hidden_states(inputs_embeds=sequence, mask=masks.attention_mask(mask_kind, self.n_image_tokens, keep),
+                                             position_ids=positions(keep), cache=cache)
+        last_real = keep.shape[1] - 1 - keep.flip(1).int().argmax(1)  # right padding: the last real token, not the pad
+        logits = self.language.lm_head(hidden[torch.arange(len(hidden)), last_real]).float()
+        step = Decoder(self, cache, keep, eos_ids)
+        if num_beams == 1:
+            return greedy(step, logits, max_new_tokens, on_token)
+        return beam_search(step, logits, max_new_tokens, num_beams, length_penalty)
+
+    # --- our own checkpoints ---------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, vision, language, projector_hidden=896, dtype=torch.float32):
+        """The paper's starting point: pretrained SigLIP and Qwen2 joined by a freshly initialised projector."""
+        vision_model = SigLIP.from_pretrained(vision, dtype)
+        language_model = Qwen2.from_pretrained(language, dtype)
+        model = cls(VLMConfig(vision_model.config, language_model.config, projector_hidden))
+        model.vision, model.language = vision_model, language_model
+        return model.to(dtype)
+
+    def save(self, folder, tokenizer=None):
+        """model.safetensors + config.json (+ tokenizer.json), each written to a temporary name and then
+        renamed, so a reader never sees half a file."""
+        os.makedirs(folder, exist_ok=True)
+        state = {n: t.detach().contiguous() for n, t in self.state_dict().items()}
+        if self.config.language.tie_word_embeddings:
+            del state["language.lm_head.weight"]  # the same matrix as the token embedding
+        save_file(state, os.path.join(folder, "model.safetensors.tmp"), metadata={"format": "pt"})
+        os.replace(os.path.join(folder, "model.safetensors.tmp"), os.path.join(folder, "model.safetensors"))
+        config = {"architecture": VLM_ARCHITECTURE, **asdict(self.config)}
+        with open(os.path.join(folder, "config.json.tmp"), "w") as f:
+            json.dump(config, f, indent=2)
+        os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
+        if tokenizer is not None:
+            tokenizer.save(folder)
+
+    @classmethod
+    def load(cls, folder, dtype=torch.float32):
+        config = read_json(os.path.join(folder, "config.json"))
+        if config.get("architecture") != VLM_ARCHITECTURE:
+            raise ValueError(f"{folder} is not a checkpoint of this project (config.json architecture "
+                             f"{config.get('architecture')!r}, expected {VLM_ARCHITECTURE!r})")
+        model = cls(VLMConfig(SigLIPConfig(**config["vision"]), Qwen2Config(**config["language"]), config["projector_hidden"]))
+        load_state(model, read_safetensors(folder), rename=lambda n: n, source=folder, dtype=dtype)
+        return model
+
+    def parameter_groups(self):
+        return {"vision": self.vision, "projector": self.projector, "language": self.language}
+
+
+VLM_ARCHITECTURE = "siglip-projector-qwen2"
+
+
+def positions(keep):
+    """RoPE positions that skip padding: the n-th real token gets position n-1, wherever the pads are."""
+    return (keep.long().cumsum(1) - 1).clamp(min=0)
+
+
+def chunk_loss(weight, rows, targets):
+    logits = F.linear(rows, weight).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+# -----------------------------------------------------------------------------
+# Decoding: greedy and beam search over one shared step function
+
+class Decoder:
+    """Feeds one new token per sequence through the language model, attending to everything kept so far."""
+
+    def __init__(self, model, cache, keep, eos_ids):
+        self.model, self.cache, self.keep = model, cache, keep
+        self.eos_ids = torch.tensor(eos_ids, device=keep.device)
+        self.next_position = keep.long().sum(1)
+
+    def __call__(self, tokens):
+        self.keep = torch.cat([self.keep, torch.ones_like(self.keep[:, :1])], dim=1)
+        mask = self.keep[:, None, None, :]  # the new token sees every real token before it, image included
+        hidden = self.model.language.hidden_states(tokens[:, None], mask=mask, position_ids=self.next_position[:, None],
+                                                   cache=self.cache)
+        self.next_position = self.next_position + 1
+        return self.model.language.lm_head(hidden[:, -1]).float()
+
+    def reorder(self, batch_index):
+        self.cache.reorder(batch_index)
+        self.keep, self.next_position = self.keep[batch_index], self.next_position[batch_index]
+
+    def is_end(self, tokens):
+        return torch.isin(tokens, self.eos_ids)
+
+
+def greedy(step, logits, max_new_tokens, on_token=None):
+    batch = logits.shape[0]
+    done = torch.zeros(batch, dtype=torch.bool, device=logits.device)
+    out = [[] for _ in range(batch)]
+    for i in range(max_new_tokens):
+        tokens = logits.argmax(-1)
+        ended = step.is_end(tokens) | done
+        for b in (~ended).nonzero().flatten().tolist():
+            out[b].append(tokens[b].item())
+        if on_token is not None:
+            on_token(torch.where(ended, -1, tokens))
+        done = ended
+        if done.all() or i == max_new_tokens - 1:
+            break
+        logits = step(tokens)
+    return out
+
+
+def beam_search(step, logits, max_new_tokens, num_beams, length_penalty):
+    """Keep the `num_beams` most probable continuations of each prompt; a hypothesis ends at an end token,
+    and finished ones are ranked by log-probability / length**length_penalty."""
+    batch = logits.shape[0] // num_beams
+    device = logits.device
+    scores = torch.full((batch, num_beams), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start identical: let only the first one expand
+    tokens_so_far = [[] for _ in range(batch * num_beams)]
+    finished = [[] for _ in range(batch)]
+    for length in range(1, max_new_tokens + 1):
+        logprobs = F.log_softmax(logits, dim=-1)
+        vocab = logprobs.shape[-1]
+        candidates = (scores.view(-1, 1) + logprobs).view(batch, -1)
+        top_scores, top_index = candidates.topk(2 * num_beams, dim=-1)
+        new_scores = torch.full_like(scores, float("-inf"))
+        source = torch.arange(batch * num_beams, device=device).view(batch, num_beams).clone()
+        new_tokens = torch.full((batch, num_beams), 0, dtype=torch.long, device=device)
+        next_so_far = list(tokens_so_far)
+        for b in range(batch):
+            if len(finished[b]) >= num_beams:
+                continue  # this prompt is done; its beams idle
+            kept = 0
+            for score, index in zip(top_scores[b].tolist(), top_index[b].tolist()):
+                beam, token = divmod(index, vocab)
+                history = tokens_so_far[b * num_beams + beam]
+                if step.is_end(torch.tensor(token, device=device)):
+                    finished[b].append((score / length ** length_penalty, history))
+                    if len(finished[b]) >= num_beams:
+                        break
+                    continue
+                slot = b * num_beams + kept
+                new_scores[b, kept], new_tokens[b, kept] = score, token
+                source[b, kept] = b * num_beams + beam
+                next_so_far[slot] = history + [token]
+                kept += 1
+                if kept == num_beams:
+                    break
+        tokens_so_far, scores = next_so_far, new_scores
+        if all(len(f) >= num_beams for f in finished) or length == max_new_tokens:
+            break
+        step.reorder(source.view(-1))
+        logits = step(new_tokens.view(-1))
+    for b in range(batch):  # unfinished beams compete with the finished ones
+        for k in range(num_beams):
+            if scores[b, k] > float("-inf"):
+                finished[b].append((scores[b, k].item() / len(tokens_so_far[b * num_beams + k]) ** length_penalty,
+                                    tokens_so_far[b * num_beams + k]))
+    return [max(f, key=lambda h: h[0])[1] if f else [] for f in finished]

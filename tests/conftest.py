@@ -1,0 +1,51 @@
+"""Shared fixtures: small random-weight SigLIP and Qwen2 models built by transformers (the reference
+implementation) and saved in the official Hub layout, so our loaders read exactly what they read from the Hub."""
+import pytest
+import torch
+
+
+def save_siglip(folder, seed=0, with_text_tower=False, **overrides):
+    """A random SiglipVisionModel saved as `folder`; returns the transformers model (eval mode).
+
+    transformers 5 saves a lone vision tower without the `vision_model.` prefix; the Hub's so400m file is a
+    whole SiglipModel (`with_text_tower`), whose vision tensors carry it."""
+    from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
+    sizes = dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+                 image_size=56, patch_size=14, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")
+    sizes.update(overrides)
+    torch.manual_seed(seed)
+    if with_text_tower:  # the official file holds both towers, the pooling head, logit_scale and logit_bias
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100)
+        full = SiglipModel(SiglipConfig(text_config=text, vision_config=sizes)).eval()
+        full.save_pretrained(folder)
+        return full.vision_model
+    model = SiglipVisionModel(SiglipVisionConfig(**sizes)).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def save_qwen2(folder, seed=0, tie=True, max_shard_size=None, **overrides):
+    """A random Qwen2ForCausalLM saved as `folder`; returns the transformers model (eval mode)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=300, max_position_embeddings=1024, rope_theta=1e6,
+                 rms_norm_eps=1e-6, tie_word_embeddings=tie)
+    sizes.update(overrides)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(**sizes)).eval()
+    with torch.no_grad():  # random biases, so a loader that forgets the q/k/v bias fails
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_backbones(tmp_path_factory):
+    """Folders of a tiny SigLIP (4x4 = 16 image tokens) and a tiny Qwen2, for the VLM tests."""
+    root = tmp_path_factory.mktemp("backbones")
+    save_siglip(root / "siglip")
+    save_qwen2(root / "qwen2")
+    return root / "siglip", root / "qwen2"

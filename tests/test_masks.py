@@ -1,0 +1,101 @@
+"""The paper's masks (section 3.2, Fig. 3) as exact matrices, and proof that the model honours them."""
+import torch
+
+import masks
+from model import VLM
+
+T, F = True, False
+
+
+def test_causal():
+    assert masks.causal(3).tolist() == [[T, F, F], [T, T, F], [T, T, T]]
+
+
+def test_prefix_image_block_is_bidirectional_and_blind_to_text():
+    # 2 image tokens then 3 text tokens: Fig. 3(b)
+    assert masks.prefix(5, 2).tolist() == [
+        [T, T, F, F, F],   # image token 0 sees both image tokens, no text
+        [T, T, F, F, F],
+        [T, T, T, F, F],   # text sees every image token and earlier text
+        [T, T, T, T, F],
+        [T, T, T, T, T],
+    ]
+
+
+def test_bidirectional():
+    assert masks.bidirectional(3).all()
+
+
+def test_padding_keys_are_hidden_but_rows_never_empty():
+    keep = torch.tensor([[T, T, T, F]])  # 2 image tokens, 1 text token, 1 pad
+    got = masks.attention_mask("prefix", 2, keep)
+    assert got.shape == (1, 1, 4, 4)
+    assert got[0, 0].tolist() == [
+        [T, T, F, F],
+        [T, T, F, F],
+        [T, T, T, F],
+        [T, T, T, T],   # the pad query sees itself (and the past): no all-False row, no NaN
+    ]
+    left_padded = masks.attention_mask("causal", 0, torch.tensor([[F, F, T]]))[0, 0]
+    assert left_padded.tolist() == [[T, F, F], [F, T, F], [F, F, T]]
+
+
+def test_noise_replaces_about_the_requested_share_of_text_inputs_only():
+    ids = torch.full((64, 50), 7)
+    eligible = torch.ones(64, 50, dtype=torch.bool)
+    eligible[:, 40:] = False  # e.g. padding: never noised
+    generator = torch.Generator().manual_seed(0)
+    noisy = masks.add_noise(ids, eligible, prob=0.2, noise_token_id=3, generator=generator)
+    replaced = noisy != ids
+    assert not replaced[:, 40:].any()
+    assert abs(replaced[:, :40].float().mean().item() - 0.2) < 0.02
+    assert set(noisy[replaced].tolist()) == {3}
+    random_noise = masks.add_noise(ids, eligible, prob=0.5, vocab_size=100, generator=generator)
+    assert len(set(random_noise[random_noise != ids].tolist())) > 50
+
+
+def test_drawing_writes_a_png(tmp_path):
+    from PIL import Image
+    path = masks.draw(str(tmp_path / "masks.png"))
+    assert Image.open(path).size[0] > 100
+
+
+# --- the model honours the masks ---------------------------------------------------------------------
+
+def image_and_text_outputs(model, pixels, ids, mask_kind):
+    with torch.no_grad():
+        image_tokens = model.projector(model.vision(pixels))
+        hidden = model.decode(image_tokens, ids, torch.ones_like(ids, dtype=torch.bool), mask_kind)
+    return hidden[:, :model.n_image_tokens], hidden[:, model.n_image_tokens:]
+
+
+def test_under_prefix_image_outputs_ignore_the_text(tiny_backbones):
+    model = VLM.from_pretrained(*map(str, tiny_backbones), projector_hidden=32).eval()
+    pixels = torch.randn(1, 3, 56, 56)
+    ids = torch.randint(0, 300, (1, 6))
+    changed = ids.clone()
+    changed[0, 3:] = (changed[0, 3:] + 1) % 300
+    image_a, text_a = image_and_text_outputs(model, pixels, ids, "prefix")
+    image_b, text_b = image_and_text_outputs(model, pixels, changed, "prefix")
+    assert torch.equal(image_a, image_b)
+    assert torch.equal(text_a[:, :3], text_b[:, :3])  # text before the change is unaffected too
+    assert not torch.allclose(text_a[:, 3:], text_b[:, 3:])
+    # the same change is visible to the image tokens under the bidirectional stage-0 mask
+    image_c, _ = image_and_text_outputs(model, pixels, ids, "bidirectional")
+    image_d, _ = image_and_text_outputs(model, pixels, changed, "bidirectional")
+    assert not torch.allclose(image_c, image_d)
+
+
+def test_under_prefix_image_tokens_see_later_image_tokens_but_not_under_causal(tiny_backbones):
+    model = VLM.from_pretrained(*map(str, tiny_backbones), projector_hidden=32).eval()
+    ids = torch.randint(0, 300, (1, 4))
+    image_tokens = torch.randn(1, model.n_image_tokens, 64)
+    later_changed = image_tokens.clone()
+    later_changed[:, -1] += 1.0  # only the last image token changes
+
+    def first_image_output(tokens, mask_kind):
+        with torch.no_grad():
+            return model.decode(tokens, ids, torch.ones_like(ids, dtype=torch.bool), mask_kind)[:, 0]
+
+    assert torch.equal(first_image_output(image_tokens, "causal"), first_image_output(later_changed, "causal"))
+    assert not torch.allclose(first_image_output(image_tokens, "prefix"), first_image_output(later_changed, "prefix"))

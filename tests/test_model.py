@@ -1,0 +1,196 @@
+"""model.py against transformers, the reference implementation: random weights saved in the official layout,
+loaded by our code, compared in fp32. Small configs over several seeds, and once at the full official sizes."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import save_qwen2, save_siglip
+from model import VLM, Qwen2, SigLIP
+
+torch.set_num_threads(2)
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+# --- SigLIP ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_siglip_matches_transformers(tmp_path, seed):
+    reference = save_siglip(tmp_path, seed=seed)
+    ours = SigLIP.from_pretrained(str(tmp_path)).eval()
+    pixels = torch.randn(3, 3, 56, 56)
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels).last_hidden_state
+        got = ours(pixels)
+    assert got.shape == (3, 16, 64)  # 4x4 patches, no CLS token
+    assert max_diff(got, expected) < 1e-5, f"max abs diff {max_diff(got, expected):.2e}"
+
+
+def test_siglip_file_with_text_tower_loads_only_the_vision_tower(tmp_path):
+    reference = save_siglip(tmp_path, with_text_tower=True)
+    names = load_file(tmp_path / "model.safetensors").keys()
+    assert any(n.startswith("text_model.") for n in names) and "logit_scale" in names
+    ours = SigLIP.from_pretrained(str(tmp_path)).eval()
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        diff = max_diff(ours(pixels), reference(pixel_values=pixels).last_hidden_state)
+    assert diff < 1e-5, f"max abs diff {diff:.2e}"
+
+
+def test_siglip_hub_style_terse_config(tmp_path):
+    """The Hub's so400m config.json names only what differs from the defaults: eps and activation are implied."""
+    reference = save_siglip(tmp_path, with_text_tower=True)
+    terse = {"model_type": "siglip", "architectures": ["SiglipModel"], "text_config": {"hidden_size": 32},
+             "vision_config": {"hidden_size": 64, "image_size": 56, "intermediate_size": 112, "model_type": "siglip_vision_model",
+                               "num_attention_heads": 4, "num_hidden_layers": 2, "patch_size": 14}}
+    (tmp_path / "config.json").write_text(json.dumps(terse))
+    ours = SigLIP.from_pretrained(str(tmp_path)).eval()
+    assert ours.config.layer_norm_eps == 1e-6
+    pixels = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        diff = max_diff(ours(pixels), reference(pixel_values=pixels).last_hidden_state)
+    assert diff < 1e-5, f"max abs diff {diff:.2e}"
+
+
+def test_siglip_other_resolution(tmp_path):
+    """Image and patch size come from the config, so e.g. a 384px checkpoint loads too."""
+    reference = save_siglip(tmp_path, image_size=48, patch_size=16)
+    ours = SigLIP.from_pretrained(str(tmp_path)).eval()
+    pixels = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        got, expected = ours(pixels), reference(pixel_values=pixels).last_hidden_state
+    assert got.shape == (2, 9, 64)
+    assert max_diff(got, expected) < 1e-5
+
+
+# --- Qwen2 ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_qwen2_logits_match_transformers(tmp_path, seed):
+    reference = save_qwen2(tmp_path, seed=seed)
+    ours = Qwen2.from_pretrained(str(tmp_path)).eval()
+    ids = torch.randint(0, 300, (3, 11))
+    with torch.no_grad():
+        diff = max_diff(ours(ids), reference(ids).logits)
+    assert diff < 1e-4, f"max abs diff {diff:.2e}"
+
+
+def test_qwen2_left_padding_matches_transformers(tmp_path):
+    """With left padding, transformers shifts positions past the pads; so do our position ids."""
+    import masks
+    from model import positions
+    reference = save_qwen2(tmp_path)
+    ours = Qwen2.from_pretrained(str(tmp_path)).eval()
+    ids = torch.randint(0, 300, (2, 9))
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    keep[0, :3] = False
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=keep.long()).logits
+        got = ours(ids, mask=masks.attention_mask("causal", 0, keep), position_ids=positions(keep))
+    diff = max_diff(got[keep], expected[keep])
+    assert diff < 1e-4, f"max abs diff over real tokens {diff:.2e}"
+
+
+def test_qwen2_untied_and_sharded(tmp_path):
+    reference = save_qwen2(tmp_path, tie=False, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ours = Qwen2.from_pretrained(str(tmp_path)).eval()
+    assert ours.lm_head.weight is not ours.embed_tokens.weight
+    ids = torch.randint(0, 300, (2, 7))
+    with torch.no_grad():
+        diff = max_diff(ours(ids), reference(ids).logits)
+    assert diff < 1e-4, f"max abs diff {diff:.2e}"
+
+
+def test_qwen2_hub_style_config(tmp_path):
+    """The Hub's Qwen2.5 config.json predates transformers 5: top-level rope_theta, torch_dtype, no sliding window."""
+    reference = save_qwen2(tmp_path, rope_theta=10000.0)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config.pop("tie_word_embeddings")  # silent: the missing lm_head.weight says it is tied
+    config.update(rope_theta=10000.0, torch_dtype="bfloat16", sliding_window=32768, use_sliding_window=False)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ours = Qwen2.from_pretrained(str(tmp_path)).eval()
+    assert ours.config.rope_theta == 10000.0 and ours.config.tie_word_embeddings
+    ids = torch.randint(0, 300, (2, 7))
+    with torch.no_grad():
+        diff = max_diff(ours(ids), reference(ids).logits)
+    assert diff < 1e-4, f"max abs diff {diff:.2e}"
+
+
+def test_bf16_loading(tmp_path):
+    save_qwen2(tmp_path)
+    ours = Qwen2.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
+
+
+# --- strict loading -------------------------------------------------------------------------------
+
+def test_missing_tensor_is_named(tmp_path):
+    save_qwen2(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.layers.1.self_attn.k_proj.bias"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing tensor layers\.1\.self_attn\.k_proj\.bias"):
+        Qwen2.from_pretrained(str(tmp_path))
+
+
+def test_wrong_shape_and_unexpected_tensor_are_named(tmp_path):
+    save_siglip(tmp_path, with_text_tower=True)
+    state = load_file(tmp_path / "model.safetensors")
+    state["vision_model.post_layernorm.weight"] = torch.ones(65)
+    state["vision_model.encoder.layers.9.mlp.fc1.weight"] = torch.ones(1)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError) as error:
+        SigLIP.from_pretrained(str(tmp_path))
+    assert "post_layernorm.weight has shape (65,)" in str(error.value)
+    assert "unexpected tensor layers.9.mlp.fc1.weight" in str(error.value)
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    save_qwen2(tmp_path / "qwen")
+    save_siglip(tmp_path / "siglip")
+    with pytest.raises(ValueError, match="not SigLIP"):
+        SigLIP.from_pretrained(str(tmp_path / "qwen"))
+    with pytest.raises(ValueError, match="not Qwen2"):
+        Qwen2.from_pretrained(str(tmp_path / "siglip"))
+    with pytest.raises(ValueError, match="not a checkpoint of this project"):
+        VLM.load(str(tmp_path / "qwen"))
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    save_qwen2(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        Qwen2.from_pretrained(str(tmp_path))
+
+
+# --- full official sizes, once ----------------------------------------------------------------------
+
+def test_full_size_siglip_so400m_matches_transformers(tmp_path):
+    reference = save_siglip(tmp_path, hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                            num_attention_heads=16, image_size=224, patch_size=14)
+    ours = SigLIP.from_pretrained(str(tmp_path)).eval()
+    pixels = torch.rand(2, 3, 224, 224) * 2 - 1
+    with torch.no_grad():
+        got, expected = ours(pixels), reference(pixel_values=pixels).last_hidden_state
+    assert got.shape == (2, 256, 1152)
+    diff = max_diff(got, expected)
+    print(f"SigLIP so400m full size: max abs diff {diff:.2e}")
+    assert diff < 1e-4, f"max abs diff {diff:.2e}"
+
+
+def test_full_size_qwen25_05b_matches_transformers(tmp_path):
+    reference = save_qwen2(tmp_path, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                           num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768)
+    ours = Qwen2.from_pretrained(str(tmp_path)).eval()
+    ids = torch.randint(0, 151936, (2, 24))
+    with torch.no_grad():
+        got, expected = ours(ids), reference(ids).logits
+    diff = max_diff(got, expected)
+    print(f"Qwen2.5-0.5B full size: max abs diff {diff:.2e}")
+    assert diff < 1e-3, f"max abs diff {diff:.2e}"
