@@ -17,14 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 import masks
-
-try:  # FlexAttention skips fully masked blocks; the dense boolean mask through SDPA is the reference path
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-except ImportError:  # older torch
-    BlockMask, flex_attention = (), None
 
 IGNORE_INDEX = -100
 
@@ -32,13 +29,21 @@ IGNORE_INDEX = -100
 # -----------------------------------------------------------------------------
 # Attention, shared by both towers
 
+# FlexAttention is fast only compiled: one fused kernel that skips the fully masked blocks. Run eagerly it is a
+# slow reference implementation, the only form on the CPU. Inside compiled blocks (VLM.compile_blocks) it is
+# compiled along with them.
+fused_flex_attention = torch.compile(flex_attention, dynamic=False)
+
+
 def attend(q, k, v, mask):
     """Scaled dot-product attention for q [B,H,Q,hd] and k, v [B,Hkv,K,hd] (Hkv divides H: GQA).
 
-    `mask` is None (no mask), a boolean [B,1,Q,K] (True = may attend), or a FlexAttention BlockMask."""
+    `mask` is None (no mask), a boolean [B,1,Q,K] (True = may attend) for SDPA, the simple reference path,
+    or a FlexAttention BlockMask (masks.block_mask), the fast path."""
     gqa = k.shape[1] != q.shape[1]
     if isinstance(mask, BlockMask):
-        return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+        flex = fused_flex_attention if q.is_cuda else flex_attention
+        return flex(q, k, v, block_mask=mask, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
@@ -256,7 +261,7 @@ class Qwen2(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(T, device=x.device).expand(B, T)
         if mask is None:
-            mask = masks.causal(T).to(x.device)[None, None]
+            mask = masks.causal(T, x.device)[None, None]
         cos, sin = rope_tables(position_ids, self.config.hidden_size // self.config.num_attention_heads, self.config.rope_theta)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -429,6 +434,7 @@ class VLM(nn.Module):
         self.projector = Projector(config.vision.hidden_size, config.projector_hidden, config.language.hidden_size)
         self.language = Qwen2(config.language)
         self.n_image_tokens = self.vision.n_patches
+        self.attention = "sdpa"  # or "flex": FlexAttention block masks, the fast path on the GPU (see `mask`)
 
     # --- training forward pass -------------------------------------------------
 
@@ -446,28 +452,54 @@ class VLM(nn.Module):
         text_tokens = self.language.embed_tokens(input_ids)
         sequence = torch.cat([image_tokens.to(text_tokens.dtype), text_tokens], dim=1)  # L <- concat(V, T)
         keep = self.keep(text_mask)
-        mask = masks.attention_mask(mask_kind, self.n_image_tokens, keep)            # attn_mask <- update_attention(...)
+        mask = self.mask(mask_kind, keep)                                             # attn_mask <- update_attention(...)
         return self.language.hidden_states(inputs_embeds=sequence, mask=mask, position_ids=positions(keep))
+
+    def forward_packed(self, pixel_values, input_ids, labels, document, mask_kind="prefix"):
+        """Algorithm 2 over packed rows (masks.pack_documents): several [image | text] documents share a row,
+        each attending only to itself, with positions restarting at its start, so variable-length
+        conversations (stage 3) spend little compute on padding. input_ids, labels, document [R, L] span
+        whole rows; pixel_values holds one image per document, in row order."""
+        image_tokens = self.projector(self.vision(pixel_values))                  # V <- projector(vision(image))
+        text_tokens = self.language.embed_tokens(input_ids)
+        # all image slots first, then all other positions: the number of image slots follows from the shapes,
+        # so both sets are found without reading a count back from the GPU (a sync)
+        n_image_slots = image_tokens.shape[0] * self.n_image_tokens
+        order = torch.argsort(~masks.image_slots(document, self.n_image_tokens).flatten(), stable=True)
+        image_slots, text_positions = order[:n_image_slots], order[n_image_slots:]
+        sequence = text_tokens.flatten(0, 1).index_copy(0, image_slots, image_tokens.flatten(0, 1).to(text_tokens.dtype))
+        sequence = sequence.view_as(text_tokens)                                    # each document's V, then its T
+        mask = self.mask(mask_kind, document >= 0, document)                        # attn_mask <- update_attention(...)
+        hidden = self.language.hidden_states(inputs_embeds=sequence, mask=mask, position_ids=masks.document_positions(document))
+        rows = hidden.flatten(0, 1)[text_positions - 1]  # the token before each text token predicts it
+        return next_token_loss(self.language.lm_head.weight, rows, labels.flatten()[text_positions])
+
+    def mask(self, mask_kind, keep, document=None):
+        """The stage's mask (paper 3.2) in the form the attention path takes: a FlexAttention BlockMask (fast:
+        fully masked blocks are skipped) or a dense boolean mask for SDPA (the simple reference)."""
+        if self.attention == "flex":
+            return masks.block_mask(mask_kind, self.n_image_tokens, keep, document)
+        if document is not None:
+            return masks.document_mask(mask_kind, self.n_image_tokens, document)
+        return masks.attention_mask(mask_kind, self.n_image_tokens, keep)
 
     def keep(self, text_mask):
         image = torch.ones(text_mask.shape[0], self.n_image_tokens, dtype=torch.bool, device=text_mask.device)
         return torch.cat([image, text_mask.bool()], dim=1)
 
     def text_loss(self, hidden, labels, chunk_size=4096):
-        """Cross-entropy of next-token prediction at the text positions that carry a label.
-
-        Only those rows go through the 151,936-wide output layer, a chunk at a time, and each chunk's logits
-        are recomputed in the backward pass rather than stored: the full [B, S, vocab] logits never exist."""
-        targets = labels
+        """Cross-entropy of next-token prediction at the text positions that carry a label; `hidden` covers
+        [image | text], `labels` the text."""
         rows = hidden[:, self.n_image_tokens - 1:-1]  # the last image token predicts the first text token
-        is_target = targets != IGNORE_INDEX
-        rows, targets = rows[is_target], targets[is_target]
-        if targets.numel() == 0:
-            raise ValueError("no text position carries a label: check the prompt template and the label masking")
-        total = sum(checkpoint(chunk_loss, self.language.lm_head.weight, rows[i:i + chunk_size], targets[i:i + chunk_size],
-                               use_reentrant=False)
-                    for i in range(0, len(targets), chunk_size))
-        return total / len(targets)
+        return next_token_loss(self.language.lm_head.weight, rows.flatten(0, 1), labels.flatten(), chunk_size)
+
+    def compile_blocks(self):
+        """torch.compile each transformer block ("regional" compilation), for training. The 27 vision and 24
+        language blocks share two compiled graphs, so compiling takes a fraction of the whole model's time;
+        inside a block the norms, activations and RoPE fuse around the matmuls, and FlexAttention becomes
+        one fused kernel."""
+        for block in [*self.vision.layers, *self.language.layers]:
+            block.compile()
 
     # --- generation ------------------------------------------------------------
 
@@ -535,6 +567,25 @@ class VLM(nn.Module):
     def parameter_groups(self):
         return {"vision": self.vision, "projector": self.projector, "language": self.language}
 
+    def training_flops(self, n_text_tokens, n_label_tokens, trainable):
+        """Matrix-multiply FLOPs of one training sample, counted as 2 per multiply-add. A trainable module costs
+        its forward pass 3 times (forward, gradients of inputs and of weights); a frozen module that gradients
+        must cross (the language model in stages 0-1) twice; a frozen one before every trainable part once.
+        Attention counts the full S x S scores, whatever the mask."""
+        v, l = self.config.vision, self.config.language
+        n, d = self.n_image_tokens, v.hidden_size
+        vision = v.num_hidden_layers * (2 * n * (4 * d * d + 2 * d * v.intermediate_size) + 4 * n * n * d)
+        vision += 2 * n * v.num_channels * v.patch_size ** 2 * d
+        projector = 2 * n * (d * self.config.projector_hidden + self.config.projector_hidden * l.hidden_size)
+        s, h = n + n_text_tokens, l.hidden_size
+        kv = l.num_key_value_heads * h // l.num_attention_heads
+        language = l.num_hidden_layers * (2 * s * (2 * h * h + 2 * h * kv + 3 * h * l.intermediate_size) + 4 * s * s * h)
+        language += 2 * n_label_tokens * h * l.vocab_size  # logits only where there are labels
+        passes = {name: 3 if name in trainable else 1 for name in ("vision", "projector", "language")}
+        if "language" not in trainable and trainable:
+            passes["language"] = 2
+        return passes["vision"] * vision + passes["projector"] * projector + passes["language"] * language
+
 
 VLM_ARCHITECTURE = "siglip-projector-qwen2"
 
@@ -544,9 +595,23 @@ def positions(keep):
     return (keep.long().cumsum(1) - 1).clamp(min=0)
 
 
+def next_token_loss(weight, rows, targets, chunk_size=4096):
+    """Mean cross-entropy of hidden states `rows` [N, D] through the output layer `weight` against `targets` [N]
+    (IGNORE_INDEX where a row carries no label).
+
+    The rows go through the 151,936-wide output layer a chunk at a time, and each chunk's logits are
+    recomputed in the backward pass rather than stored: the full [N, vocab] logits never exist. Rows without a
+    label (prompt, padding) are computed and ignored: picking only the labelled rows would need their count on
+    the host, a sync with the GPU in every step, and shapes that change with every batch. A batch without any
+    label gives NaN (0 / 0), loudly; the training loop checks labels on the host before it gets there."""
+    total = sum(checkpoint(chunk_loss, weight, rows[i:i + chunk_size], targets[i:i + chunk_size], use_reentrant=False)
+                for i in range(0, len(targets), chunk_size))
+    return total / (targets != IGNORE_INDEX).sum()
+
+
 def chunk_loss(weight, rows, targets):
     logits = F.linear(rows, weight).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,11 @@
+# Stage 3 (paper 3.4): multi-turn instruction data; the whole conversation is one sequence and only the
+# assistant answers carry loss.
+stage = 3
+dataset = "lmms-lab/LLaVA-NeXT-Data"
+data_format = "parquet"
+mask_kind = "prefix"
+noise_prob = 0.0
+vision_lr, projector_lr, language_lr = 5e-6, 1e-4, 2e-5
+max_text_tokens = 768
+init_from = "out/stage2"
+out_dir = "out/stage3"

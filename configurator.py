@@ -1,0 +1,66 @@
+"""nanoGPT's configurator: settings are the module globals of a script, changed by config files and --key=value.
+
+    python train.py config/stage1.py --micro_batch=16 --vision_lr=0.0
+
+Each config file is plain Python, run in a scratch namespace; every name it assigns must already be a
+setting. Then each --key=value replaces one setting, the value parsed as a Python literal (a bare word is a
+string). A key that is not a setting, or a value whose type differs from the default's, is an error that
+names it: a typo never silently trains the wrong model.
+"""
+import ast
+import sys
+
+
+def configure(settings, argv=None):
+    """Apply config files and --key=value overrides from `argv` (default sys.argv[1:]) to the dict `settings`."""
+    for arg in sys.argv[1:] if argv is None else argv:
+        if arg.startswith("--"):
+            key, sep, text = arg[2:].partition("=")
+            if not sep:
+                raise ValueError(f"override {arg!r} must look like --key=value")
+            update(settings, key, parse(text), source=arg)
+        else:
+            apply_file(settings, arg)
+    return settings
+
+
+def apply_file(settings, path):
+    print(f"configuration from {path}")
+    namespace = {}
+    with open(path) as f:
+        exec(compile(f.read(), path, "exec"), namespace)  # a config file is code the user wrote, like nanoGPT's
+    for key, value in namespace.items():
+        if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
+            update(settings, key, value, source=path)
+
+
+def merged(settings, overrides, source):
+    """A copy of `settings` with the dict `overrides` applied, each key checked like an override."""
+    settings = dict(settings)
+    for key, value in overrides.items():
+        update(settings, key, value, source)
+    return settings
+
+
+def parse(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word such as --dataset=synthetic
+
+
+def update(settings, key, value, source):
+    if key not in settings:
+        raise KeyError(f"{source}: unknown setting {key!r}")
+    default = settings[key]
+    if default is not None and value is not None and not same_kind(default, value):
+        raise TypeError(f"{source}: setting {key!r} is a {type(default).__name__}, got {value!r} ({type(value).__name__})")
+    settings[key] = float(value) if isinstance(default, float) and isinstance(value, int) else value
+
+
+def same_kind(default, value):
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))

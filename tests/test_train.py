@@ -1,0 +1,154 @@
+"""train.py: trainable parts and learning rates per stage, exact resumption, DDP equivalence, and a short run
+that learns. Runs use the demo's synthetic shapes and tiny random models, through the real command line."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from configurator import merged
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {  # the demo's classes at the smallest sizes that still learn
+    "vision_config": dict(image_size=32, patch_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2),
+    "language_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=1, rope_theta=10000.0, tie_word_embeddings=True),
+    "projector_hidden": 32, "image_size": 32, "shapes_samples": 256, "num_workers": 0, "stages": [], "eval_after": False,
+    "global_batch": 8, "micro_batch": 4, "warmup_steps": 2, "checkpoint_interval": 1000,
+}
+
+
+def run_train(out_dir, launcher=(sys.executable,), **overrides):
+    args = [f"--{k}={v!r}" for k, v in {**TINY, "out_dir": str(out_dir), **overrides}.items()]
+    subprocess.run([*launcher, os.path.join(ROOT, "train.py"), os.path.join(ROOT, "config", "demo.py"), *args],
+                   cwd=ROOT, check=True, capture_output=True, text=True, timeout=600)
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def final_weights(out_dir):
+    from model import VLM
+    return VLM.load(train.latest_checkpoint(str(out_dir))).state_dict()
+
+
+# --- stages: what trains, at which learning rate ----------------------------------------------------------
+
+def tiny_setup(**overrides):
+    cfg = merged(train.settings, {**TINY, "device": "cpu", "dtype": "float32", "tokenizer": "shapes", **overrides}, "test")
+    tokenizer, model = train.build_model(cfg)
+    trainable = train.freeze_modules(model, cfg)
+    optimizer = train.make_optimizer(model, cfg, torch.device("cpu"))
+    return cfg, tokenizer, model, trainable, optimizer
+
+
+@pytest.mark.parametrize("stage, mask_kind, noise_prob", [(0, "bidirectional", 0.2), (1, "prefix", 0.0)])
+def test_stages_0_and_1_train_only_the_projector(stage, mask_kind, noise_prob):
+    cfg, tokenizer, model, trainable, optimizer = tiny_setup(stage=stage, mask_kind=mask_kind, noise_prob=noise_prob,
+                                                             vision_lr=0.0, projector_lr=1e-2, language_lr=0.0)
+    assert trainable == ["projector"]
+    assert not model.vision.training and not model.language.training  # frozen modules stay in eval mode
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    batches = train.endless(train.open_stream(cfg, tokenizer))
+    train.set_learning_rates(optimizer, 0, 10, cfg)
+    train.train_step(model, batches, 2, cfg, torch.device("cpu"), trainable)
+    optimizer.step()
+    for name, p in model.named_parameters():
+        if name.startswith("projector."):
+            assert not torch.equal(p, before[name]), f"{name} did not train"
+        else:
+            assert torch.equal(p, before[name]), f"{name} changed although frozen"
+            assert p.grad is None
+
+
+def test_every_module_has_its_own_learning_rate_on_the_schedule():
+    cfg, _, model, trainable, optimizer = tiny_setup(vision_lr=5e-6, projector_lr=2e-3, language_lr=2e-5,
+                                                     warmup_steps=10, min_lr=1e-8)
+    assert trainable == ["vision", "projector", "language"]
+    total = 110  # 10 warm-up steps, then 100 of cosine decay
+    expected_factor = {0: 1 / 10, 9: 1.0, 60: 0.5, 110: 0.0}
+    for step, factor in expected_factor.items():
+        train.set_learning_rates(optimizer, step, total, cfg)
+        for group in optimizer.param_groups:
+            base = {"vision": 5e-6, "projector": 2e-3, "language": 2e-5}[group["name"]]
+            want = base * factor if step < 10 else 1e-8 + (base - 1e-8) * factor
+            assert math.isclose(group["lr"], want, rel_tol=1e-9), (step, group["name"], group["lr"], want)
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    _, _, model, _, optimizer = tiny_setup()
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            decays = group["weight_decay"] > 0
+            assert decays == (p.dim() >= 2), names[id(p)]
+
+
+def test_global_batch_must_split_evenly():
+    assert train.accumulation_steps(128, 16, 2) == 4
+    with pytest.raises(ValueError, match="not a multiple"):
+        train.accumulation_steps(128, 12, 1)
+
+
+# --- runs through the command line ------------------------------------------------------------------------
+
+def test_a_short_run_learns(tmp_path):
+    metrics = run_train(tmp_path, stage=2, max_steps=40, vision_lr=3e-3, projector_lr=3e-3, language_lr=3e-3)
+    first, last = metrics[0]["loss"], sum(m["loss"] for m in metrics[-5:]) / 5
+    assert last < 0.5 * first, f"loss {first:.3f} -> {last:.3f}"
+    assert os.path.exists(tmp_path / "loss.png")
+    assert {"loss", "grad_norm", "lr", "images_per_s", "tokens_per_s", "skipped"} <= set(metrics[-1])
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """Stage 0 (random input noise) with DataLoader workers: an interruption after step 3 and a resume give the
+    same losses and weights as one uninterrupted run."""
+    stage0 = dict(stage=0, mask_kind="bidirectional", noise_prob=0.2, vision_lr=1e-3, projector_lr=1e-3,
+                  language_lr=0.0, max_steps=6, checkpoint_interval=3, num_workers=1, micro_batch=4)
+    whole = run_train(tmp_path / "whole", **stage0)
+    # the interrupted run: only what a crash right after step 3's checkpoint leaves on disk
+    os.makedirs(tmp_path / "resumed")
+    shutil.copytree(tmp_path / "whole" / "step-0000003", tmp_path / "resumed" / "step-0000003")
+    (tmp_path / "resumed" / "latest").write_text("step-0000003")
+    (tmp_path / "resumed" / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in whole[:3]))
+    resumed = run_train(tmp_path / "resumed", resume=True, **stage0)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in whole]
+    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "resumed")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_ddp_two_processes_equal_one_process_with_twice_the_accumulation(tmp_path):
+    """torchrun with 2 gloo processes x 4 micro-batches of 1 sees the same 8 samples per step as 1 process x 8."""
+    common = dict(stage=2, max_steps=3, micro_batch=1, vision_lr=1e-3, projector_lr=1e-3, language_lr=1e-3)
+    single = run_train(tmp_path / "single", **common)
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517")
+    double = run_train(tmp_path / "ddp", launcher=torchrun, **common)
+    for a, b in zip(single, double):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["loss"], b["loss"])
+    a, b = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
+    worst = max((a[n] - b[n]).abs().max().item() for n in a)
+    assert worst < 1e-5, f"max weight difference {worst:.2e}"
+
+
+def test_checkpoint_is_loadable_and_complete(tmp_path):
+    run_train(tmp_path, stage=2, max_steps=2, checkpoint_interval=1)
+    folder = train.latest_checkpoint(str(tmp_path))
+    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors", "tokenizer.json", "trainer.pt"]
+    state = torch.load(os.path.join(folder, "trainer.pt"), weights_only=True)
+    assert state["step"] == 2 and state["data"]["samples_consumed"] > 0 and "rng" in state and state["optimizer"]["state"]
+    assert not any(name.endswith(".partial") for name in os.listdir(tmp_path))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    run_train(tmp_path, stage=2, max_steps=2, checkpoint_interval=1)
+    good = train.latest_checkpoint(str(tmp_path))
+    with pytest.raises(subprocess.CalledProcessError) as error:
+        run_train(tmp_path, stage=2, max_steps=4, checkpoint_interval=1, resume=True, language_lr=1e30, grad_clip=1e30)
+    assert "FloatingPointError" in error.value.stderr and "untouched" in error.value.stderr
+    assert train.latest_checkpoint(str(tmp_path)) in (good, str(tmp_path / "step-0000003"))

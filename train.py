@@ -1,0 +1,471 @@
+"""Training: the paper's four stages (section 3.4, Table 5) in one readable loop.
+
+    python train.py config/demo.py                               # the offline demo, ~5 minutes on a laptop CPU
+    torchrun --nproc_per_node=8 train.py config/stage2.py        # the paper's stage 2 on 8 GPUs
+    python train.py config/stage1.py --micro_batch=16 --resume=True
+
+Every stage is the same loop: pick the trainable modules and their learning rates, pick the attention mask
+(stage 0: bidirectional + input noise, Algorithm 1; stages 1-3: prefix, Algorithm 2), then minimise the
+next-token loss on the text (eq. 1) for one epoch with AdamW and a cosine schedule. Each stage starts from
+the previous stage's checkpoint.
+"""
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+from configurator import configure, merged
+from model import IGNORE_INDEX, VLM, Qwen2Config, SigLIPConfig, VLMConfig
+
+# -----------------------------------------------------------------------------
+# Settings: the defaults are the paper's stage 2; config/*.py and --key=value change them.
+# model
+vision = "google/siglip-so400m-patch14-224"  # a Hub id or a local folder
+language = "Qwen/Qwen2.5-0.5B"
+init_from = ""                # our checkpoint to start from (the previous stage); empty: the pretrained backbones
+projector_hidden = 896
+vision_config = {}            # non-empty: a randomly initialised SigLIP of these sizes instead of `vision` (the demo)
+language_config = {}          # likewise for Qwen2; its vocab_size follows the tokenizer
+tokenizer = ""                # without init_from: a folder or Hub id ("shapes": the demo's own); empty: the language model's
+# data
+dataset = "lmms-lab/LLaVA-ReCap-558K"
+data_format = "parquet"       # parquet | llava_json | pathvqa | karpathy | synthetic
+image_root = ""               # images of llava_json / karpathy data
+image_size = 224
+max_text_tokens = 256         # longer conversations are truncated (and counted)
+max_skip_fraction = 0.01      # more bad samples than this stops the run
+num_workers = 4
+shapes_samples = 4000         # data_format synthetic: how many shape images (data.SyntheticShapes)
+shapes_questions = 0          # ... and how many question turns follow each caption
+# the stage (paper 3.4)
+stage = 2
+mask_kind = "prefix"          # bidirectional (stage 0) | prefix (stages 1-3) | causal (the LLaVA baseline)
+noise_prob = 0.0              # stage 0: share of text inputs replaced by noise (Algorithm 1)
+vision_lr = 5e-6              # a learning rate of 0 freezes the module
+projector_lr = 2e-3
+language_lr = 2e-5
+stages = []                   # several stages in one run: a list of dicts of the settings that differ (the demo)
+# optimisation (paper 4.2)
+global_batch = 128
+micro_batch = 16              # per GPU; gradient accumulation makes up the rest of the global batch
+epochs = 1
+max_steps = 0                 # 0: as many as the epochs need
+warmup_steps = 20
+min_lr = 1e-8
+weight_decay = 0.01
+beta1, beta2 = 0.9, 0.999
+grad_clip = 1.0
+# system
+out_dir = "out/stage2"
+resume = False
+checkpoint_interval = 500
+log_interval = 10
+seed = 1337
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights stay fp32
+compile = False
+gradient_checkpointing = False
+attention = "sdpa"            # sdpa (dense boolean mask) | flex (FlexAttention block masks)
+peak_flops = 989e12           # the GPU's dense bf16 peak, for MFU (H100 and H200 SXM)
+eval_after = False            # the demo: caption the held-out images and score them at the end
+settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list, dict))}
+# -----------------------------------------------------------------------------
+
+
+def main():
+    configure(settings)
+    dist_setup()
+    runs = [merged(settings, overrides, f"stages[{i}]") for i, overrides in enumerate(settings["stages"])] or [settings]
+    previous = None
+    for cfg in runs:
+        if previous is not None and not cfg["init_from"]:
+            cfg["init_from"] = previous  # each stage starts from the previous stage's checkpoint (paper 3.4)
+        previous = train_stage(cfg)
+    if settings["eval_after"] and is_main():
+        evaluate_demo(previous, runs[-1])
+    dist_teardown()
+
+
+# -----------------------------------------------------------------------------
+# Distributed data parallel: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (also across nodes)
+
+def evaluate_demo(checkpoint, cfg, n_images=100):
+    """Caption held-out synthetic images (colour-shape pairs never seen in training) and score them with
+    CIDEr-D. The captions are lower-case words and a full stop, so splitting on spaces tokenizes them as
+    the PTB tokenizer would, and no Java is needed."""
+    from pycocoevalcap.cider.cider import Cider
+    from sample import answer
+    model, tokenizer = VLM.load(checkpoint).eval(), data.Tokenizer.from_pretrained(checkpoint)
+    heldout = data.SyntheticShapes(n_images, split="heldout", image_size=cfg["image_size"], seed=cfg["seed"])
+    records = [heldout.record(i) for i in range(n_images)]
+    captions = answer(model, tokenizer, [r["image"] for r in records], [data.SHAPES_CAPTION_PROMPT] * n_images)
+    truths = [data.describe_scene(r["scene"]) for r in records]
+    words = lambda text: " ".join(text.lower().replace(".", " ").split())
+    cider, _ = Cider().compute_score({i: [words(t)] for i, t in enumerate(truths)}, {i: [words(c)] for i, c in enumerate(captions)})
+    for caption, truth in list(zip(captions, truths))[:8]:
+        log(f"  {'ok ' if caption == truth else 'BAD'} {caption!r:70} truth: {truth!r}")
+    exact = sum(c == t for c, t in zip(captions, truths)) / n_images
+    log(f"held-out captions: CIDEr-D {100 * cider:.1f}, exactly right {100 * exact:.0f}% of {n_images} images")
+    return cider, exact
+
+
+def dist_setup():
+    if "RANK" in os.environ:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def dist_teardown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main():
+    return rank() == 0
+
+
+def log(*args):
+    if is_main():
+        print(*args, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# One stage
+
+def train_stage(cfg):
+    """Train one stage; returns the folder of its final checkpoint."""
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if cfg["device"] == "cuda" else cfg["device"])
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 where bf16 autocast does not reach (paper 4.2)
+        torch.backends.cudnn.allow_tf32 = True
+    grad_accum = accumulation_steps(cfg["global_batch"], cfg["micro_batch"], world_size())
+    tokenizer, model = build_model(cfg)
+    model.to(device)
+    model.attention = cfg["attention"]
+    trainable = freeze_modules(model, cfg)
+    optimizer = make_optimizer(model, cfg, device)
+    stream = open_stream(cfg, tokenizer)
+    step = 0
+    if cfg["resume"] and latest_checkpoint(cfg["out_dir"]):
+        step = restore(latest_checkpoint(cfg["out_dir"]), model, optimizer, stream)
+    elif is_main():
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+        open(os.path.join(cfg["out_dir"], "metrics.jsonl"), "w").close()  # a fresh run starts a fresh log
+    total_steps = cfg["max_steps"] or cfg["epochs"] * len(stream) // grad_accum
+    if total_steps <= 0:
+        raise ValueError(f"{cfg['dataset']}: {stream.samples_per_epoch} samples per rank make no optimizer step "
+                         f"of {grad_accum} micro-batches of {cfg['micro_batch']}")
+    log(f"stage {cfg['stage']}: mask {cfg['mask_kind']}, noise {cfg['noise_prob']}, trainable {trainable}, "
+        f"{total_steps} steps of {cfg['global_batch']} ({world_size()} x {cfg['micro_batch']} x {grad_accum} accumulation)")
+    runner = torch.compile(model) if cfg["compile"] else model
+    if world_size() > 1:
+        runner = DDP(runner, device_ids=[device.index] if device.type == "cuda" else None)
+    batches = endless(stream)
+    metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
+    progress = make_progress(step, total_steps)
+    while step < total_steps:
+        started = time.perf_counter()
+        set_learning_rates(optimizer, step, total_steps, cfg)
+        torch.manual_seed(cfg["seed"] + 1000 * step + rank())  # the stage-0 noise: per rank, and the same after a resume
+        loss, n_images, n_tokens, flops = train_step(runner, batches, grad_accum, cfg, device, trainable)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg["grad_clip"])
+        loss = mean_over_ranks(loss)
+        if not math.isfinite(loss) or not math.isfinite(grad_norm.item()):
+            raise FloatingPointError(f"stage {cfg['stage']} step {step}: loss {loss}, gradient norm {grad_norm.item()}; "
+                                     f"stopping, the last good checkpoint in {cfg['out_dir']} is untouched")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.perf_counter() - started
+        record = {"stage": cfg["stage"], "step": step, "loss": loss, "grad_norm": grad_norm.item(),
+                  "lr": {group["name"]: group["lr"] for group in optimizer.param_groups},
+                  "images_per_s": n_images * world_size() / elapsed, "tokens_per_s": n_tokens * world_size() / elapsed,
+                  **stream.counts}
+        if device.type == "cuda":
+            record["mfu"] = flops * world_size() / elapsed / cfg["peak_flops"]
+        if is_main():
+            append_jsonl(metrics_path, record)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.3f}", lr=f"{max(g['lr'] for g in optimizer.param_groups):.2e}",
+                                 img_s=f"{record['images_per_s']:.1f}")
+        if step % cfg["checkpoint_interval"] == 0 or step == total_steps:
+            save_checkpoint(cfg, model, tokenizer, optimizer, step, stream.state_dict())
+    progress.close()
+    if is_main():
+        plot_losses(metrics_path, os.path.join(cfg["out_dir"], "loss.png"))
+    return final_folder(cfg["out_dir"])
+
+
+def accumulation_steps(global_batch, micro_batch, n_ranks):
+    """Micro-steps per optimizer step, so that the global batch is the paper's 128 on any number of GPUs."""
+    if global_batch % (micro_batch * n_ranks):
+        raise ValueError(f"global_batch {global_batch} is not a multiple of micro_batch {micro_batch} x {n_ranks} ranks")
+    return global_batch // (micro_batch * n_ranks)
+
+
+def train_step(runner, batches, grad_accum, cfg, device, trainable):
+    """Forward and backward over `grad_accum` micro-batches; gradients are only synchronised on the last."""
+    total_loss = torch.zeros((), device=device)
+    n_images = n_tokens = flops = 0
+    for micro_step in range(grad_accum):
+        batch = next(batches)
+        n_labels = (batch["labels"] != IGNORE_INDEX).sum().item()  # counted on the host: no GPU sync
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        last = micro_step == grad_accum - 1
+        sync = contextlib.nullcontext() if last or not isinstance(runner, DDP) else runner.no_sync()
+        autocast = torch.autocast(device.type, dtype=getattr(torch, cfg["dtype"]), enabled=cfg["dtype"] != "float32")
+        with sync, autocast:
+            loss = runner(batch["pixel_values"], batch["input_ids"], batch["labels"], batch["text_mask"],
+                          mask_kind=cfg["mask_kind"], noise_prob=cfg["noise_prob"])
+        with sync:
+            (loss / grad_accum).backward()
+        total_loss += loss.detach() / grad_accum
+        model = unwrap(runner)
+        n_images += len(batch["input_ids"])
+        n_tokens += batch["input_ids"].numel() + len(batch["input_ids"]) * model.n_image_tokens
+        batch_size = len(batch["input_ids"])
+        flops += batch_size * model.training_flops(batch["input_ids"].shape[1], n_labels / batch_size, trainable)
+    return total_loss, n_images, n_tokens, flops
+
+
+def unwrap(runner):
+    runner = runner.module if isinstance(runner, DDP) else runner
+    return getattr(runner, "_orig_mod", runner)
+
+
+def mean_over_ranks(loss):
+    if dist.is_initialized():
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    return loss.item()
+
+
+# -----------------------------------------------------------------------------
+# Model, trainable parts and optimizer
+
+def build_model(cfg):
+    """The tokenizer and the VLM: our previous checkpoint, or the pretrained backbones (or random ones)."""
+    if cfg["init_from"]:
+        return data.Tokenizer.from_pretrained(cfg["init_from"]), VLM.load(cfg["init_from"])  # a checkpoint holds its tokenizer
+    if cfg["vision_config"] or cfg["language_config"]:
+        tokenizer = data.shapes_tokenizer() if cfg["tokenizer"] == "shapes" else data.Tokenizer.from_pretrained(cfg["tokenizer"])
+        torch.manual_seed(cfg["seed"])
+        language_config = Qwen2Config(**{**cfg["language_config"], "vocab_size": tokenizer.vocab_size})
+        model = VLM(VLMConfig(SigLIPConfig(**cfg["vision_config"]), language_config, cfg["projector_hidden"]))
+        return tokenizer, initialise(model)
+    tokenizer = data.Tokenizer.from_pretrained(cfg["tokenizer"] or cfg["language"])
+    torch.manual_seed(cfg["seed"])  # the new projector's initialisation
+    return tokenizer, VLM.from_pretrained(cfg["vision"], cfg["language"], cfg["projector_hidden"])
+
+
+def initialise(model, std=0.02):
+    """Random weights the way SigLIP and Qwen2 start pre-training: small normal weights, zero biases, unit norms."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d)):
+            torch.nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                torch.nn.init.zeros_(module.bias)
+    return model
+
+
+def freeze_modules(model, cfg):
+    """A module whose learning rate is 0 is frozen (paper 3.4: stages 0-1 train the projector only).
+
+    Frozen modules get no gradients, stay out of the optimizer and in eval mode."""
+    trainable = []
+    for name, module in model.parameter_groups().items():
+        learns = cfg[f"{name}_lr"] > 0
+        module.requires_grad_(learns)
+        module.train(learns)
+        if learns:
+            trainable.append(name)
+            module.gradient_checkpointing = cfg["gradient_checkpointing"]
+    if not trainable:
+        raise ValueError("every learning rate is 0: nothing to train")
+    return trainable
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW with one learning rate per module; no weight decay on biases and norms (1-d tensors)."""
+    groups = []
+    for name, module in model.parameter_groups().items():
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            continue
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups.append({"name": name, "params": decay, "weight_decay": cfg["weight_decay"], "base_lr": cfg[f"{name}_lr"]})
+        groups.append({"name": name, "params": no_decay, "weight_decay": 0.0, "base_lr": cfg[f"{name}_lr"]})
+    return torch.optim.AdamW(groups, lr=0.0, betas=(cfg["beta1"], cfg["beta2"]), fused=device.type == "cuda")
+
+
+def learning_rate(base_lr, step, total_steps, cfg):
+    """Linear warm-up, then cosine decay to `min_lr` (paper 4.2)."""
+    warmup = min(cfg["warmup_steps"], total_steps // 10)
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return cfg["min_lr"] + (base_lr - cfg["min_lr"]) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_learning_rates(optimizer, step, total_steps, cfg):
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(group["base_lr"], step, total_steps, cfg)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: weights loadable by VLM.load / sample.py / eval.py, plus what exact resumption needs.
+# A checkpoint is written into a temporary folder and renamed; `latest` names the newest complete one.
+
+def save_checkpoint(cfg, model, tokenizer, optimizer, step, data_position):
+    if not is_main():
+        return
+    out_dir = cfg["out_dir"]
+    folder = os.path.join(out_dir, f"step-{step:07d}")
+    partial = folder + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save(partial, tokenizer=tokenizer)
+    trainer_state = {"step": step, "optimizer": optimizer.state_dict(), "data": data_position, "config": cfg,
+                     "rng": rng_state()}
+    torch.save(trainer_state, os.path.join(partial, "trainer.pt"))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+    write_atomically(os.path.join(out_dir, "latest"), os.path.basename(folder))
+    for old in sorted(f for f in os.listdir(out_dir) if f.startswith("step-") and not f.endswith(".partial"))[:-2]:
+        shutil.rmtree(os.path.join(out_dir, old))  # keep the two newest
+
+
+def latest_checkpoint(out_dir):
+    path = os.path.join(out_dir, "latest")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return os.path.join(out_dir, f.read().strip())
+
+
+def final_folder(out_dir):
+    """The stage's result: the newest checkpoint (also what the next stage's init_from reads)."""
+    return latest_checkpoint(out_dir)
+
+
+def restore(folder, model, optimizer, stream):
+    """Weights, optimizer, random streams and the data position of a checkpoint; returns its step."""
+    state = torch.load(os.path.join(folder, "trainer.pt"), weights_only=True)  # data, never code
+    model.load_state_dict(VLM.load(folder).state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    stream.load_state_dict(state["data"])
+    set_rng_state(state["rng"])
+    log(f"resumed from {folder} at step {state['step']}")
+    return state["step"]
+
+
+def rng_state():
+    """Every random stream, as tensors and lists, so the checkpoint loads with weights_only=True."""
+    _, numpy_keys, numpy_position, _, _ = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "numpy": torch.from_numpy(numpy_keys.astype(np.int64)), "numpy_position": int(numpy_position)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_position"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def write_atomically(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+# -----------------------------------------------------------------------------
+# Data and logging
+
+def open_source(cfg, split="train"):
+    """Where the samples come from, by `data_format` (data.py, section 4)."""
+    fmt, where = cfg["data_format"], cfg["dataset"]
+    if fmt == "parquet":
+        return data.LlavaParquet(where)
+    if fmt == "pathvqa":
+        return data.PathVQAParquet(where, pattern=f"{split}-*.parquet")
+    if fmt == "llava_json":
+        return data.LlavaJson(where, cfg["image_root"])
+    if fmt == "karpathy":
+        return data.KarpathyCaptions(where, cfg["image_root"], split=split)
+    if fmt == "synthetic":
+        return data.SyntheticShapes(cfg["shapes_samples"], split=split, image_size=cfg["image_size"], seed=cfg["seed"],
+                                    questions=cfg["shapes_questions"])
+    raise ValueError(f"unknown data_format {fmt!r}: parquet, pathvqa, llava_json, karpathy or synthetic")
+
+
+def open_stream(cfg, tokenizer):
+    return data.BatchStream(open_source(cfg), tokenizer, cfg["micro_batch"], image_size=cfg["image_size"],
+                            max_text_tokens=cfg["max_text_tokens"], seed=cfg["seed"], rank=rank(),
+                            world_size=world_size(), num_workers=cfg["num_workers"],
+                            max_skip_fraction=cfg["max_skip_fraction"])
+
+
+def endless(stream):
+    """Micro-batches, epoch after epoch (the stream knows where it is, for checkpoints)."""
+    while True:
+        yield from stream
+
+
+def make_progress(step, total_steps):
+    from tqdm import tqdm
+    return tqdm(total=total_steps, initial=step, disable=not is_main(), dynamic_ncols=True)
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(metrics_path, png_path):
+    """The loss curve as a PNG, drawn with pillow so training needs no plotting library."""
+    from PIL import Image, ImageDraw
+    with open(metrics_path) as f:
+        losses = [json.loads(line)["loss"] for line in f]
+    width, height, margin = 640, 360, 40
+    canvas = Image.new("RGB", (width, height), "white")
+    pen = ImageDraw.Draw(canvas)
+    low, high = min(losses), max(losses)
+    span = (high - low) or 1.0
+    points = [(margin + i * (width - 2 * margin) / max(1, len(losses) - 1),
+               height - margin - (loss - low) / span * (height - 2 * margin)) for i, loss in enumerate(losses)]
+    pen.rectangle((margin, margin, width - margin, height - margin), outline="gray")
+    if len(points) > 1:
+        pen.line(points, fill=(30, 90, 200), width=2)
+    pen.text((margin, 10), f"training loss: {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps", fill="black")
+    pen.text((4, margin), f"{high:.2f}", fill="black")
+    pen.text((4, height - margin - 10), f"{low:.2f}", fill="black")
+    canvas.save(png_path)
+
+
+if __name__ == "__main__":
+    main()
