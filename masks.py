@@ -10,35 +10,49 @@ mask only needs the sequence length and how many image tokens lead it:
     bidirectional  stage 0, Fig. 3(a): every token sees every token. Since the next token is then visible,
                    20% of the text inputs are replaced by noise (`add_noise`) so the model cannot copy it.
 
+The same rule comes in two forms: dense boolean matrices (`attention_mask`, for SDPA: the simple reference)
+and FlexAttention block masks (`block_mask`: the fast path, whose kernel skips every 128x128 block that is
+fully masked). `pack_documents` puts several [image | text] documents in one row, for variable-length
+conversations (stage 3); each document then sees only itself (`document_mask`, or `block_mask` with
+`document`), like a row of its own.
+
 `python masks.py` draws (a) and (b) as a PNG in the paper's green/red style.
 """
 import torch
+from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
 MASK_KINDS = ("causal", "prefix", "bidirectional")
 
 
-def causal(seq_len):
-    return torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+# `device`: build the mask where it is used; copying it from the CPU in the middle of a training step would
+# make the host wait for the GPU.
+
+def causal(seq_len, device=None):
+    return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
 
 
-def prefix(seq_len, n_image_tokens):
-    allowed = causal(seq_len)
+def prefix(seq_len, n_image_tokens, device=None):
+    allowed = causal(seq_len, device)
     allowed[:n_image_tokens, :n_image_tokens] = True  # the image block is unmasked (paper 3.2)
     return allowed
 
 
-def bidirectional(seq_len):
-    return torch.ones(seq_len, seq_len, dtype=torch.bool)
+def bidirectional(seq_len, device=None):
+    return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
 
 
-def base_mask(mask_kind, seq_len, n_image_tokens):
+def base_mask(mask_kind, seq_len, n_image_tokens, device=None):
+    check_kind(mask_kind)
     if mask_kind == "causal":
-        return causal(seq_len)
+        return causal(seq_len, device)
     if mask_kind == "prefix":
-        return prefix(seq_len, n_image_tokens)
-    if mask_kind == "bidirectional":
-        return bidirectional(seq_len)
-    raise ValueError(f"unknown mask_kind {mask_kind!r}; expected one of {MASK_KINDS}")
+        return prefix(seq_len, n_image_tokens, device)
+    return bidirectional(seq_len, device)
+
+
+def check_kind(mask_kind):
+    if mask_kind not in MASK_KINDS:
+        raise ValueError(f"unknown mask_kind {mask_kind!r}; expected one of {MASK_KINDS}")
 
 
 def attention_mask(mask_kind, n_image_tokens, keep):
@@ -47,7 +61,7 @@ def attention_mask(mask_kind, n_image_tokens, keep):
     Padding keys are hidden from every query. Each token may always attend to itself, so a padding query
     never has an empty row (an all-masked softmax row is NaN, which would poison the gradients)."""
     seq_len = keep.shape[1]
-    allowed = base_mask(mask_kind, seq_len, n_image_tokens).to(keep.device)
+    allowed = base_mask(mask_kind, seq_len, n_image_tokens, keep.device)
     allowed = allowed[None] & keep[:, None, :]
     allowed |= torch.eye(seq_len, dtype=torch.bool, device=keep.device)
     return allowed[:, None]
@@ -66,6 +80,102 @@ def add_noise(input_ids, noisy_positions, prob=0.2, noise_token_id=None, vocab_s
     else:
         noise = torch.randint(0, vocab_size, input_ids.shape, generator=generator, device=input_ids.device)
     return torch.where(hit, noise, input_ids)
+
+
+# -----------------------------------------------------------------------------
+# Packed rows and FlexAttention block masks
+
+def pack_documents(samples, max_len, n_image_tokens, pad_id=0, rows=None):
+    """Pack [image | text] documents into rows of `max_len` tokens: longest first, each into the first row
+    with room, so variable-length conversations waste little on padding.
+
+    `samples` are dicts with "pixel_values" [3, H, W] and equal-length 1-D "input_ids" and "labels" (as for
+    data.collate). Returns (batch, rest). `batch` holds "pixel_values" [N, 3, H, W], one image per document
+    in row order, and "input_ids", "labels", "document" [rows, max_len] over whole rows: a document's image
+    slots come first (input pad_id, label -100), then its text; `document` numbers the documents of each row
+    0, 1, ... and marks padding -1: the arguments of VLM.forward_packed. `rest` lists the samples that did not
+    fit in `rows` rows (rows=None: as many rows as needed, so `rest` is empty)."""
+    lengths = [n_image_tokens + len(s["input_ids"]) for s in samples]
+    too_long = [i for i, length in enumerate(lengths) if length > max_len]
+    if too_long:
+        raise ValueError(f"samples {too_long[:5]} have more than max_len={max_len} tokens "
+                         f"({n_image_tokens} image + text); truncate them first")
+    contents, room, rest = [], [], []
+    for i in sorted(range(len(samples)), key=lambda i: -lengths[i]):
+        row = next((r for r in range(len(room)) if room[r] >= lengths[i]), None)
+        if row is None and (rows is None or len(room) < rows):
+            contents.append([])
+            room.append(max_len)
+            row = len(room) - 1
+        if row is None:
+            rest.append(samples[i])
+            continue
+        contents[row].append(i)
+        room[row] -= lengths[i]
+    n_rows = len(contents) if rows is None else rows
+    input_ids = torch.full((n_rows, max_len), pad_id, dtype=torch.long)
+    labels = torch.full((n_rows, max_len), -100, dtype=torch.long)
+    document = torch.full((n_rows, max_len), -1, dtype=torch.long)
+    for r, docs in enumerate(contents):
+        start = 0
+        for d, i in enumerate(docs):
+            text_start, end = start + n_image_tokens, start + lengths[i]
+            input_ids[r, text_start:end] = torch.as_tensor(samples[i]["input_ids"])
+            labels[r, text_start:end] = torch.as_tensor(samples[i]["labels"])
+            document[r, start:end] = d
+            start = end
+    order = [i for docs in contents for i in docs]
+    pixel_values = torch.stack([samples[i]["pixel_values"] for i in order])
+    return {"pixel_values": pixel_values, "input_ids": input_ids, "labels": labels, "document": document}, rest
+
+
+def document_positions(document):
+    """Each token's position inside its own document: RoPE positions restart at every document's start."""
+    index = torch.arange(document.shape[1], device=document.device).expand_as(document)
+    starts = torch.ones_like(document, dtype=torch.bool)
+    starts[:, 1:] = document[:, 1:] != document[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(1).values
+
+
+def image_slots(document, n_image_tokens):
+    """True where image tokens go: the first n_image_tokens positions of every document."""
+    return (document_positions(document) < n_image_tokens) & (document >= 0)
+
+
+def mask_mod(mask_kind, n_image_tokens, keep, document):
+    """The mask one entry at a time, as FlexAttention takes it: may query q of row b attend to key k?
+
+    The rule of `attention_mask`, within each document of a packed row; with one document per row (all
+    `document` 0) it is exactly `attention_mask`."""
+    check_kind(mask_kind)
+    image = image_slots(document, n_image_tokens)
+
+    def may_attend(b, h, q, k):
+        allowed = document[b, q] == document[b, k]                           # a document sees only itself
+        if mask_kind == "causal":
+            allowed = allowed & (k <= q)
+        if mask_kind == "prefix":
+            allowed = allowed & ((k <= q) | (image[b, q] & image[b, k]))   # Fig. 3(b): image block bidirectional
+        return (allowed & keep[b, k]) | (q == k)                            # pads hidden; each token sees itself
+    return may_attend
+
+
+def block_mask(mask_kind, n_image_tokens, keep, document=None):
+    """`attention_mask` (or, given `document`, `document_mask`) as a FlexAttention BlockMask, built once per
+    batch: it lists, per 128-token query block, the key blocks that are not fully masked, and the kernel
+    computes only those (for the prefix mask about half of them)."""
+    if document is None:
+        document = torch.zeros_like(keep, dtype=torch.long)  # one document per row
+    batch, seq_len = keep.shape
+    may_attend = mask_mod(mask_kind, n_image_tokens, keep, document)
+    return create_block_mask(may_attend, batch, None, seq_len, seq_len, device=keep.device)
+
+
+def document_mask(mask_kind, n_image_tokens, document):
+    """The dense [B, 1, S, S] mask of packed rows, for SDPA: each document under its own mask."""
+    batch, seq_len = document.shape
+    may_attend = mask_mod(mask_kind, n_image_tokens, document >= 0, document)
+    return create_mask(may_attend, batch, 1, seq_len, seq_len, device=document.device)
 
 
 def draw(path="masks.png", n_image_tokens=4, n_text_tokens=4):

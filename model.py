@@ -438,12 +438,14 @@ class VLM(nn.Module):
 
     # --- training forward pass -------------------------------------------------
 
-    def forward(self, pixel_values, input_ids, labels, text_mask, mask_kind="prefix", noise_prob=0.0, noise_token_id=None):
+    def forward(self, pixel_values, input_ids, labels, text_mask, mask_kind="prefix", noise_prob=0.0, noise_token_id=None,
+                generator=None):
         """Mean next-token cross-entropy over the text (paper eq. 1). Algorithm 2, or Algorithm 1 when
-        mask_kind is 'bidirectional' and noise_prob > 0 (stage 0)."""
+        mask_kind is 'bidirectional' and noise_prob > 0 (stage 0; `generator` draws the noise)."""
         image_tokens = self.projector(self.vision(pixel_values))                  # V <- projector(vision(image))
         if noise_prob > 0:                                                          # Algorithm 1: text <- add_noise(text)
-            input_ids = masks.add_noise(input_ids, text_mask, noise_prob, noise_token_id, self.config.language.vocab_size)
+            input_ids = masks.add_noise(input_ids, text_mask, noise_prob, noise_token_id, self.config.language.vocab_size,
+                                        generator)
         hidden = self.decode(image_tokens, input_ids, text_mask, mask_kind)
         return self.text_loss(hidden, labels)
 
@@ -471,7 +473,8 @@ class VLM(nn.Module):
         sequence = sequence.view_as(text_tokens)                                    # each document's V, then its T
         mask = self.mask(mask_kind, document >= 0, document)                        # attn_mask <- update_attention(...)
         hidden = self.language.hidden_states(inputs_embeds=sequence, mask=mask, position_ids=masks.document_positions(document))
-        rows = hidden.flatten(0, 1)[text_positions - 1]  # the token before each text token predicts it
+        # the token before each text token predicts it (rows start with an image token: never the row above)
+        rows = hidden.flatten(0, 1)[text_positions - 1]
         return next_token_loss(self.language.lm_head.weight, rows, labels.flatten()[text_positions])
 
     def mask(self, mask_kind, keep, document=None):
@@ -497,9 +500,10 @@ class VLM(nn.Module):
         """torch.compile each transformer block ("regional" compilation), for training. The 27 vision and 24
         language blocks share two compiled graphs, so compiling takes a fraction of the whole model's time;
         inside a block the norms, activations and RoPE fuse around the matmuls, and FlexAttention becomes
-        one fused kernel."""
+        one fused kernel. Shapes stay static (the fastest kernels; FlexAttention with dynamic shapes fails
+        to compile on the CPU): each new batch shape compiles anew, so pad batches to a few fixed lengths."""
         for block in [*self.vision.layers, *self.language.layers]:
-            block.compile()
+            block.compile(dynamic=False)
 
     # --- generation ------------------------------------------------------------
 
@@ -603,7 +607,7 @@ def next_token_loss(weight, rows, targets, chunk_size=4096):
     recomputed in the backward pass rather than stored: the full [N, vocab] logits never exist. Rows without a
     label (prompt, padding) are computed and ignored: picking only the labelled rows would need their count on
     the host, a sync with the GPU in every step, and shapes that change with every batch. A batch without any
-    label gives NaN (0 / 0), loudly; the training loop checks labels on the host before it gets there."""
+    label gives NaN (0 / 0), loudly: train.py stops on a non-finite loss before the optimizer step."""
     total = sum(checkpoint(chunk_loss, weight, rows[i:i + chunk_size], targets[i:i + chunk_size], use_reentrant=False)
                 for i in range(0, len(targets), chunk_size))
     return total / (targets != IGNORE_INDEX).sum()

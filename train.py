@@ -34,7 +34,7 @@ language = "Qwen/Qwen2.5-0.5B"
 init_from = ""                # our checkpoint to start from (the previous stage); empty: the pretrained backbones
 projector_hidden = 896
 vision_config = {}            # non-empty: a randomly initialised SigLIP of these sizes instead of `vision` (the demo)
-language_config = {}          # likewise for Qwen2; its vocab_size follows the tokenizer
+language_config = {}          # likewise for Qwen2; vocab_size defaults to the tokenizer's
 tokenizer = ""                # without init_from: a folder or Hub id ("shapes": the demo's own); empty: the language model's
 # data
 dataset = "lmms-lab/LLaVA-ReCap-558K"
@@ -185,8 +185,8 @@ def train_stage(cfg):
     while step < total_steps:
         started = time.perf_counter()
         set_learning_rates(optimizer, step, total_steps, cfg)
-        torch.manual_seed(cfg["seed"] + 1000 * step + rank())  # the stage-0 noise: per rank, and the same after a resume
-        loss, n_images, n_tokens, flops = train_step(runner, batches, grad_accum, cfg, device, trainable)
+        noise = torch.Generator(device).manual_seed(cfg["seed"] + 1000 * step + rank())  # per rank; the same after a resume
+        loss, n_images, n_tokens, flops = train_step(runner, batches, grad_accum, cfg, device, trainable, noise)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg["grad_clip"])
         loss = mean_over_ranks(loss)
         if not math.isfinite(loss) or not math.isfinite(grad_norm.item()):
@@ -222,7 +222,7 @@ def accumulation_steps(global_batch, micro_batch, n_ranks):
     return global_batch // (micro_batch * n_ranks)
 
 
-def train_step(runner, batches, grad_accum, cfg, device, trainable):
+def train_step(runner, batches, grad_accum, cfg, device, trainable, noise=None):
     """Forward and backward over `grad_accum` micro-batches; gradients are only synchronised on the last."""
     total_loss = torch.zeros((), device=device)
     n_images = n_tokens = flops = 0
@@ -233,10 +233,10 @@ def train_step(runner, batches, grad_accum, cfg, device, trainable):
         last = micro_step == grad_accum - 1
         sync = contextlib.nullcontext() if last or not isinstance(runner, DDP) else runner.no_sync()
         autocast = torch.autocast(device.type, dtype=getattr(torch, cfg["dtype"]), enabled=cfg["dtype"] != "float32")
-        with sync, autocast:
-            loss = runner(batch["pixel_values"], batch["input_ids"], batch["labels"], batch["text_mask"],
-                          mask_kind=cfg["mask_kind"], noise_prob=cfg["noise_prob"])
         with sync:
+            with autocast:
+                loss = runner(batch["pixel_values"], batch["input_ids"], batch["labels"], batch["text_mask"],
+                              mask_kind=cfg["mask_kind"], noise_prob=cfg["noise_prob"], generator=noise)
             (loss / grad_accum).backward()
         total_loss += loss.detach() / grad_accum
         model = unwrap(runner)
@@ -268,7 +268,9 @@ def build_model(cfg):
     if cfg["vision_config"] or cfg["language_config"]:
         tokenizer = data.shapes_tokenizer() if cfg["tokenizer"] == "shapes" else data.Tokenizer.from_pretrained(cfg["tokenizer"])
         torch.manual_seed(cfg["seed"])
-        language_config = Qwen2Config(**{**cfg["language_config"], "vocab_size": tokenizer.vocab_size})
+        language_config = Qwen2Config(**{"vocab_size": tokenizer.vocab_size, **cfg["language_config"]})
+        if language_config.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"language_config vocab_size {language_config.vocab_size} < the tokenizer's {tokenizer.vocab_size}")
         model = VLM(VLMConfig(SigLIPConfig(**cfg["vision_config"]), language_config, cfg["projector_hidden"]))
         return tokenizer, initialise(model)
     tokenizer = data.Tokenizer.from_pretrained(cfg["tokenizer"] or cfg["language"])

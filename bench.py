@@ -1,0 +1,328 @@
+"""How fast we train and caption, at the paper's full sizes with random weights (nothing is downloaded), in the
+spirit of nanoGPT's bench.py. One JSON line per case as it finishes, then a table.
+
+    python bench.py                                     # every case of the speed issue, on one GPU (~5 minutes)
+    python bench.py --stage 2 --micro_batch 32          # one training case
+    python bench.py --attention sdpa --no-compile       # every case on our plain reference path
+    python bench.py --generate --micro_batch 256        # greedy captioning
+    python bench.py --device cpu --small                # a tiny model on the CPU: does the script work?
+
+A training step is train.py's: the model's forward returns the loss, bf16 autocast over fp32 master weights,
+backward, gradient clipping, fused AdamW with one learning rate per module; the stage's mask, input noise and
+learning rates come from config/stage<N>.py, and a module whose learning rate is 0 is frozen (stages 0-1:
+only the projector trains). The batches are synthetic, every text token labelled, as in the anchor
+(.bench/anchor_transformers.py: the transformers stack, same shapes); run both on the same GPU to compare.
+On the GPU the default is the fast path, FlexAttention and compiled blocks; --attention sdpa --no-compile
+gives the plain reference path.
+"""
+import argparse
+import gc
+import json
+import random
+import time
+
+import torch
+
+import masks
+from model import VLM, Qwen2Config, SigLIPConfig, VLMConfig
+
+# The speed issue's cases, most important first (a time limit cuts the last). `anchor`: the transformers
+# stack's images/s on one H200, same shapes; `target`: the issue's goal on that card.
+ISSUE_CASES = [
+    dict(stage=2, micro_batch=16, text_len=144, anchor=80, target=200),
+    dict(stage=2, micro_batch=16, text_len=144, attention="sdpa", compile=False, anchor=80),  # the plain reference
+    dict(generate=True, micro_batch=256, text_len=20, new_tokens=30),  # target: 5000 images in < 60 s
+    dict(stage=1, micro_batch=32, text_len=144, anchor=204, target=400),
+    dict(stage=3, micro_batch=8, text_len=768, anchor=41, target=100),
+    dict(stage=2, micro_batch=32, text_len=144, anchor=129),
+    dict(stage=3, micro_batch=8, text_len=768, packed=True),  # variable-length conversations, 8 packed rows
+]
+SMALL = dict(vision=SigLIPConfig(image_size=56, patch_size=14, hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4),
+             language=Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2))
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", type=int, choices=[0, 1, 2, 3], help="one training case (default: all the issue's cases)")
+    parser.add_argument("--micro_batch", type=int, default=16)
+    parser.add_argument("--text_len", type=int, default=144, help="text tokens after the image tokens")
+    parser.add_argument("--packed", action="store_true", help="variable-length conversations packed into the rows")
+    parser.add_argument("--generate", action="store_true", help="time greedy captioning instead of training")
+    parser.add_argument("--new_tokens", type=int, default=30)
+    parser.add_argument("--attention", choices=["sdpa", "flex"], help="default: flex on the GPU, sdpa on the CPU")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="default: on the GPU only")
+    parser.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the trainable towers")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--small", action="store_true", help="a tiny model and batch, for the CPU")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation happens here)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps; the median is reported")
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 where bf16 autocast does not reach, as train.py
+    torch.backends.cudnn.allow_tf32 = True
+    config = VLMConfig(**SMALL) if args.small else VLMConfig(SigLIPConfig(), Qwen2Config())
+    peak = peak_tflops(device)
+    print(json.dumps({"device": device_name(device), "torch": torch.__version__, "peak_tflops": round(peak, 3),
+                      "peak": "measured bf16 matmul" if device.type == "cuda" else "measured fp32 matmul"}), flush=True)
+    results = []
+    for case in cases(args):
+        result = run_case(config, case, device, peak)
+        if "error" in result and case["attention"] == "flex":  # still measure something: the same case on SDPA
+            result = run_case(config, dict(case, attention="sdpa"), device, peak)
+        results.append(result)
+    print_table(results)
+
+
+def run_case(config, case, device, peak):
+    try:
+        result = bench_generation(config, case, device) if case["generate"] else bench_training(config, case, device, peak)
+    except Exception as error:  # one failing case (e.g. out of memory) must not cost the others
+        result = {"case": case_name(case), "error": repr(error)[:500]}
+    print(json.dumps(result), flush=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def cases(args):
+    """The cases to run, each a dict with every setting filled in."""
+    fast = args.device.startswith("cuda")  # FlexAttention trains only on the GPU, and compiles fast only there
+    defaults = dict(attention="flex" if fast else "sdpa", compile=fast, grad_ckpt=args.grad_ckpt, packed=False,
+                    warmup=args.warmup, steps=args.steps, generate=False, new_tokens=args.new_tokens)
+    for option in ("attention", "compile"):
+        if getattr(args, option) is not None:
+            defaults[option] = getattr(args, option)
+    if args.stage is None and not args.generate:
+        chosen = [dict(defaults, **case) for case in ISSUE_CASES]
+    else:
+        chosen = [dict(defaults, stage=2 if args.stage is None else args.stage, micro_batch=args.micro_batch, text_len=args.text_len,
+                       packed=args.packed, generate=args.generate)]
+    if args.small:  # a batch the CPU finishes in seconds; the same cases otherwise
+        for case in chosen:
+            case.update(micro_batch=max(2, case["micro_batch"] // 8), text_len=max(8, case["text_len"] // 8),
+                        new_tokens=min(case["new_tokens"], 8), anchor=None, target=None)
+    return chosen
+
+
+def case_name(case):
+    if case["generate"]:
+        return f"generate_b{case['micro_batch']}_{case['new_tokens']}tok"
+    packed = "_packed" if case["packed"] else ""
+    return (f"stage{case['stage']}_b{case['micro_batch']}_text{case['text_len']}{packed}_{case['attention']}"
+            f"{'_compile' if case['compile'] else ''}{'_ckpt' if case['grad_ckpt'] else ''}")
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+def bench_training(config, case, device, peak):
+    torch.manual_seed(0)
+    stage = stage_settings(case["stage"])
+    with device:
+        model = initialise(VLM(config))
+    model.attention = case["attention"]
+    trainable, groups = trainable_parts(model, stage, case["grad_ckpt"])
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=device.type == "cuda")
+    params = [p for group in groups for p in group["params"]]
+    if case["compile"]:
+        model.compile_blocks()
+    batch, n_images, n_tokens, padding = (packed_batch if case["packed"] else padded_batch)(config, case, device)
+    n_labels = (batch["labels"] != -100).sum().item()
+    losses = []
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            if case["packed"]:
+                loss = model.forward_packed(**batch, mask_kind=stage["mask_kind"])
+            else:
+                loss = model(**batch, mask_kind=stage["mask_kind"], noise_prob=stage["noise_prob"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+
+    seconds, _ = timed(step, case["warmup"], case["steps"], device)
+    text_tokens = case["text_len"]
+    if case["packed"]:  # the documents' own tokens, as if each had a row of its own
+        text_tokens = (n_tokens - n_images * model.n_image_tokens) / n_images
+    flops = n_images * model.training_flops(text_tokens, n_labels / n_images, trainable)
+    result = {"case": case_name(case), "stage": case["stage"], "micro_batch": case["micro_batch"],
+              "seq": model.n_image_tokens + case["text_len"], "trainable": trainable, "step_s": round(seconds, 4),
+              "images_per_s": round(n_images / seconds, 1), "tokens_per_s": round(n_tokens / seconds),
+              "model_tflops": round(flops / seconds / 1e12, 3), "mfu": round(flops / seconds / 1e12 / peak, 3),
+              "peak_mem_gb": peak_memory_gb(device), "first_loss": round(losses[0].item(), 4),
+              "loss": round(losses[-1].item(), 4)}  # same seed, same first batch: paths must agree on first_loss
+    if case["packed"]:
+        result.update(images=n_images, **padding)
+    for key in ("anchor", "target"):
+        if case.get(key):
+            result[f"{key}_images_per_s"] = case[key]
+    return result
+
+
+def stage_settings(stage):
+    """The stage's mask, input noise and learning rates: the config file train.py reads (plain Python)."""
+    settings = {}
+    with open(f"config/stage{stage}.py") as f:
+        exec(f.read(), settings)
+    return settings
+
+
+def trainable_parts(model, stage, grad_ckpt):
+    """As train.py: a module whose learning rate is 0 is frozen (no gradients, not in the optimizer, eval
+    mode); the others get AdamW groups with weight decay 0.01 on matrices, none on biases and norms. This
+    file depends on torch alone, so it does not import train.py (and its data libraries)."""
+    trainable, groups = [], []
+    for name, module in model.parameter_groups().items():
+        lr = stage[f"{name}_lr"]
+        module.requires_grad_(lr > 0)
+        module.train(lr > 0)
+        if lr > 0:
+            trainable.append(name)
+            module.gradient_checkpointing = grad_ckpt
+            params = list(module.parameters())
+            groups.append({"params": [p for p in params if p.dim() >= 2], "lr": lr, "weight_decay": 0.01})
+            groups.append({"params": [p for p in params if p.dim() < 2], "lr": lr, "weight_decay": 0.0})
+    return trainable, groups
+
+
+def initialise(model, std=0.02):
+    """Small random weights, as pre-training starts (train.initialise): a loss near log(vocab), not 40."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d)):
+            torch.nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                torch.nn.init.zeros_(module.bias)
+    return model
+
+
+def padded_batch(config, case, device):
+    """Every sample [256 image | text_len text] tokens, every text token labelled (as in the anchor)."""
+    B, T = case["micro_batch"], case["text_len"]
+    input_ids = torch.randint(0, config.language.vocab_size, (B, T), device=device)
+    batch = {"pixel_values": torch.randn(B, 3, config.vision.image_size, config.vision.image_size, device=device),
+             "input_ids": input_ids, "labels": input_ids.clone(), "text_mask": torch.ones(B, T, dtype=torch.bool, device=device)}
+    n_image_tokens = (config.vision.image_size // config.vision.patch_size) ** 2
+    return batch, B, B * (n_image_tokens + T), {}
+
+
+def conversation_lengths(n, longest, seed=0):
+    """Text lengths of multi-turn conversations, a stand-in for LLaVA-NeXT's: log-normal around a third of
+    `longest`, cut at `longest`."""
+    rng = random.Random(seed)
+    return [max(8, min(longest, round(rng.lognormvariate(0, 0.7) * longest / 3))) for _ in range(n)]
+
+
+def packed_batch(config, case, device):
+    """micro_batch rows of [image | text] documents with variable-length text, packed (masks.pack_documents);
+    also how much padding packing leaves, against padding each batch of micro_batch samples to its longest."""
+    n_image_tokens = (config.vision.image_size // config.vision.patch_size) ** 2
+    max_len, rows = n_image_tokens + case["text_len"], case["micro_batch"]
+    lengths = conversation_lengths(8 * rows, case["text_len"])
+    samples = [{"pixel_values": torch.randn(3, config.vision.image_size, config.vision.image_size),
+                "input_ids": torch.randint(0, config.language.vocab_size, (n,))} for n in lengths]
+    for sample in samples:
+        sample["labels"] = sample["input_ids"]
+    batch, _ = masks.pack_documents(samples, max_len, n_image_tokens, rows=rows)
+    n_images = len(batch["pixel_values"])
+    n_tokens = int((batch["document"] >= 0).sum())
+    padded = [n_image_tokens + max(lengths[i:i + rows]) for i in range(0, len(lengths), rows) for _ in range(rows)]
+    padding = {"padding_packed": round(1 - n_tokens / batch["document"].numel(), 3),
+               "padding_if_padded_to_longest": round(1 - sum(n_image_tokens + n for n in lengths) / sum(padded), 3)}
+    return {k: v.to(device) for k, v in batch.items()}, n_images, n_tokens, padding
+
+
+# -----------------------------------------------------------------------------
+# Greedy captioning
+
+def bench_generation(config, case, device):
+    """Greedy decoding of `new_tokens` tokens for micro_batch images; it never stops early (no end token
+    exists), the worst case. Extrapolated to the 5000 images of the COCO Karpathy test split."""
+    torch.manual_seed(0)
+    with device:
+        model = initialise(VLM(config)).eval()
+    B, T = case["micro_batch"], case["text_len"]
+    pixel_values = torch.randn(B, 3, config.vision.image_size, config.vision.image_size, device=device)
+    prompt = torch.randint(0, config.language.vocab_size, (B, T), device=device)
+    text_mask = torch.ones(B, T, dtype=torch.bool, device=device)
+
+    def caption():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return model.generate(pixel_values, prompt, text_mask, max_new_tokens=case["new_tokens"], eos_ids=(-1,))
+
+    seconds, tokens = timed(caption, 1, 3, device)
+    assert all(len(t) == case["new_tokens"] for t in tokens)
+    return {"case": case_name(case), "micro_batch": B, "prompt_tokens": T, "new_tokens": case["new_tokens"],
+            "batch_s": round(seconds, 3), "images_per_s": round(B / seconds, 1),
+            "tokens_per_s": round(B * case["new_tokens"] / seconds), "seconds_for_5000_images": round(5000 * seconds / B, 1),
+            "peak_mem_gb": peak_memory_gb(device)}
+
+
+# -----------------------------------------------------------------------------
+# Measuring
+
+def timed(function, warmup, steps, device):
+    """Median wall time of `steps` calls after `warmup` untimed ones, the device synchronised around each."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + steps):
+        synchronize(device)
+        started = time.perf_counter()
+        out = function()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    timed_steps = sorted(times[warmup:])
+    return timed_steps[len(timed_steps) // 2], out
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_tflops(device):
+    """The matmul rate this device reaches, as the anchor measures it: bf16 on the GPU, fp32 on the CPU."""
+    n, dtype, repeats = (8192, torch.bfloat16, 20) if device.type == "cuda" else (1024, torch.float32, 5)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn_like(a)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * n ** 3 * repeats / (time.perf_counter() - started) / 1e12
+
+
+def peak_memory_gb(device):
+    return round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 1) if device.type == "cuda" else None
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def print_table(results):
+    columns = ["case", "images_per_s", "anchor_images_per_s", "target_images_per_s", "tokens_per_s", "mfu",
+               "peak_mem_gb", "step_s", "loss"]
+    print()
+    print(" | ".join(f"{c:>12}" if i else f"{c:<44}" for i, c in enumerate(columns)))
+    for result in results:
+        cells = [result.get(c, result.get("error", "")[:60] if c == "images_per_s" else "") for c in columns]
+        if "batch_s" in result:
+            cells[columns.index("step_s")] = result["batch_s"]
+        print(" | ".join(f"{str(c):>12}" if i else f"{str(c):<44}" for i, c in enumerate(cells)))
+
+
+if __name__ == "__main__":
+    main()

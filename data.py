@@ -1,0 +1,659 @@
+"""Data: the tokenizer, the chat format, image preprocessing, datasets and batching.
+
+Read top to bottom:
+  1. Tokenizer      Qwen2.5's byte-level BPE, built with the `tokenizers` library (DESIGN.md "Tokenizer").
+  2. Chat format    ChatML prompts, and LLaVA conversations turned into (input_ids, labels).
+  3. Images         decode, convert to RGB, resize to 224x224 bicubic, normalise to [-1, 1] (SigLIP's recipe).
+  4. Sources        where samples come from: parquet shards (LLaVA-ReCap, LLaVA-NeXT-Data, PathVQA), LLaVA's
+                    JSON + image folder, Karpathy caption splits, and synthetic shapes for the offline demo.
+  5. Batches        a shuffled, sharded, resumable stream of padded batches, decoded in DataLoader workers.
+"""
+import glob
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image, ImageDraw
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as RustTokenizer
+from tokenizers.models import BPE
+from tokenizers.trainers import BpeTrainer
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+logger = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Tokenizer
+
+# Qwen2's pre-tokenizer: split text into words, numbers (one digit each), punctuation runs and whitespace
+# runs before BPE runs inside each piece. Copied from Qwen2's tokenizer.json.
+QWEN_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen's added tokens, in id order after the 151,643 BPE entries (151643-151664). The first 14 are
+# "special": recognised in text and dropped by decode(skip_special_tokens=True); the last 8 are recognised
+# but kept when decoding, as in Qwen's own tokenizer_config.json.
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+QWEN_PLAIN_ADDED_TOKENS = [
+    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>",
+]
+TOKENIZER_FILES = ["tokenizer.json", "vocab.json", "merges.txt"]
+
+
+def read_merges(path):
+    """merges.txt -> [(left, right), ...]. Skips the `#version` header; tolerates CRLF line ends."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line.rstrip("\r\n") for line in f]
+    return [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+
+
+def use_qwen_pipeline(tokenizer):
+    """Set the steps around BPE that Qwen2 uses: NFC normalisation, the regex split, then bytes mapped to
+    printable characters (ByteLevel) so any UTF-8 text has a token sequence and decodes back exactly."""
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+
+
+def qwen_tokenizer_from_vocab(vocab_path, merges_path):
+    """Qwen2's tokenizer from its two BPE files (what `tokenizer.json` holds, rebuilt step by step)."""
+    with open(vocab_path, encoding="utf-8") as f:
+        vocab = json.load(f)
+    bpe = BPE(vocab=vocab, merges=read_merges(merges_path), unk_token=None, fuse_unk=False, byte_fallback=False)
+    tokenizer = RustTokenizer(bpe)
+    use_qwen_pipeline(tokenizer)
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_PLAIN_ADDED_TOKENS])
+    return tokenizer
+
+
+def local_folder(path_or_repo, allow_patterns, repo_type="model"):
+    """A local folder as is; a Hub repo id ("owner/name") -> the folder of a download of only the files
+    matching allow_patterns. Anything else is a local path that does not exist: say so, rather than ask
+    the Hub about it."""
+    if os.path.isdir(path_or_repo):
+        return path_or_repo
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_repo)):
+        raise FileNotFoundError(f"{path_or_repo}: no such folder (nor a Hub repo id like owner/name)")
+    from huggingface_hub import snapshot_download
+    return snapshot_download(path_or_repo, repo_type=repo_type, allow_patterns=allow_patterns)
+
+
+def train_tokenizer(texts, vocab_size):
+    """A small byte-level BPE learnt from `texts`, with Qwen's pipeline and ChatML tokens: lets the offline
+    demo run without Qwen's files. Any text stays encodable (all 256 bytes are in the vocabulary)."""
+    tokenizer = RustTokenizer(BPE(unk_token=None))
+    use_qwen_pipeline(tokenizer)
+    special_tokens = QWEN_SPECIAL_TOKENS[:3]  # <|endoftext|>, <|im_start|>, <|im_end|>
+    # The trainer would learn merges across "<|im_start|>" as if it were text: learn from what lies between.
+    between_specials = re.compile("|".join(re.escape(token) for token in special_tokens))
+    pieces = [piece for text in texts for piece in between_specials.split(text) if piece]
+    trainer = BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
+                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(pieces, trainer)
+    return Tokenizer(tokenizer)
+
+
+class Tokenizer:
+    """Text <-> token ids, with the ids of the ChatML tokens at hand."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer  # a `tokenizers.Tokenizer`
+        self.im_start_id = self.token_id("<|im_start|>")
+        self.im_end_id = self.token_id("<|im_end|>")
+        self.eos_id = self.token_id("<|endoftext|>")
+        self.pad_id = self.eos_id  # Qwen pads with <|endoftext|>; padded positions are masked anyway
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path):
+        """A folder with tokenizer.json (preferred) or vocab.json + merges.txt, or a Hub repo id."""
+        folder = local_folder(name_or_path, allow_patterns=TOKENIZER_FILES)
+        tokenizer_json, vocab, merges = (os.path.join(folder, name) for name in TOKENIZER_FILES)
+        if os.path.exists(tokenizer_json):
+            return cls(RustTokenizer.from_file(tokenizer_json))
+        if os.path.exists(vocab) and os.path.exists(merges):
+            return cls(qwen_tokenizer_from_vocab(vocab, merges))
+        raise FileNotFoundError(f"{folder} holds neither tokenizer.json nor vocab.json + merges.txt")
+
+    def token_id(self, token):
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"the tokenizer has no {token} token, which the chat format needs")
+        return token_id
+
+    def encode(self, text):
+        """Special tokens written in the text (e.g. <|im_start|>) become their single ids. No BOS is added."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens=True):
+        """Token ids (a list, or a 1-d tensor) -> text."""
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def save(self, folder):
+        """Write tokenizer.json, so a checkpoint folder carries the tokenizer it was trained with."""
+        os.makedirs(folder, exist_ok=True)
+        self.tokenizer.save(os.path.join(folder, "tokenizer.json"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Chat format (ChatML, as Qwen2.5 was trained with; DESIGN.md "Tokenizer and prompts")
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+def chat_prompt(messages, add_generation_prompt=True, system_prompt=DEFAULT_SYSTEM_PROMPT):
+    """[{"role", "content"}, ...] -> "<|im_start|>{role}\\n{content}<|im_end|>\\n"... ending with
+    "<|im_start|>assistant\\n" when the model is to answer next. The system turn is added unless the
+    messages bring their own or system_prompt is None."""
+    if system_prompt is not None and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": system_prompt}] + list(messages)
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    if add_generation_prompt:
+        text += "<|im_start|>assistant\n"
+    return text
+
+
+IGNORE_INDEX = -100  # label of a token that carries no loss (PyTorch's cross_entropy default ignore_index)
+LLAVA_ROLES = {"human": "user", "gpt": "assistant"}
+
+
+def conversation_messages(conversation):
+    """LLaVA turns [{"from": "human"|"gpt", "value": str}, ...] -> ChatML messages [{"role", "content"}].
+
+    The `<image>` placeholder is dropped: the model puts the image tokens in front of the whole sequence
+    (paper 3.1). Raises ValueError, saying what is wrong, unless the turns alternate human, gpt, human, gpt..."""
+    if not isinstance(conversation, list) or not conversation:
+        raise ValueError(f"a conversation must be a non-empty list of turns, got {conversation!r:.80}")
+    messages = []
+    for i, turn in enumerate(conversation):
+        if not isinstance(turn, dict) or turn.get("from") not in LLAVA_ROLES:
+            raise ValueError(f"turn {i} must have 'from' = 'human' or 'gpt', got {turn!r:.80}")
+        expected = "human" if i % 2 == 0 else "gpt"
+        if turn["from"] != expected:
+            raise ValueError(f"turn {i} is from {turn['from']!r}, expected {expected!r}: "
+                             "turns must alternate, human first")
+        if not isinstance(turn.get("value"), str):
+            raise ValueError(f"turn {i} has a {type(turn.get('value')).__name__} value, expected a string")
+        messages.append({"role": LLAVA_ROLES[turn["from"]], "content": turn["value"].replace("<image>", "").strip()})
+    if len(messages) % 2:
+        raise ValueError("the last turn is a question without an answer")
+    return messages
+
+
+def encode_conversation(tokenizer, conversation, system_prompt=DEFAULT_SYSTEM_PROMPT):
+    """LLaVA turns -> (input_ids, labels): one ChatML sequence, however many turns (paper 3.4, stage 3).
+
+    labels[i] = input_ids[i] where the token carries loss, IGNORE_INDEX elsewhere (the model shifts). Loss is
+    on each answer and its closing <|im_end|>, so the model learns to stop; not on the system and user turns,
+    nor on the "<|im_start|>assistant\n" header (at inference the prompt supplies it), nor on the "\n" after
+    <|im_end|> (generation stops at <|im_end|>). The header and the answer are encoded apart, as they are
+    at inference: the prompt ends with the header and the model produces the answer's tokens from there."""
+    messages = conversation_messages(conversation)
+    if system_prompt is not None:
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    pieces = []  # (text, carries loss)
+    for message in messages:
+        if message["role"] == "assistant":
+            pieces += [("<|im_start|>assistant\n", False), (message["content"] + "<|im_end|>", True), ("\n", False)]
+        else:
+            pieces.append((f"<|im_start|>{message['role']}\n{message['content']}<|im_end|>\n", False))
+    input_ids, labels = [], []
+    for text, carries_loss in pieces:
+        ids = tokenizer.encode(text)
+        input_ids += ids
+        labels += ids if carries_loss else [IGNORE_INDEX] * len(ids)
+    return input_ids, labels
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Images (DESIGN.md "Preprocessing"; the same steps as transformers' SiglipImageProcessor)
+
+IMAGE_MEAN = 0.5  # SigLIP normalises every channel with mean = std = 0.5, so pixels land in [-1, 1]
+IMAGE_STD = 0.5
+
+
+def to_rgb(image):
+    """Any PIL mode -> RGB. Transparent pixels are laid over white (as transformers does), not dropped to
+    whatever colour they happen to store."""
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or "transparency" in image.info:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(source, name):
+    """A file path, encoded bytes (PNG, JPEG, ...) or a PIL image -> PIL RGB image.
+
+    A missing or undecodable image raises ValueError naming `name` (a file, or a dataset row), so the
+    dataset can skip it and say which one."""
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        image.load()  # decode now: PIL opens lazily, and a truncated file only fails here
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, struct.error...) on bad bytes
+        raise ValueError(f"cannot read image {name}: {error}") from error
+    return to_rgb(image)
+
+
+def preprocess_image(image, image_size=224):
+    """PIL image -> FloatTensor[3, image_size, image_size] in [-1, 1]: RGB, bicubic resize of the whole
+    image to a square (no crop; the aspect ratio is not kept, as in SigLIP's training), scale, normalise."""
+    image = to_rgb(image).resize((image_size, image_size), Image.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255.0
+    return (pixels - IMAGE_MEAN) / IMAGE_STD
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Sources
+#
+# A source lists its samples in chunks: `chunk_sizes` (from metadata only, nothing decoded) and
+# `read(chunk, rows)`, which gives those rows of one chunk, in that order, as records:
+#     {"name": where the row is, for messages, "image": bytes | path | PIL image | None (text only),
+#      "conversations": LLaVA turns [{"from": "human"|"gpt", "value": str}, ...]}
+# A chunk is what is read at once: a parquet row group; or, for samples reachable by index (entries in
+# memory, generated images), all of them. Images are decoded later, in the DataLoader workers.
+
+def find_files(path_or_repo, pattern):
+    """Files matching `pattern` in a local folder (searched recursively), or in a Hub dataset repo (downloads
+    only those files). A single local file is returned as is."""
+    if os.path.isfile(path_or_repo):
+        return [path_or_repo]
+    folder = local_folder(path_or_repo, allow_patterns=pattern, repo_type="dataset")
+    files = sorted(glob.glob(os.path.join(folder, "**", pattern), recursive=True))
+    if not files:
+        raise FileNotFoundError(f"no {pattern} files in {path_or_repo}")
+    return files
+
+
+def open_parquet(path):
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as error:
+        raise OSError(f"{path} is not a readable parquet file (truncated or corrupt?): {error}") from error
+
+
+class LlavaParquet:
+    """LLaVA-ReCap 118K / 558K and LLaVA-NeXT-Data: parquet shards with columns id, image {bytes},
+    conversations. Streamed one row group at a time (a worker holds one in memory), never loaded whole.
+    `path_or_repo` is a parquet file, a folder of them, or a Hub dataset repo id; `pattern` picks the files
+    (e.g. "data/train-*.parquet")."""
+    columns = ["id", "image", "conversations"]
+
+    def __init__(self, path_or_repo, pattern="*.parquet"):
+        self.chunks = []  # (file, row group, index of its first row in the file)
+        self.chunk_sizes = []
+        for path in find_files(path_or_repo, pattern):
+            metadata = open_parquet(path).metadata
+            missing = set(self.columns) - set(metadata.schema.to_arrow_schema().names)
+            if missing:
+                raise ValueError(f"{path} lacks the columns {sorted(missing)} of the {type(self).__name__} layout")
+            first_row = 0
+            for group in range(metadata.num_row_groups):
+                self.chunks.append((path, group, first_row))
+                self.chunk_sizes.append(metadata.row_group(group).num_rows)
+                first_row += metadata.row_group(group).num_rows
+
+    def read(self, chunk, rows):
+        path, group, first_row = self.chunks[chunk]
+        try:  # one thread: the DataLoader workers are the parallelism
+            table = open_parquet(path).read_row_group(group, columns=self.columns, use_threads=False)
+        except (OSError, pa.ArrowException) as error:
+            raise OSError(f"{path}: cannot read row group {group} (corrupt file?): {error}") from error
+        return [self.record(row, f"{path} row {first_row + i}") for i, row in zip(rows, table.take(rows).to_pylist())]
+
+    def record(self, row, name):
+        image = row["image"]["bytes"] if row["image"] else None
+        return {"name": f"{name} (id {row['id']})", "image": image, "conversations": row["conversations"]}
+
+
+class PathVQAParquet(LlavaParquet):
+    """PathVQA (flaviagiammarino/path-vqa): parquet with image {bytes}, question, answer -> one-turn
+    conversations. Pick the split with `pattern`, e.g. "train-*.parquet"."""
+    columns = ["image", "question", "answer"]
+
+    def record(self, row, name):
+        image = row["image"]["bytes"] if row["image"] else None
+        conversation = [{"from": "human", "value": row["question"]}, {"from": "gpt", "value": row["answer"]}]
+        return {"name": name, "image": image, "conversations": conversation}
+
+
+class IndexedSource:
+    """A source whose samples are reached by index, with no file to read first: one chunk, so the shuffle is
+    a full one, and records are made one at a time as a worker gets to them. Subclasses give __len__ and
+    record(index)."""
+
+    @property
+    def chunk_sizes(self):
+        return [len(self)]
+
+    def read(self, chunk, rows):
+        return (self.record(row) for row in rows)
+
+
+class LlavaJson(IndexedSource):
+    """LLaVA's own layout: a JSON list of {id, image: path relative to image_folder, conversations}.
+    Entries without "image" are text-only."""
+
+    def __init__(self, json_path, image_folder):
+        with open(json_path, encoding="utf-8") as f:
+            self.entries = json.load(f)
+        self.json_path, self.image_folder = json_path, image_folder
+
+    def __len__(self):
+        return len(self.entries)
+
+    def record(self, row):
+        entry = self.entries[row] if isinstance(self.entries[row], dict) else {}  # malformed: skipped later
+        image = entry.get("image")
+        if isinstance(image, str):
+            image = os.path.join(self.image_folder, image)
+        return {"name": f"{self.json_path} entry {row} (id {entry.get('id')}, image {image})", "image": image,
+                "conversations": entry.get("conversations")}
+
+
+SHORT_CAPTION_PROMPT = "Write a short caption for the image."
+
+
+class KarpathyCaptions(IndexedSource):
+    """COCO / Flickr30k / Flickr8k captions in Karpathy's split files (dataset_coco.json layout), one sample per
+    (image, reference sentence), for caption fine-tuning. split="train" takes train + restval, as is usual.
+    Images are at image_root/filepath/filename (COCO) or image_root/filename (Flickr)."""
+
+    def __init__(self, json_path, image_root, split="train", prompt=SHORT_CAPTION_PROMPT):
+        with open(json_path, encoding="utf-8") as f:
+            images = json.load(f)["images"]
+        splits = {"train", "restval"} if split == "train" else {split}
+        self.entries = [(os.path.join(image_root, image.get("filepath", ""), image["filename"]), sentence["raw"])
+                        for image in images if image["split"] in splits for sentence in image["sentences"]]
+        self.prompt = prompt
+
+    def __len__(self):
+        return len(self.entries)
+
+    def record(self, row):
+        path, sentence = self.entries[row]
+        conversation = [{"from": "human", "value": self.prompt}, {"from": "gpt", "value": sentence.strip()}]
+        return {"name": f"{path} sentence {sentence!r:.40}", "image": path, "conversations": conversation}
+
+
+# Synthetic shapes: coloured circles, squares and triangles in the corners of a small image, drawn on the fly.
+# Captions and answers follow from what is drawn, so a model can only get them right by looking. Some
+# colour-shape pairs never appear in "train"/"val"; the "heldout" split always contains one, so the demo can
+# tell composition (red and triangle were both seen, just never together) from memorisation.
+SHAPE_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
+SHAPE_KINDS = ["circle", "square", "triangle"]
+SHAPE_POSITIONS = {"top left": (0.25, 0.25), "top right": (0.75, 0.25),
+                   "bottom left": (0.25, 0.75), "bottom right": (0.75, 0.75)}  # in reading order
+HELDOUT_PAIRS = [("red", "triangle"), ("green", "square"), ("blue", "circle")]
+SEEN_PAIRS = [(c, k) for c in SHAPE_COLOURS for k in SHAPE_KINDS if (c, k) not in HELDOUT_PAIRS]
+SHAPES_SPLITS = ["train", "val", "heldout"]
+SHAPES_CAPTION_PROMPT = "Describe the image."
+
+
+def random_scene(rng, split):
+    """1-2 different shapes [(colour, kind, position)] in distinct corners, listed in reading order."""
+    count = rng.choice([1, 2])
+    if split == "heldout":
+        pairs = [rng.choice(HELDOUT_PAIRS)] + rng.sample(SEEN_PAIRS, count - 1)
+    else:
+        pairs = rng.sample(SEEN_PAIRS, count)
+    positions = rng.sample(list(SHAPE_POSITIONS), count)
+    scene = [(colour, kind, position) for (colour, kind), position in zip(pairs, positions)]
+    return sorted(scene, key=lambda shape: list(SHAPE_POSITIONS).index(shape[2]))
+
+
+def draw_scene(scene, image_size, rng):
+    image = Image.new("RGB", (image_size, image_size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for colour, kind, position in scene:
+        # A little jitter in place and size; small enough that a shape stays inside its corner.
+        centre_x, centre_y = SHAPE_POSITIONS[position]
+        x = (centre_x + rng.uniform(-0.04, 0.04)) * image_size
+        y = (centre_y + rng.uniform(-0.04, 0.04)) * image_size
+        r = rng.uniform(0.13, 0.19) * image_size
+        if kind == "circle":
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=SHAPE_COLOURS[colour])
+        elif kind == "square":
+            draw.rectangle([x - r, y - r, x + r, y + r], fill=SHAPE_COLOURS[colour])
+        else:
+            draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=SHAPE_COLOURS[colour])
+    return image
+
+
+def describe_scene(scene):
+    """'a red circle in the top left and a blue square in the bottom right.'"""
+    return " and ".join(f"a {colour} {kind} in the {position}" for colour, kind, position in scene) + "."
+
+
+def scene_questions(scene):
+    """Every question the scene answers unambiguously: [(question, answer)]."""
+    kinds = [kind for _, kind, _ in scene]
+    questions = [("How many shapes are there?", ["one.", "two."][len(scene) - 1])]
+    for colour, kind, position in scene:
+        questions.append((f"What is in the {position}?", f"a {colour} {kind}."))
+        questions.append((f"Where is the {colour} {kind}?", f"in the {position}."))
+        if kinds.count(kind) == 1:
+            questions.append((f"What colour is the {kind}?", f"{colour}."))
+    return questions
+
+
+class SyntheticShapes(IndexedSource):
+    """`n_samples` shape images, each with a caption turn and then `questions` question turns. Sample i is
+    generated from (split, seed, i) when asked for, so it is always the same and nothing is stored."""
+
+    def __init__(self, n_samples, split="train", image_size=64, seed=0, questions=0):
+        if split not in SHAPES_SPLITS:
+            raise ValueError(f"split must be one of {SHAPES_SPLITS}, got {split!r}")
+        self.n_samples, self.split, self.image_size, self.seed = n_samples, split, image_size, seed
+        self.questions = questions
+
+    def __len__(self):
+        return self.n_samples
+
+    def record(self, index):
+        """{"name", "image": PIL image, "conversations", "scene": [(colour, kind, position)]} of sample `index`."""
+        rng = random.Random(f"shapes/{self.split}/{self.seed}/{index}")  # a str seed is hashed deterministically
+        scene = random_scene(rng, self.split)
+        conversation = [{"from": "human", "value": SHAPES_CAPTION_PROMPT},
+                        {"from": "gpt", "value": describe_scene(scene)}]
+        questions = scene_questions(scene)
+        for question, answer in rng.sample(questions, min(self.questions, len(questions))):
+            conversation += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+        return {"name": f"shapes {self.split} seed {self.seed} sample {index}", "scene": scene,
+                "image": draw_scene(scene, self.image_size, rng), "conversations": conversation}
+
+
+def shapes_tokenizer(vocab_size=400):
+    """The demo's tokenizer: a tiny BPE trained on synthetic-shape conversations in the chat format."""
+    shapes = SyntheticShapes(300, questions=4)
+    conversations = [conversation_messages(shapes.record(i)["conversations"]) for i in range(len(shapes))]
+    return train_tokenizer([chat_prompt(messages) for messages in conversations], vocab_size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Batches
+
+def make_sample(record, tokenizer, image_size, max_text_tokens, system_prompt):
+    """A record -> ({"pixel_values", "input_ids", "labels"}, whether the text was truncated).
+
+    Raises ValueError naming the record if its conversation or image is bad. The text goes first: it is
+    cheap, and a bad one spares decoding the image."""
+    try:
+        input_ids, labels = encode_conversation(tokenizer, record["conversations"], system_prompt)
+    except ValueError as error:
+        raise ValueError(f"{record['name']}: {error}") from error
+    truncated = len(input_ids) > max_text_tokens
+    input_ids, labels = input_ids[:max_text_tokens], labels[:max_text_tokens]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise ValueError(f"{record['name']}: no answer token is left after truncating to {max_text_tokens} tokens")
+    pixel_values = preprocess_image(load_image(record["image"], record["name"]), image_size)
+    return {"pixel_values": pixel_values, "input_ids": input_ids, "labels": labels}, truncated
+
+
+def collate(samples, pad_id):
+    """Samples -> a batch, texts right-padded to the longest: pixel_values [B,3,H,W], input_ids [B,T],
+    labels [B,T] (IGNORE_INDEX on padding), text_mask [B,T] (True on real tokens)."""
+    length = max(len(sample["input_ids"]) for sample in samples)
+    input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+    text_mask = torch.zeros((len(samples), length), dtype=torch.bool)
+    for i, sample in enumerate(samples):
+        n = len(sample["input_ids"])
+        input_ids[i, :n] = torch.as_tensor(sample["input_ids"])
+        labels[i, :n] = torch.as_tensor(sample["labels"])
+        text_mask[i, :n] = True
+    pixel_values = torch.stack([sample["pixel_values"] for sample in samples])
+    return {"pixel_values": pixel_values, "input_ids": input_ids, "labels": labels, "text_mask": text_mask}
+
+
+def shuffled_order(chunk_sizes, seed, epoch):
+    """Every sample once, as (chunk ids, row ids) arrays: chunks in random order, rows shuffled within their
+    chunk. A chunk's rows stay together, so a parquet row group is read once per pass, not once per sample."""
+    rng = np.random.default_rng([seed, epoch])
+    chunk_order = rng.permutation(len(chunk_sizes))
+    chunk_ids = np.concatenate([np.full(chunk_sizes[chunk], chunk) for chunk in chunk_order])
+    row_ids = np.concatenate([rng.permutation(chunk_sizes[chunk]) for chunk in chunk_order])
+    return chunk_ids, row_ids
+
+
+class WorkerBatches(IterableDataset):
+    """What each DataLoader worker runs, given the samples still to come as (chunk ids, row ids). Batch b is
+    samples [b*B, (b+1)*B); worker w of W builds batches w, w+W, w+2W... and the DataLoader takes one batch
+    from each worker in turn, so the batches arrive in order whatever the number of workers."""
+
+    def __init__(self, stream, chunk_ids, row_ids):
+        self.stream, self.chunk_ids, self.row_ids = stream, chunk_ids, row_ids
+
+    def __iter__(self):
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        batch_size = self.stream.batch_size
+        slots = np.arange(len(self.row_ids))
+        my_slots = slots[(slots // batch_size) % num_workers == worker_id]
+        records = self.read_records(my_slots)
+        for batch_index, group in itertools.groupby(records, key=lambda slot_record: slot_record[0] // batch_size):
+            yield {"batch_index": int(batch_index), **self.stream.build_batch(record for _, record in group)}
+
+    def read_records(self, slots):
+        """(slot, record) for each slot, reading each chunk once: the order keeps a chunk's rows together."""
+        for chunk, run in itertools.groupby(slots, key=lambda slot: self.chunk_ids[slot]):
+            run = list(run)
+            yield from zip(run, self.stream.source.read(int(chunk), self.row_ids[run].tolist()))
+
+
+def new_counts():
+    """Counters over the whole run, for the trainer to log: bad samples skipped, text-only rows skipped, texts
+    truncated to max_text_tokens."""
+    return {"skipped": 0, "text_only": 0, "truncated": 0}
+
+
+class BatchStream:
+    """The batches one rank trains on, decoded by `num_workers` DataLoader workers. Iterate it for the rest
+    of the current epoch; iterate again for the next one.
+
+    Order: a shuffle of the whole source for each (seed, epoch); rank r takes samples r, r + world_size, ...,
+    so ranks see disjoint samples and all step the same number of times (the last < world_size samples of
+    an epoch are left out). The order does not depend on num_workers.
+    Bad samples (unreadable image, malformed conversation) are skipped with a warning naming them and
+    counted in `counts`; more than max_skip_fraction of an epoch's samples raises RuntimeError. Text-only
+    rows are skipped too (every sequence starts with the image, paper 3.1) and counted apart: LLaVA-NeXT-Data
+    has some by design. A batch keeps its place when it loses samples, it is only smaller (one that loses
+    all is dropped, the one case where ranks could step unequally), so `state_dict()` (the epoch and the
+    samples consumed) resumes exactly at the next unseen batch."""
+
+    def __init__(self, source, tokenizer, batch_size, image_size=224, max_text_tokens=512,
+                 system_prompt=DEFAULT_SYSTEM_PROMPT, seed=0, rank=0, world_size=1, num_workers=2,
+                 max_skip_fraction=0.01):
+        self.source, self.tokenizer, self.batch_size = source, tokenizer, batch_size
+        self.image_size, self.max_text_tokens, self.system_prompt = image_size, max_text_tokens, system_prompt
+        self.seed, self.rank, self.world_size, self.num_workers = seed, rank, world_size, num_workers
+        self.max_skip_fraction = max_skip_fraction
+        self.samples_per_epoch = sum(source.chunk_sizes) // world_size
+        if self.samples_per_epoch == 0:
+            raise ValueError(f"the source has {sum(source.chunk_sizes)} samples, fewer than world_size={world_size}")
+        self.epoch, self.samples_consumed = 0, 0
+        self.counts = new_counts()
+
+    def __len__(self):
+        """Batches per epoch, on this rank."""
+        return math.ceil(self.samples_per_epoch / self.batch_size)
+
+    def rank_order(self):
+        """(chunk ids, row ids) of this rank's samples in this epoch."""
+        chunk_ids, row_ids = shuffled_order(self.source.chunk_sizes, self.seed, self.epoch)
+        mine = slice(self.rank, self.world_size * self.samples_per_epoch, self.world_size)
+        return chunk_ids[mine], row_ids[mine]
+
+    def __iter__(self):
+        """The rest of the current epoch's batches; the next iteration starts the next epoch."""
+        chunk_ids, row_ids = self.rank_order()
+        start = self.samples_consumed
+        workers = WorkerBatches(self, chunk_ids[start:], row_ids[start:])
+        loader = DataLoader(workers, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=torch.cuda.is_available())
+        for item in loader:
+            self.samples_consumed = min(start + (item["batch_index"] + 1) * self.batch_size, self.samples_per_epoch)
+            self.add_counts(item["counts"])
+            if item["batch"] is not None:
+                yield item["batch"]
+        self.epoch, self.samples_consumed = self.epoch + 1, 0
+
+    def build_batch(self, records):
+        """Runs in a worker: records -> {"batch": collated batch or None if all were skipped, "counts"}."""
+        samples, counts = [], new_counts()
+        for record in records:
+            if record["image"] is None:
+                counts["text_only"] += 1
+                continue
+            try:
+                sample, truncated = make_sample(record, self.tokenizer, self.image_size, self.max_text_tokens,
+                                                self.system_prompt)
+            except ValueError as error:
+                logger.warning("skipping a bad sample: %s", error)
+                counts["skipped"] += 1
+                continue
+            samples.append(sample)
+            counts["truncated"] += truncated
+        return {"batch": collate(samples, self.tokenizer.pad_id) if samples else None, "counts": counts}
+
+    def add_counts(self, counts):
+        for key, value in counts.items():
+            self.counts[key] += value
+        allowed = self.max_skip_fraction * self.samples_per_epoch * (self.epoch + 1)  # of the epochs begun so far
+        if self.counts["skipped"] > allowed:
+            raise RuntimeError(
+                f"{self.counts['skipped']} bad samples skipped by sample {self.samples_consumed} "
+                f"of epoch {self.epoch}, "
+                f"more than max_skip_fraction={self.max_skip_fraction} of the {self.samples_per_epoch} per epoch: see "
+                "the warnings for which ones, fix the data or raise max_skip_fraction")
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "samples_consumed": self.samples_consumed, "counts": dict(self.counts),
+                "seed": self.seed, "world_size": self.world_size}
+
+    def load_state_dict(self, state):
+        if (state["seed"], state["world_size"]) != (self.seed, self.world_size):
+            raise ValueError(f"the saved position is for seed {state['seed']} and world_size {state['world_size']}, "
+                             f"not {self.seed} and {self.world_size}: it would not resume the same order")
+        self.epoch, self.samples_consumed = state["epoch"], state["samples_consumed"]
+        self.counts = dict(state["counts"])

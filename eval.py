@@ -1,0 +1,348 @@
+"""Evaluation: image captioning on the Karpathy test splits (paper Table 6) and PathVQA (paper Table 9).
+
+    python eval.py --split karpathy --checkpoint out/stage3             # COCO, Flickr30k and Flickr8k test
+    python eval.py --split karpathy --datasets coco --num_beams 3 --checkpoint out/stage3
+    python eval.py --split karpathy                                     # the pretrained backbones, no checkpoint
+    torchrun --nproc_per_node 8 eval.py --split karpathy --checkpoint out/stage3
+    python eval.py --task pathvqa --pathvqa_parquet data/path-vqa/test.parquet --checkpoint out/pathvqa
+
+--split karpathy is the Karpathy test split (5000 COCO, 1000 Flickr30k, 1000 Flickr8k images); any split
+name of the Karpathy files (test, val, restval, train) works too. The files are found by convention:
+
+    {karpathy_dir}/dataset_{coco,flickr30k,flickr8k}.json      Karpathy's caption_datasets.zip
+    {image_root}/{dataset}/[{filepath}/]{filename}             filepath and filename as in those files:
+        data/images/coco/val2014/COCO_val2014_000000391895.jpg     (only COCO's entries have a filepath)
+        data/images/flickr30k/1000092795.jpg
+        data/images/flickr8k/1000268201_693b08cb0e.jpg
+    so {image_root}/{dataset} is the image_root that train.py's karpathy data format takes; a symlink per
+    dataset is the easy way to point this at existing image folders.
+
+Captions are scored exactly like the COCO caption evaluation (pycocoevalcap): PTBTokenizer, then BLEU-1..4,
+METEOR, ROUGE_L and CIDEr-D, plus SPICE with --spice (it downloads Stanford CoreNLP on first use). Java is
+required. Results go to --out_dir (default: the checkpoint folder, else out-eval):
+
+    captions_{dataset}_{split}.json   the predictions in COCO results format, [{"image_id", "caption"}];
+                                      image_id: COCO's image id, or the Flickr file name
+                                      without extension (a number for Flickr30k)
+    metrics_{split}.json              {"settings": ..., "scores": {dataset: {metric: fraction}}}
+    answers_pathvqa.json, metrics_pathvqa.json   for --task pathvqa
+
+and the scores are printed as a table like the paper's Table 6 (x100). Under torchrun every rank answers
+its share of the images and rank 0 gathers the answers, scores and writes.
+"""
+import argparse
+import json
+import os
+import shutil
+import string
+
+import torch
+import torch.distributed as dist
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.spice.spice import Spice
+from pycocoevalcap.tokenizer import ptbtokenizer
+from tqdm import tqdm
+
+from data import SHORT_CAPTION_PROMPT, PathVQAParquet, load_image
+from sample import add_model_args, answer, load_model
+
+DATASETS = ("coco", "flickr30k", "flickr8k")
+KARPATHY_TEST = "test"  # what --split karpathy means
+
+CAPTION_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+
+
+# ----------------------------------------------------------------------------------------------------
+# caption metrics
+
+def check_java():
+    """PTBTokenizer, METEOR and SPICE are Java programs; without Java they fail with an obscure error."""
+    if shutil.which("java") is None:
+        raise RuntimeError("caption scoring needs Java (pycocoevalcap runs PTBTokenizer and METEOR on it), "
+                           "but no `java` is on PATH; install a JRE, e.g. `apt-get install default-jre-headless`")
+
+
+def check_tokenizer_folder():
+    """PTBTokenizer writes its input to a temporary file inside its own package folder."""
+    folder = os.path.dirname(os.path.abspath(ptbtokenizer.__file__))
+    if not os.access(folder, os.W_OK):
+        raise RuntimeError(f"pycocoevalcap's PTBTokenizer writes temporary files into {folder}, which is not "
+                           "writable; install pycocoevalcap somewhere writable, e.g. in a virtual environment")
+
+
+def one_line(caption):
+    """PTBTokenizer passes one caption per line to Java, which also breaks lines at \\r and other separators
+    that Python's split("\\n") keeps; a generated caption holding one would shift every later caption onto
+    the wrong image. Collapsing all whitespace to single spaces changes no PTB token."""
+    return " ".join(caption.split())
+
+
+def ptb_tokenize(captions):
+    """{image_id: [caption, ...]} -> the same, lowercased, PTB-tokenized, punctuation removed."""
+    as_coco = {i: [{"caption": one_line(caption)} for caption in caps] for i, caps in captions.items()}
+    return ptbtokenizer.PTBTokenizer().tokenize(as_coco)
+
+
+def load_spice():
+    """SPICE downloads Stanford CoreNLP (about 400 MB) on first use, so it is opt-in and may fail offline."""
+    try:
+        return Spice()
+    except OSError as error:  # urllib's URLError is an OSError
+        raise RuntimeError("SPICE needs Stanford CoreNLP 3.6.0, which pycocoevalcap downloads from "
+                           f"nlp.stanford.edu on first use, and the download failed ({error}); "
+                           "score without SPICE or run once with internet access") from error
+
+
+def score(predictions, references, spice=False):
+    """COCO caption metrics of predictions {image_id: caption} against references {image_id: [captions]}.
+
+    Returns {"Bleu_1".."Bleu_4", "METEOR", "ROUGE_L", "CIDEr"(, "SPICE")} as fractions (0-1). Both dicts
+    must cover the same images: CIDEr-D takes its IDF from the references of the scored images, so scoring
+    a subset of the references would silently change it."""
+    if predictions.keys() != references.keys():
+        unscored = sorted(map(str, references.keys() - predictions.keys()))
+        unknown = sorted(map(str, predictions.keys() - references.keys()))
+        raise ValueError(f"predictions and references must cover the same images; without a prediction: "
+                         f"{unscored[:5]} ({len(unscored)}), without references: {unknown[:5]} ({len(unknown)})")
+    check_java()
+    check_tokenizer_folder()
+    spice_scorer = load_spice() if spice else None  # first, so that an offline failure comes before the slow part
+    gts = ptb_tokenize(references)
+    res = ptb_tokenize({i: [predictions[i]] for i in references})
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    scores = {f"Bleu_{n}": b for n, b in enumerate(bleu, start=1)}
+    scores["METEOR"], _ = Meteor().compute_score(gts, res)
+    scores["ROUGE_L"], _ = Rouge().compute_score(gts, res)
+    scores["CIDEr"], _ = Cider().compute_score(gts, res)
+    if spice:
+        scores["SPICE"], _ = spice_scorer.compute_score(gts, res)
+    return {name: float(value) for name, value in scores.items()}
+
+
+def format_table(metrics):
+    """{dataset: {metric: fraction}} -> a text table like the paper's Table 6 (metrics x datasets, x100)."""
+    datasets = list(metrics)
+    names = [name for name in CAPTION_METRICS + ("SPICE",) if name in metrics[datasets[0]]]
+    lines = [f"{'Metric':<8}" + "".join(f"{dataset:>11}" for dataset in datasets)]
+    for name in names:
+        lines.append(f"{name:<8}" + "".join(f"{100 * metrics[dataset][name]:>11.1f}" for dataset in datasets))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# PathVQA metrics
+
+def normalize_answer(text):
+    """Lowercase, drop punctuation and the articles a/an/the, collapse whitespace (the SQuAD/VQA convention)."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return " ".join(word for word in text.split() if word not in ("a", "an", "the"))
+
+
+def is_yes_no(answer):
+    return normalize_answer(answer) in ("yes", "no")
+
+
+def is_correct(prediction, answer):
+    """Exact match after normalisation. A yes/no question is judged by the first word of the prediction,
+    so "Yes, the tissue is inflamed." answers "yes" correctly."""
+    prediction, answer = normalize_answer(prediction), normalize_answer(answer)
+    if answer in ("yes", "no"):
+        return prediction.split()[:1] == [answer]
+    return prediction == answer
+
+
+def mean(values):
+    return sum(values) / len(values) if values else None  # None (JSON null) when there is nothing to average
+
+
+def pathvqa_metrics(predictions, answers):
+    """Accuracy of predicted answers against reference answers (two aligned lists of strings), on the yes/no
+    questions, on the open questions (exact match), and on all of them."""
+    if len(predictions) != len(answers):
+        raise ValueError(f"{len(predictions)} predictions for {len(answers)} answers")
+    correct = [is_correct(p, a) for p, a in zip(predictions, answers)]
+    yes_no = [c for c, a in zip(correct, answers) if is_yes_no(a)]
+    open_ended = [c for c, a in zip(correct, answers) if not is_yes_no(a)]
+    return {"yes_no_accuracy": mean(yes_no), "open_exact_match": mean(open_ended), "overall_accuracy": mean(correct),
+            "n_yes_no": len(yes_no), "n_open": len(open_ended)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# datasets: a list of samples {"key", "image" (path or bytes), "name" (for errors), "prompt", ...}
+
+def karpathy_samples(karpathy_dir, dataset, split, image_root, prompt):
+    """The images of one split of a Karpathy file, each with its reference captions."""
+    path = os.path.join(karpathy_dir, f"dataset_{dataset}.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no Karpathy split file {path}: get dataset_{dataset}.json (from Karpathy's "
+                                "caption_datasets.zip) and pass its folder as --karpathy_dir")
+    with open(path) as f:
+        images = json.load(f)["images"]
+    wanted = KARPATHY_TEST if split == "karpathy" else split
+    chosen = [image for image in images if image["split"] == wanted]
+    if not chosen:
+        raise ValueError(f"{path} has no split {split!r}; its splits are "
+                         f"{sorted({image['split'] for image in images})}, and 'karpathy' means {KARPATHY_TEST!r}")
+    samples = [karpathy_sample(image, dataset, image_root, prompt) for image in chosen]
+    missing = [s["image"] for s in samples if not os.path.exists(s["image"])]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the {len(samples)} images of {dataset} {wanted} are missing, "
+                                f"e.g. {missing[:3]}; the layout eval.py expects is in its docstring")
+    return samples
+
+
+def karpathy_sample(image, dataset, image_root, prompt):
+    """One entry of a Karpathy file as a sample, keyed by its image id."""
+    path = os.path.join(image_root, dataset, image.get("filepath", ""), image["filename"])
+    return {"key": image_id(image), "image": path, "name": path, "prompt": prompt,
+            "references": [sentence["raw"] for sentence in image["sentences"]]}
+
+
+def image_id(image):
+    """The id that COCO-format reference files use: COCO's image id, else the file name without extension,
+    as a number where it is one (Flickr30k: 1000092795.jpg -> 1000092795; Flickr8k keeps its names)."""
+    if "cocoid" in image:
+        return image["cocoid"]
+    stem = os.path.splitext(image["filename"])[0]
+    return int(stem) if stem.isdigit() else stem
+
+
+def pathvqa_samples(path_or_repo, split):
+    """PathVQA's questions with their answers, read as train.py reads them; the question is the prompt."""
+    if path_or_repo.endswith(".parquet") and not os.path.exists(path_or_repo):
+        raise FileNotFoundError(f"no PathVQA parquet file {path_or_repo}")
+    source = PathVQAParquet(path_or_repo, pattern=f"{split}-*.parquet")
+    records = [record for chunk, size in enumerate(source.chunk_sizes)
+               for record in source.read(chunk, list(range(size)))]
+    return [{"key": i, "image": r["image"], "name": r["name"], "prompt": r["conversations"][0]["value"],
+             "answer": r["conversations"][1]["value"]} for i, r in enumerate(records)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# answering every sample, split over the ranks under torchrun
+
+def setup_distributed(default_device):
+    """(rank, world size, device): one process per GPU under torchrun, else a single process."""
+    if "RANK" not in os.environ:
+        return 0, 1, default_device
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = default_device
+    if torch.cuda.is_available():
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)  # all_gather_object over NCCL sends through the current device
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def answer_all(model, tokenizer, samples, args, rank, world_size, desc):
+    """{sample key: the model's answer} for every sample; each rank answers every world_size-th sample and
+    all ranks get everyone's answers."""
+    mine = samples[rank::world_size]
+    answers = {}
+    for start in tqdm(range(0, len(mine), args.batch_size), desc=desc, unit="batch", disable=rank != 0):
+        batch = mine[start:start + args.batch_size]
+        images = [load_image(sample["image"], sample["name"]) for sample in batch]
+        prompts = [sample["prompt"] for sample in batch]
+        texts = answer(model, tokenizer, images, prompts, args.max_new_tokens, args.num_beams)
+        answers.update(zip([sample["key"] for sample in batch], texts))
+    if world_size == 1:
+        return answers
+    every_rank = [None] * world_size
+    dist.all_gather_object(every_rank, answers)
+    return {key: text for part in every_rank for key, text in part.items()}
+
+
+def write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+    print("wrote", path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the two tasks
+
+def evaluate_captioning(model, tokenizer, per_dataset, args, rank, world_size):
+    """Caption the split of every dataset, then (rank 0) score, print the table and write the results."""
+    scores = {}
+    for dataset, samples in per_dataset.items():
+        captions = answer_all(model, tokenizer, samples, args, rank, world_size, desc=dataset)
+        if rank == 0:
+            write_json([{"image_id": s["key"], "caption": captions[s["key"]]} for s in samples],
+                       os.path.join(args.out_dir, f"captions_{dataset}_{args.split}.json"))
+            scores[dataset] = score(captions, {s["key"]: s["references"] for s in samples}, spice=args.spice)
+    if rank != 0:
+        return None
+    print(format_table(scores))
+    write_json({"settings": settings(args), "scores": scores}, os.path.join(args.out_dir, f"metrics_{args.split}.json"))
+    return scores
+
+
+def evaluate_pathvqa(model, tokenizer, samples, args, rank, world_size):
+    """Answer every question, then (rank 0) score and write the answers and the metrics."""
+    predictions = answer_all(model, tokenizer, samples, args, rank, world_size, desc="pathvqa")
+    if rank != 0:
+        return None
+    rows = [{"question": s["prompt"], "answer": s["answer"], "prediction": predictions[s["key"]]} for s in samples]
+    metrics = pathvqa_metrics([row["prediction"] for row in rows], [row["answer"] for row in rows])
+    print(json.dumps(metrics, indent=1))
+    write_json(rows, os.path.join(args.out_dir, "answers_pathvqa.json"))
+    write_json({"settings": settings(args), "scores": metrics}, os.path.join(args.out_dir, "metrics_pathvqa.json"))
+    return metrics
+
+
+def settings(args):
+    """What produced the scores, saved beside them."""
+    return {name: value for name, value in vars(args).items() if name not in ("device", "out_dir")}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="caption", choices=["caption", "pathvqa"])
+    parser.add_argument("--split", default="karpathy", help="'karpathy' (= the Karpathy test split) or a split name")
+    parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated, from " + ",".join(DATASETS))
+    parser.add_argument("--karpathy_dir", default="data/karpathy")
+    parser.add_argument("--image_root", default="data/images")
+    parser.add_argument("--prompt", default=SHORT_CAPTION_PROMPT, help="the caption instruction (default: training's)")
+    parser.add_argument("--pathvqa_parquet", default="data/path-vqa/test.parquet",
+                        help="a PathVQA parquet file, a folder of them, or the Hub repo flaviagiammarino/path-vqa")
+    parser.add_argument("--pathvqa_split", default="test", help="in a folder or repo, the files {split}-*.parquet")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--spice", action="store_true", help="also score SPICE (downloads Stanford CoreNLP once)")
+    parser.add_argument("--out_dir", help="default: the checkpoint folder, else out-eval")
+    add_model_args(parser)
+    args = parser.parse_args(argv)
+    args.datasets = [name for name in args.datasets.split(",") if name]
+    unknown = set(args.datasets) - set(DATASETS)
+    if unknown:
+        parser.error(f"unknown datasets {sorted(unknown)}; choose from {','.join(DATASETS)}")
+    args.out_dir = args.out_dir or args.checkpoint or "out-eval"
+    return args
+
+
+def main(argv=None):
+    """Returns the scores on rank 0 (None on the other ranks)."""
+    args = parse_args(argv)
+    # Everything that can go wrong with the data or the scoring tools fails now, not after an hour of captioning.
+    if args.task == "caption":
+        check_java()
+        check_tokenizer_folder()
+        if args.spice:
+            load_spice()
+        samples = {dataset: karpathy_samples(args.karpathy_dir, dataset, args.split, args.image_root, args.prompt)
+                   for dataset in args.datasets}
+    else:
+        samples = pathvqa_samples(args.pathvqa_parquet, args.pathvqa_split)
+    rank, world_size, device = setup_distributed(args.device)
+    model, tokenizer = load_model(args, device)
+    os.makedirs(args.out_dir, exist_ok=True)
+    evaluate = evaluate_captioning if args.task == "caption" else evaluate_pathvqa
+    scores = evaluate(model, tokenizer, samples, args, rank, world_size)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return scores
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Caption an image, or ask a question about it, with a trained checkpoint or the pretrained backbones.
+
+    python sample.py --checkpoint out/stage3 --image cat.jpg --prompt "What is in the image?"
+    python sample.py --checkpoint out/stage3 --image a.jpg --image b.jpg,c.jpg --num_beams 3
+    python sample.py --image cat.jpg    # no --checkpoint: SigLIP + Qwen2.5 joined by an untrained projector
+
+Each image is answered separately. With one image and greedy decoding the answer is printed as it is
+generated; otherwise every answer is printed when the batch is done. eval.py captions through `answer()`.
+"""
+import argparse
+
+import torch
+
+from data import SHORT_CAPTION_PROMPT, Tokenizer, chat_prompt, load_image, preprocess_image
+from model import VLM
+
+DEFAULT_VISION = "google/siglip-so400m-patch14-224"
+DEFAULT_LANGUAGE = "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+# ----------------------------------------------------------------------------------------------------
+# model and prompt
+
+def add_model_args(parser):
+    """The arguments that choose the model; shared with eval.py."""
+    parser.add_argument("--checkpoint", help="our checkpoint folder (train.py's output); without it the "
+                        "pretrained --vision and --language backbones are joined by an untrained projector")
+    parser.add_argument("--vision", default=DEFAULT_VISION, help="SigLIP folder or Hub id (without --checkpoint)")
+    parser.add_argument("--language", default=DEFAULT_LANGUAGE, help="Qwen2 folder or Hub id (without --checkpoint)")
+    parser.add_argument("--tokenizer", help="tokenizer folder or Hub id; default: the checkpoint's, else --language's")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: bfloat16 on a GPU, float32 on the CPU")
+    parser.add_argument("--max_new_tokens", type=int, default=30)
+    parser.add_argument("--num_beams", type=int, default=1, help="1 = greedy decoding, more = beam search")
+
+
+def load_model(args, device=None):
+    """(model in eval mode on the device, tokenizer) as the model arguments ask."""
+    device = device or args.device
+    dtype = getattr(torch, args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32"))
+    if args.checkpoint:
+        model = VLM.load(args.checkpoint, dtype=dtype)
+    else:
+        model = VLM.from_pretrained(vision=args.vision, language=args.language, dtype=dtype)
+    tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.checkpoint or args.language)
+    return model.to(device).eval(), tokenizer
+
+
+def prompt_ids(tokenizer, prompt):
+    """The user's question as a ChatML turn, ending where the assistant's answer starts. The image needs no
+    placeholder: its tokens always come before the text (paper 3.1)."""
+    return tokenizer.encode(chat_prompt([{"role": "user", "content": prompt}]))
+
+
+def left_pad(sequences, pad_id):
+    """Token lists of different lengths -> input_ids [B, T] padded on the left, and text_mask (False on pads).
+    Left padding lines up every prompt's last token, where the answer starts."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences])
+    text_mask = torch.tensor([[False] * (width - len(s)) + [True] * len(s) for s in sequences])
+    return input_ids, text_mask
+
+
+# ----------------------------------------------------------------------------------------------------
+# answering
+
+class TokenPrinter:
+    """An on_token callback for one sequence that prints the answer as it grows. It decodes all tokens so far
+    and prints the new part, since one character can span several byte-level tokens."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], 0
+
+    def __call__(self, tokens):
+        if tokens[0] >= 0:  # -1 once the sequence has ended
+            self.ids.append(int(tokens[0]))
+        self.print_new_text(hold_incomplete=True)
+
+    def print_new_text(self, hold_incomplete):
+        text = self.tokenizer.decode(self.ids)
+        if hold_incomplete and text.endswith("\ufffd"):  # maybe the first bytes of a character: wait for the rest
+            return
+        print(text[self.printed:], end="", flush=True)
+        self.printed = len(text)
+
+    def finish(self):
+        self.print_new_text(hold_incomplete=False)
+        print()
+
+
+def answer(model, tokenizer, images, prompts, max_new_tokens=30, num_beams=1, on_token=None):
+    """PIL images and one prompt per image -> the model's answers (strings)."""
+    weight = next(model.parameters())  # where the model lives, and in which dtype
+    pixel_values = torch.stack([preprocess_image(image, model.config.vision.image_size) for image in images])
+    input_ids, text_mask = left_pad([prompt_ids(tokenizer, p) for p in prompts], tokenizer.pad_id)
+    new_tokens = model.generate(pixel_values.to(weight.device, weight.dtype), input_ids.to(weight.device),
+                                text_mask.to(weight.device), max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                eos_ids=(tokenizer.im_end_id, tokenizer.eos_id), on_token=on_token)
+    return [tokenizer.decode(tokens).strip() for tokens in new_tokens]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image", action="append", required=True,
+                        help="image file; repeat the flag or give a comma-separated list for several")
+    parser.add_argument("--prompt", default=SHORT_CAPTION_PROMPT, help="default: the caption prompt of training")
+    add_model_args(parser)
+    args = parser.parse_args(argv)
+    args.image = [path for value in args.image for path in value.split(",") if path]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model, tokenizer = load_model(args)
+    images = [load_image(path, path) for path in args.image]
+    stream = len(images) == 1 and args.num_beams == 1  # generate's on_token streams greedy decoding only
+    printer = TokenPrinter(tokenizer) if stream else None
+    answers = answer(model, tokenizer, images, [args.prompt] * len(images), args.max_new_tokens, args.num_beams,
+                     on_token=printer)
+    if stream:
+        printer.finish()
+    else:
+        for path, text in zip(args.image, answers):
+            print(f"{path}: {text}")
+    return answers
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+"""Training data: conversations -> labels, sources, and the shuffled, sharded, resumable batch stream.
+
+Parquet and JSON fixtures are written here with pyarrow and PIL, in the layouts of the real datasets."""
+import io
+import json
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from data import (HELDOUT_PAIRS, IGNORE_INDEX, SHAPE_COLOURS, SHAPE_KINDS, SHAPE_POSITIONS, BatchStream,
+                  KarpathyCaptions, LlavaJson, LlavaParquet, PathVQAParquet, SyntheticShapes, Tokenizer, chat_prompt,
+                  collate, conversation_messages, encode_conversation, make_sample, preprocess_image,
+                  shapes_tokenizer)
+from data_helpers import copy_qwen_bpe_files
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    return Tokenizer.from_pretrained(str(copy_qwen_bpe_files(tmp_path_factory.mktemp("qwen_bpe"))))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The demo's tiny tokenizer: byte-level, so it encodes any text, and fast to build."""
+    return shapes_tokenizer()
+
+
+# --- conversations -> (input_ids, labels) -------------------------------------------------------------------
+
+TWO_TURNS = [
+    {"from": "human", "value": "<image>\nWhat is in the image?"},
+    {"from": "gpt", "value": "A cat."},
+    {"from": "human", "value": "What colour is it?"},
+    {"from": "gpt", "value": "Black."},
+]
+
+
+def test_loss_is_on_the_answers_and_their_im_end_only(qwen):
+    input_ids, labels = encode_conversation(qwen, TWO_TURNS)
+    expected = [  # (Qwen2.5 token ids, carry loss?)
+        # <|im_start|>system\nYou are a helpful assistant.<|im_end|>\n
+        ([151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198], False),
+        # <|im_start|>user\nWhat is in the image?<|im_end|>\n                (the <image> placeholder is gone)
+        ([151644, 872, 198, 3838, 374, 304, 279, 2168, 30, 151645, 198], False),
+        ([151644, 77091, 198], False),  # <|im_start|>assistant\n  (at inference the prompt ends with it)
+        ([32, 8251, 13, 151645], True),  # A cat.<|im_end|>          (the answer, and where it stops)
+        ([198], False),  # \n
+        # <|im_start|>user\nWhat colour is it?<|im_end|>\n
+        ([151644, 872, 198, 3838, 12463, 374, 432, 30, 151645, 198], False),
+        ([151644, 77091, 198], False),  # <|im_start|>assistant\n
+        ([14417, 13, 151645], True),  # Black.<|im_end|>
+        ([198], False),  # \n
+    ]
+    assert input_ids == [i for ids, _ in expected for i in ids]
+    assert labels == [i if loss else IGNORE_INDEX for ids, loss in expected for i in ids]
+    assert qwen.decode(input_ids, skip_special_tokens=False).startswith("<|im_start|>system\nYou are")
+
+
+def test_the_training_sequence_is_the_inference_prompt_format(qwen):
+    """What the model is trained on is exactly what chat_prompt() builds at inference, plus the answers."""
+    messages = conversation_messages(TWO_TURNS)
+    input_ids, _ = encode_conversation(qwen, TWO_TURNS)
+    assert input_ids == qwen.encode(chat_prompt(messages, add_generation_prompt=False))
+    prompt = qwen.encode(chat_prompt(messages[:1]))
+    assert input_ids[:len(prompt)] == prompt and input_ids[len(prompt):len(prompt) + 4] == [32, 8251, 13, 151645]
+
+
+def test_captioning_is_the_one_turn_case_and_the_system_turn_is_optional(qwen):
+    caption = [{"from": "human", "value": "Describe the image.\n<image>"}, {"from": "gpt", "value": "A cat on a mat."}]
+    input_ids, labels = encode_conversation(qwen, caption, system_prompt=None)
+    assert qwen.decode(input_ids, skip_special_tokens=False) == \
+        "<|im_start|>user\nDescribe the image.<|im_end|>\n<|im_start|>assistant\nA cat on a mat.<|im_end|>\n"
+    assert [t for t in labels if t != IGNORE_INDEX] == qwen.encode("A cat on a mat.<|im_end|>")
+
+
+@pytest.mark.parametrize("conversation, problem", [
+    ([], "non-empty list"),
+    ("just a string", "non-empty list"),
+    ([{"from": "gpt", "value": "An answer first."}, {"from": "human", "value": "?"}], "turn 0 is from 'gpt'"),
+    ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], "turn 1 is from 'human'"),
+    ([{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}], "turn 1 must have 'from'"),
+    ([{"from": "human", "value": "a"}, {"from": "gpt", "value": None}], "turn 1 has a NoneType value"),
+    ([{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}, {"from": "human", "value": "c"}],
+     "without an answer"),
+])
+def test_malformed_conversations_raise_saying_what_is_wrong(tokenizer, conversation, problem):
+    with pytest.raises(ValueError, match=problem):
+        encode_conversation(tokenizer, conversation)
+
+
+def test_truncation_keeps_the_start_and_a_fully_cut_answer_is_rejected(tokenizer):
+    record = {"name": "row 5", "image": Image.new("RGB", (8, 8)), "conversations": TWO_TURNS}
+    full, truncated = make_sample(record, tokenizer, image_size=16, max_text_tokens=10_000, system_prompt=None)
+    assert not truncated
+    cut, truncated = make_sample(record, tokenizer, image_size=16, max_text_tokens=20, system_prompt=None)
+    assert truncated and cut["input_ids"] == full["input_ids"][:20] and cut["labels"] == full["labels"][:20]
+    with pytest.raises(ValueError, match="row 5: no answer token"):
+        make_sample(record, tokenizer, image_size=16, max_text_tokens=5, system_prompt=None)
+
+
+def test_collate_pads_on_the_right():
+    samples = [{"pixel_values": torch.zeros(3, 4, 4), "input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+               {"pixel_values": torch.ones(3, 4, 4), "input_ids": [8], "labels": [8]}]
+    batch = collate(samples, pad_id=0)
+    assert batch["pixel_values"].shape == (2, 3, 4, 4) and batch["pixel_values"][1].eq(1).all()
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["text_mask"].tolist() == [[True, True, True], [True, False, False]]
+
+
+# --- sources ------------------------------------------------------------------------------------------------
+
+def png(colour=(200, 30, 30), size=8):
+    encoded = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(encoded, format="PNG")
+    return encoded.getvalue()
+
+
+def caption_row(number, image=None, conversations=None):
+    """A row in LLaVA-ReCap's layout whose caption says which row it is."""
+    conversations = conversations or [{"from": "human", "value": "<image>\nWhat is this photo about?"},
+                                      {"from": "gpt", "value": f"Caption number {number}."}]
+    return {"id": f"{number:012d}", "image": {"bytes": png() if image is None else image, "path": None},
+            "conversations": conversations, "data_source": "coco"}
+
+
+LLAVA_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+    ("conversations", pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))),
+    ("data_source", pa.string()),
+])
+
+
+def write_llava_parquet(path, rows, row_group_size=8):
+    pq.write_table(pa.Table.from_pylist(rows, schema=LLAVA_SCHEMA), path, row_group_size=row_group_size)
+    return path
+
+
+def caption_numbers(batch, tokenizer):
+    """Which rows a batch holds, read back from the supervised tokens ("Caption number 7.")."""
+    numbers = []
+    for labels in batch["labels"]:
+        answer = tokenizer.decode([t for t in labels.tolist() if t != IGNORE_INDEX])
+        numbers.append(int(answer.removeprefix("Caption number ").removesuffix(".")))
+    return numbers
+
+
+def stream_numbers(stream, tokenizer):
+    return [n for batch in stream for n in caption_numbers(batch, tokenizer)]
+
+
+@pytest.fixture
+def captions_folder(tmp_path):
+    """24 rows in two shards: 16 rows (row groups of 8) and 8 rows."""
+    write_llava_parquet(tmp_path / "train-00000.parquet", [caption_row(i) for i in range(16)])
+    write_llava_parquet(tmp_path / "train-00001.parquet", [caption_row(i) for i in range(16, 24)])
+    return tmp_path
+
+
+def test_llava_parquet_is_read_row_group_by_row_group(captions_folder):
+    source = LlavaParquet(str(captions_folder))
+    assert source.chunk_sizes == [8, 8, 8]  # from the metadata alone
+    records = source.read(1, [2, 0])  # shard 0, second row group, rows 10 and 8, in that order
+    assert [r["conversations"][1]["value"] for r in records] == ["Caption number 10.", "Caption number 8."]
+    assert records[0]["name"].endswith("train-00000.parquet row 10 (id 000000000010)")
+    assert Image.open(io.BytesIO(records[0]["image"])).size == (8, 8)
+
+
+def test_pathvqa_rows_become_one_turn_conversations(tmp_path):
+    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                        ("question", pa.string()), ("answer", pa.string())])
+    rows = [{"image": {"bytes": png(), "path": None}, "question": "Is there necrosis?", "answer": "yes"}]
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "train-0.parquet")
+    [record] = PathVQAParquet(str(tmp_path)).read(0, [0])
+    assert record["conversations"] == [{"from": "human", "value": "Is there necrosis?"},
+                                       {"from": "gpt", "value": "yes"}]
+
+
+def test_llava_json_with_an_image_folder(tmp_path):
+    (tmp_path / "images" / "coco").mkdir(parents=True)
+    (tmp_path / "images" / "coco" / "1.png").write_bytes(png())
+    entries = [{"id": "1", "image": "coco/1.png", "conversations": TWO_TURNS},
+               {"id": "2", "conversations": TWO_TURNS}]  # text-only
+    (tmp_path / "llava.json").write_text(json.dumps(entries))
+    source = LlavaJson(str(tmp_path / "llava.json"), str(tmp_path / "images"))
+    first, text_only = source.read(0, [0, 1])
+    assert first["image"] == str(tmp_path / "images" / "coco" / "1.png") and first["conversations"] == TWO_TURNS
+    assert text_only["image"] is None
+
+
+def test_karpathy_split_gives_one_sample_per_train_and_restval_sentence(tmp_path):
+    images = [
+        {"filename": "a.jpg", "filepath": "train2014", "split": "train",
+         "sentences": [{"raw": "A dog."}, {"raw": "A puppy. "}]},
+        {"filename": "b.jpg", "filepath": "val2014", "split": "restval", "sentences": [{"raw": "A cat."}]},
+        {"filename": "c.jpg", "filepath": "val2014", "split": "test", "sentences": [{"raw": "A bird."}]},
+    ]
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+    train = KarpathyCaptions(str(tmp_path / "dataset_coco.json"), "/coco", prompt="Caption it.")
+    records = list(train.read(0, range(len(train))))
+    assert [(r["image"], r["conversations"][1]["value"]) for r in records] == [
+        ("/coco/train2014/a.jpg", "A dog."), ("/coco/train2014/a.jpg", "A puppy."), ("/coco/val2014/b.jpg", "A cat.")]
+    assert records[0]["conversations"][0] == {"from": "human", "value": "Caption it."}
+    assert len(KarpathyCaptions(str(tmp_path / "dataset_coco.json"), "/coco", split="test")) == 1
+
+
+# --- the batch stream: order, sharding, resuming ------------------------------------------------------------
+
+def make_stream(source, tokenizer, **overrides):
+    settings = dict(batch_size=4, image_size=16, seed=0, num_workers=0)
+    settings.update(overrides)
+    return BatchStream(source, tokenizer, **settings)
+
+
+def test_an_epoch_is_a_shuffle_of_every_sample_same_for_the_same_seed(captions_folder, tokenizer):
+    source = LlavaParquet(str(captions_folder))
+    stream = make_stream(source, tokenizer)
+    first = stream_numbers(stream, tokenizer)
+    assert sorted(first) == list(range(24)) and first != list(range(24))
+    assert stream_numbers(make_stream(source, tokenizer), tokenizer) == first  # same seed: same order
+    assert stream_numbers(make_stream(source, tokenizer, seed=1), tokenizer) != first
+    second_epoch = stream_numbers(stream, tokenizer)  # iterating again starts the next epoch, reshuffled
+    assert sorted(second_epoch) == list(range(24)) and second_epoch != first and stream.epoch == 2
+
+
+def test_batches_are_built_in_workers_and_arrive_in_the_same_order(captions_folder, tokenizer):
+    source = LlavaParquet(str(captions_folder))
+    in_process = list(make_stream(source, tokenizer, batch_size=3))
+    in_workers = list(make_stream(source, tokenizer, batch_size=3, num_workers=2))
+    assert len(in_workers) == len(in_process) == 8
+    for ours, theirs in zip(in_workers, in_process):
+        assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+
+def test_resuming_continues_with_the_next_unseen_batch(captions_folder, tokenizer):
+    source = LlavaParquet(str(captions_folder))
+    uninterrupted = [caption_numbers(batch, tokenizer) for batch in make_stream(source, tokenizer, batch_size=3)]
+    stream = make_stream(source, tokenizer, batch_size=3, num_workers=2)
+    for consumed, batch in enumerate(stream, start=1):  # DataLoader workers run ahead; only handed-out batches count
+        if consumed == 3:
+            break
+    state = stream.state_dict()
+    assert (state["epoch"], state["samples_consumed"]) == (0, 9)
+    resumed = make_stream(source, tokenizer, batch_size=3)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # the state survives a JSON checkpoint
+    assert [caption_numbers(batch, tokenizer) for batch in resumed] == uninterrupted[3:]
+    assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["samples_consumed"] == 0
+    with pytest.raises(ValueError, match="seed"):
+        make_stream(source, tokenizer, seed=7).load_state_dict(state)
+
+
+def test_ranks_get_disjoint_shards_that_cover_the_data(captions_folder, tokenizer):
+    source = LlavaParquet(str(captions_folder))
+    shards = [stream_numbers(make_stream(source, tokenizer, rank=rank, world_size=3), tokenizer) for rank in range(3)]
+    assert [len(shard) for shard in shards] == [8, 8, 8]
+    assert sorted(sum(shards, [])) == list(range(24))
+    write_llava_parquet(captions_folder / "train-00002.parquet", [caption_row(24), caption_row(25)])  # 26 rows now
+    source = LlavaParquet(str(captions_folder))
+    shards = [stream_numbers(make_stream(source, tokenizer, rank=rank, world_size=3), tokenizer) for rank in range(3)]
+    assert [len(shard) for shard in shards] == [8, 8, 8]  # equal steps on every rank: 2 samples wait for the next epoch
+    assert len(set(sum(shards, []))) == 24
+
+
+# --- bad data -----------------------------------------------------------------------------------------------
+
+def test_bad_rows_are_skipped_named_and_counted(tmp_path, tokenizer, caplog):
+    rows = [caption_row(i) for i in range(16)]
+    rows[3] = caption_row(3, image=b"\xff\xd8\xff not really a JPEG")
+    rows[5] = caption_row(5, conversations=[{"from": "gpt", "value": "Caption number 5."}])
+    rows[9]["image"] = None  # text-only, as some LLaVA-NeXT-Data rows are
+    write_llava_parquet(tmp_path / "shard.parquet", rows)
+    stream = make_stream(LlavaParquet(str(tmp_path)), tokenizer, max_skip_fraction=0.2)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        numbers = stream_numbers(stream, tokenizer)
+    assert sorted(numbers) == [i for i in range(16) if i not in (3, 5, 9)]
+    assert "shard.parquet row 3 (id 000000000003)" in caplog.text and "cannot read image" in caplog.text
+    assert "shard.parquet row 5 (id 000000000005): turn 0 is from 'gpt'" in caplog.text
+    assert stream.state_dict()["counts"] == {"skipped": 2, "text_only": 1, "truncated": 0}
+
+
+def test_too_many_bad_rows_is_an_error(tmp_path, tokenizer):
+    rows = [caption_row(i, image=b"garbage" if i % 4 == 0 else None) for i in range(16)]  # 4 of 16 bad
+    write_llava_parquet(tmp_path / "shard.parquet", rows)
+    with pytest.raises(RuntimeError, match="max_skip_fraction=0.1"):
+        stream_numbers(make_stream(LlavaParquet(str(tmp_path)), tokenizer, max_skip_fraction=0.1), tokenizer)
+
+
+def test_missing_image_file_is_skipped_naming_the_file(tmp_path, tokenizer, caplog):
+    (tmp_path / "there.png").write_bytes(png())
+    entries = [{"id": "a", "image": "there.png", "conversations": TWO_TURNS},
+               {"id": "b", "image": "gone.png", "conversations": TWO_TURNS}]
+    (tmp_path / "data.json").write_text(json.dumps(entries))
+    stream = make_stream(LlavaJson(str(tmp_path / "data.json"), str(tmp_path)), tokenizer, max_skip_fraction=0.5)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        batches = list(stream)
+    assert sum(len(batch["input_ids"]) for batch in batches) == 1
+    assert "gone.png" in caplog.text and stream.counts["skipped"] == 1
+
+
+def test_truncated_parquet_file_is_an_error_naming_it(tmp_path):
+    path = write_llava_parquet(tmp_path / "cut.parquet", [caption_row(i) for i in range(16)])
+    path.write_bytes(path.read_bytes()[:-100])  # a download cut short: the footer is gone
+    with pytest.raises(OSError, match="cut.parquet is not a readable parquet file"):
+        LlavaParquet(str(tmp_path))
+
+
+def test_a_missing_folder_is_reported_not_looked_up_on_the_hub(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_such_folder: no such folder"):
+        LlavaParquet(str(tmp_path / "no_such_folder"))
+    with pytest.raises(FileNotFoundError, match=r"no \*.parquet files"):
+        LlavaParquet(str(tmp_path))
+
+
+def test_truncated_texts_are_counted(tmp_path, tokenizer):
+    write_llava_parquet(tmp_path / "shard.parquet", [caption_row(i) for i in range(8)])
+    full_length = len(encode_conversation(tokenizer, caption_row(0)["conversations"])[0])
+    cut_into_answer = full_length - 3
+    stream = make_stream(LlavaParquet(str(tmp_path)), tokenizer, max_text_tokens=cut_into_answer)
+    assert {batch["input_ids"].shape[1] for batch in stream} == {cut_into_answer}
+    assert stream.counts == {"skipped": 0, "text_only": 0, "truncated": 8}
+
+
+# --- synthetic shapes ---------------------------------------------------------------------------------------
+
+def test_synthetic_shapes_are_deterministic_from_the_seed():
+    a, b = SyntheticShapes(10, seed=3, questions=2), SyntheticShapes(10, seed=3, questions=2)
+    for i in range(10):
+        assert a.record(i)["conversations"] == b.record(i)["conversations"]
+        assert np.array_equal(np.asarray(a.record(i)["image"]), np.asarray(b.record(i)["image"]))
+    other_seed = SyntheticShapes(10, seed=4, questions=2)
+    assert [a.record(i)["scene"] for i in range(10)] != [other_seed.record(i)["scene"] for i in range(10)]
+    assert len(a.record(0)["conversations"]) == 6  # the caption turn, then two questions
+
+
+def test_captions_say_what_is_drawn_where():
+    shapes = SyntheticShapes(50, image_size=64)
+    for i in range(50):
+        sample = shapes.record(i)
+        pixels = np.asarray(sample["image"])
+        drawn = {position for _, _, position in sample["scene"]}
+        for colour, kind, position in sample["scene"]:
+            assert f"a {colour} {kind} in the {position}" in sample["conversations"][1]["value"]
+            x, y = (int(c * 64) for c in SHAPE_POSITIONS[position])
+            assert tuple(pixels[y, x]) == SHAPE_COLOURS[colour], (i, colour, kind, position)
+        for position in set(SHAPE_POSITIONS) - drawn:
+            x, y = (int(c * 64) for c in SHAPE_POSITIONS[position])
+            assert tuple(pixels[y, x]) == (255, 255, 255)
+
+
+def test_heldout_split_has_colour_shape_pairs_never_seen_in_training():
+    def pairs(sample):
+        return {(colour, kind) for colour, kind, _ in sample["scene"]}
+    train = [pairs(SyntheticShapes(400).record(i)) for i in range(400)]
+    heldout = [pairs(SyntheticShapes(100, split="heldout").record(i)) for i in range(100)]
+    seen = set().union(*train)
+    assert not seen & set(HELDOUT_PAIRS)
+    assert all(sample & set(HELDOUT_PAIRS) for sample in heldout)
+    # ...yet every colour and every shape is seen in training: only the combination is new.
+    assert {colour for colour, _ in seen} == set(SHAPE_COLOURS) and {kind for _, kind in seen} == set(SHAPE_KINDS)
+    val = [SyntheticShapes(100, split="val").record(i)["scene"] for i in range(100)]
+    assert not {(colour, kind) for scene in val for colour, kind, _ in scene} & set(HELDOUT_PAIRS)
+    assert val != [SyntheticShapes(100).record(i)["scene"] for i in range(100)]  # new samples of the seen pairs
+
+
+def test_a_batch_holds_the_clean_text_and_the_preprocessed_image(tokenizer):
+    """No stage-0 noise here: the model applies it (masks.add_noise), so labels and inputs stay clean."""
+    source = SyntheticShapes(1, image_size=32, questions=2)
+    [batch] = make_stream(source, tokenizer, image_size=32)
+    input_ids, labels = encode_conversation(tokenizer, source.record(0)["conversations"])
+    assert batch["input_ids"].tolist() == [input_ids] and batch["labels"].tolist() == [labels]
+    assert torch.equal(batch["pixel_values"][0], preprocess_image(source.record(0)["image"], image_size=32))
+
+
+def test_shapes_stream_batches(tokenizer):
+    stream = make_stream(SyntheticShapes(10, image_size=32, questions=1), tokenizer, batch_size=4, image_size=32)
+    batches = list(stream)
+    assert [len(batch["input_ids"]) for batch in batches] == [4, 4, 2] and len(stream) == 3
+    assert batches[0]["pixel_values"].shape == (4, 3, 32, 32)
+    assert (batches[0]["labels"] != IGNORE_INDEX).sum(1).min() > 0
+
+
+def test_demo_tokenizer_knows_the_chat_tokens_and_the_shape_words(tokenizer, tmp_path):
+    caption = "a yellow triangle in the bottom right."
+    assert len(tokenizer.encode(caption)) == 8  # a word a token: the BPE learnt the demo's words
+    assert tokenizer.encode("<|im_start|>assistant\n")[0] == tokenizer.im_start_id
+    assert len({tokenizer.im_start_id, tokenizer.im_end_id, tokenizer.eos_id}) == 3
+    text = "Unseen words, ünïcödé and 😀 still round-trip."
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    tokenizer.save(tmp_path)
+    assert Tokenizer.from_pretrained(str(tmp_path)).encode(caption) == tokenizer.encode(caption)

@@ -1,0 +1,225 @@
+"""The fast path computes what the simple path computes: FlexAttention block masks against SDPA with the dense
+mask (forward and gradients, padded and packed), the chunked loss against full logits, packed rows against one
+sample per row, and compiled blocks against eager ones. Small random models on the CPU."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+import masks
+from model import IGNORE_INDEX, VLM, Qwen2Config, SigLIPConfig, VLMConfig, attend, next_token_loss
+
+torch.set_num_threads(2)
+N_IMAGE = 4  # 2x2 patches
+VOCAB = 97
+
+
+def tiny_vlm(seed=0):
+    torch.manual_seed(seed)
+    config = VLMConfig(SigLIPConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=4),
+                       Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2), projector_hidden=32)
+    return VLM(config)
+
+
+def padded_batch(lengths, seed=0):
+    """Right-padded texts of the given lengths; the first two tokens of each are a prompt without loss."""
+    generator = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    input_ids = torch.randint(0, VOCAB, (len(lengths), T), generator=generator)
+    text_mask = torch.arange(T) < torch.tensor(lengths)[:, None]
+    labels = torch.where(text_mask, input_ids, IGNORE_INDEX)
+    labels[:, :2] = IGNORE_INDEX
+    return {"pixel_values": torch.randn(len(lengths), 3, 28, 28, generator=generator), "input_ids": input_ids,
+            "labels": labels, "text_mask": text_mask}
+
+
+def samples_of(batch):
+    """The padded batch as data.collate's samples, pads cut off."""
+    return [{"pixel_values": batch["pixel_values"][i], "input_ids": batch["input_ids"][i][keep],
+             "labels": batch["labels"][i][keep]} for i, keep in enumerate(batch["text_mask"])]
+
+
+@pytest.fixture
+def flex_backward_on_cpu(monkeypatch):
+    """torch refuses FlexAttention's backward on the CPU with a front-end check (its fast kernels are GPU
+    kernels); the eager reference implementation that runs here differentiates fine. Lift the check, so the
+    gradients can be compared here; bench.py runs the compiled kernels on the GPU."""
+    import torch.nn.attention.flex_attention as flex_attention
+    monkeypatch.setattr(flex_attention, "_validate_device", lambda *tensors: None)
+
+
+# --- the masks ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mask_kind", masks.MASK_KINDS)
+def test_mask_mod_is_the_dense_mask_entry_by_entry(mask_kind):
+    keep = torch.ones(3, 10, dtype=torch.bool)
+    keep[1, 7:] = False    # right padding
+    keep[2, 4:6] = False   # left padding of the prompt after the image (generation)
+    one_document = torch.zeros(3, 10, dtype=torch.long)
+    rule = masks.mask_mod(mask_kind, N_IMAGE, keep, one_document)
+    dense = masks.create_mask(rule, 3, 1, 10, 10)
+    assert torch.equal(dense, masks.attention_mask(mask_kind, N_IMAGE, keep))
+
+
+@pytest.mark.parametrize("mask_kind", masks.MASK_KINDS)
+def test_document_mask_is_each_documents_own_mask_on_the_diagonal(mask_kind):
+    document = torch.tensor([[0] * 7 + [1] * 5 + [-1] * 2])  # documents of 7 and 5 tokens, 2 pads
+    expected = torch.eye(14, dtype=torch.bool)  # a pad sees only itself
+    expected[:7, :7] = masks.attention_mask(mask_kind, N_IMAGE, torch.ones(1, 7, dtype=torch.bool))[0, 0]
+    expected[7:12, 7:12] = masks.attention_mask(mask_kind, N_IMAGE, torch.ones(1, 5, dtype=torch.bool))[0, 0]
+    assert torch.equal(masks.document_mask(mask_kind, N_IMAGE, document)[0, 0], expected)
+
+
+def test_block_mask_skips_fully_masked_blocks():
+    """Prefix over 4 blocks of 128 tokens: the image block is bidirectional, text causal, so the blocks above
+    the diagonal are skipped: 10 of 16 are computed."""
+    keep = torch.ones(1, 512, dtype=torch.bool)
+    block_mask = masks.block_mask("prefix", 128, keep)
+    computed = block_mask.kv_num_blocks.sum() + block_mask.full_kv_num_blocks.sum()
+    assert computed.item() == 10
+
+
+def test_positions_restart_in_every_document():
+    document = torch.tensor([[0, 0, 0, 1, 1, 1, 1, -1]])
+    assert masks.document_positions(document).tolist() == [[0, 1, 2, 0, 1, 2, 3, 0]]
+    assert masks.image_slots(document, 2).tolist() == [[True, True, False, True, True, False, False, False]]
+
+
+# --- FlexAttention against SDPA with the dense mask -----------------------------------------------------
+
+@pytest.mark.parametrize("mask_kind", masks.MASK_KINDS)
+def test_flex_attention_matches_sdpa_with_padding(mask_kind, flex_backward_on_cpu):
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 20, 16, requires_grad=True)
+    k, v = (torch.randn(2, 2, 20, 16, requires_grad=True) for _ in range(2))  # GQA: 2 key-value heads
+    keep = torch.ones(2, 20, dtype=torch.bool)
+    keep[1, 13:] = False
+    dense = attend(q, k, v, masks.attention_mask(mask_kind, 6, keep))
+    flex = attend(q, k, v, masks.block_mask(mask_kind, 6, keep))
+    assert (dense - flex).abs().max() < 1e-5
+    target = torch.randn_like(dense)
+    dense_grads = torch.autograd.grad((dense * target).sum(), (q, k, v))
+    flex_grads = torch.autograd.grad((flex * target).sum(), (q, k, v))
+    for d, f in zip(dense_grads, flex_grads):
+        assert (d - f).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("mask_kind", masks.MASK_KINDS)
+def test_model_loss_and_gradients_flex_equals_sdpa(mask_kind, flex_backward_on_cpu):
+    model = tiny_vlm()
+    batch = padded_batch([7, 4, 9])
+    results = {}
+    for attention in ("sdpa", "flex"):
+        model.attention = attention
+        model.zero_grad()
+        loss = model(**batch, mask_kind=mask_kind)
+        loss.backward()
+        results[attention] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    (sdpa_loss, sdpa_grads), (flex_loss, flex_grads) = results["sdpa"], results["flex"]
+    assert abs(sdpa_loss - flex_loss) < 1e-5
+    for name, grad in sdpa_grads.items():
+        assert (grad - flex_grads[name]).abs().max() < 1e-4, name
+
+
+def test_packed_loss_and_gradients_flex_equals_sdpa(flex_backward_on_cpu):
+    model = tiny_vlm()
+    packed, _ = masks.pack_documents(samples_of(padded_batch([7, 4, 9, 3, 5])), max_len=16, n_image_tokens=N_IMAGE)
+    results = {}
+    for attention in ("sdpa", "flex"):
+        model.attention = attention
+        model.zero_grad()
+        loss = model.forward_packed(**packed)
+        loss.backward()
+        results[attention] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    (sdpa_loss, sdpa_grads), (flex_loss, flex_grads) = results["sdpa"], results["flex"]
+    assert abs(sdpa_loss - flex_loss) < 1e-5
+    for name, grad in sdpa_grads.items():
+        assert (grad - flex_grads[name]).abs().max() < 1e-4, name
+
+
+# --- the chunked loss -------------------------------------------------------------------------------------
+
+def test_chunked_loss_equals_full_logits_cross_entropy():
+    torch.manual_seed(0)
+    weight = torch.randn(VOCAB, 16, requires_grad=True)
+    rows = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, VOCAB, (23,))
+    targets[::4] = IGNORE_INDEX
+    chunked = next_token_loss(weight, rows, targets, chunk_size=5)  # 5 chunks, the last one short
+    plain = F.cross_entropy(rows @ weight.T, targets, ignore_index=IGNORE_INDEX)
+    assert abs(chunked.item() - plain.item()) < 1e-5
+    for a, b in zip(torch.autograd.grad(chunked, (weight, rows)), torch.autograd.grad(plain, (weight, rows))):
+        assert (a - b).abs().max() < 1e-6
+
+
+def test_model_loss_equals_full_logits_with_shifted_labels():
+    """The definition (eq. 1): logits at every position, the last image token predicting the first text token."""
+    model = tiny_vlm()
+    batch = padded_batch([7, 4, 9])
+    loss = model(**batch)
+    image_tokens = model.projector(model.vision(batch["pixel_values"]))
+    logits = model.language.lm_head(model.decode(image_tokens, batch["input_ids"], batch["text_mask"], "prefix"))
+    predictions = logits[:, N_IMAGE - 1:-1]
+    plain = F.cross_entropy(predictions.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+    assert abs(loss.item() - plain.item()) < 1e-5
+    params = [p for p in model.parameters()]
+    for a, b in zip(torch.autograd.grad(loss, params), torch.autograd.grad(plain, params)):
+        assert (a - b).abs().max() < 1e-5
+
+
+# --- packing ----------------------------------------------------------------------------------------------
+
+def test_pack_documents_layout():
+    samples = [{"pixel_values": torch.full((3, 28, 28), float(i)), "input_ids": torch.arange(n) + 10 * i,
+                "labels": torch.arange(n) + 10 * i} for i, n in enumerate([6, 2, 3, 9])]
+    batch, rest = masks.pack_documents(samples, max_len=14, n_image_tokens=N_IMAGE, pad_id=0)
+    # documents of 10, 6, 7 and 13 tokens (4 image + text); longest first, each into the first row with room:
+    # #3 (13) opens row 0, #0 (10) row 1, #2 (7) fits in neither and opens row 2, where #1 (6) joins it
+    assert rest == []
+    assert batch["document"].tolist() == [[0] * 13 + [-1], [0] * 10 + [-1] * 4, [0] * 7 + [1] * 6 + [-1]]
+    assert batch["input_ids"][2].tolist() == [0] * 4 + [20, 21, 22] + [0] * 4 + [10, 11] + [0]
+    assert batch["labels"][2].tolist() == [-100] * 4 + [20, 21, 22] + [-100] * 4 + [10, 11] + [-100]
+    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [3, 0, 2, 1]  # one image per document, in row order
+    limited, rest = masks.pack_documents(samples, max_len=14, n_image_tokens=N_IMAGE, rows=2)
+    assert limited["pixel_values"][:, 0, 0, 0].tolist() == [3, 0] and [s["input_ids"][0] for s in rest] == [20, 10]
+    with pytest.raises(ValueError, match="max_len"):
+        masks.pack_documents(samples, max_len=12, n_image_tokens=N_IMAGE)
+
+
+def test_packed_rows_give_each_sample_the_loss_it_has_alone():
+    """Packing changes no sample's loss: with only sample i's labels kept, the packed loss is sample i's own."""
+    model = tiny_vlm()
+    batch = padded_batch([7, 4, 9, 3, 5], seed=1)
+    samples = samples_of(batch)
+    packed, _ = masks.pack_documents(samples, max_len=16, n_image_tokens=N_IMAGE)
+    assert packed["document"].max() >= 1  # some row really holds two documents
+    with torch.no_grad():
+        for i, sample in enumerate(samples):
+            alone = model(sample["pixel_values"][None], sample["input_ids"][None], sample["labels"][None],
+                          torch.ones(1, len(sample["input_ids"]), dtype=torch.bool))
+            others_unlabelled = [dict(s, labels=s["labels"] if j == i else torch.full_like(s["labels"], IGNORE_INDEX))
+                                 for j, s in enumerate(samples)]
+            only_i, _ = masks.pack_documents(others_unlabelled, max_len=16, n_image_tokens=N_IMAGE)
+            assert abs(model.forward_packed(**only_i).item() - alone.item()) < 1e-5, i
+        # and all of them at once: the mean over every label, as for the padded batch
+        assert abs(model.forward_packed(**packed).item() - model(**batch).item()) < 1e-5
+
+
+# --- compiled blocks ----------------------------------------------------------------------------------------
+
+def test_compiled_blocks_give_the_same_loss_and_gradients():
+    """torch.compile on the CPU builds C++ kernels: about half a minute here for the two block types."""
+    pytest.importorskip("torch._inductor")
+    model = tiny_vlm()
+    batch = padded_batch([7, 4, 9])
+    eager = model(**batch)
+    eager_grads = torch.autograd.grad(eager, list(model.parameters()))
+    model.compile_blocks()
+    compiled = model(**batch)
+    compiled_grads = torch.autograd.grad(compiled, list(model.parameters()))
+    assert abs(eager.item() - compiled.item()) < 1e-5
+    for a, b in zip(eager_grads, compiled_grads):
+        assert (a - b).abs().max() < 1e-4
