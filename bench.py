@@ -4,7 +4,7 @@ spirit of nanoGPT's bench.py. One JSON line per case as it finishes, then a tabl
     python bench.py                                     # every case of the speed issue, on one GPU (~5 minutes)
     python bench.py --stage 2 --micro_batch 32          # one training case
     python bench.py --attention sdpa --no-compile       # every case on our plain reference path
-    python bench.py --generate --micro_batch 256        # greedy captioning
+    python bench.py --generate                          # greedy captioning of 256 images
     python bench.py --device cpu --small                # a tiny model on the CPU: does the script work?
 
 A training step is train.py's: the model's forward returns the loss, bf16 autocast over fp32 master weights,
@@ -17,6 +17,7 @@ gives the plain reference path.
 """
 import argparse
 import gc
+import itertools
 import json
 import random
 import time
@@ -35,7 +36,7 @@ ISSUE_CASES = [
     dict(stage=1, micro_batch=32, text_len=144, anchor=204, target=400),
     dict(stage=3, micro_batch=8, text_len=768, anchor=41, target=100),
     dict(stage=2, micro_batch=32, text_len=144, anchor=129),
-    dict(stage=3, micro_batch=8, text_len=768, packed=True),  # variable-length conversations, 8 packed rows
+    dict(stage=3, micro_batch=8, text_len=768, packed=True),  # variable-length conversations in 4 rows of 2048
 ]
 SMALL = dict(vision=SigLIPConfig(image_size=56, patch_size=14, hidden_size=64, intermediate_size=128,
                                  num_hidden_layers=2, num_attention_heads=4),
@@ -46,8 +47,9 @@ SMALL = dict(vision=SigLIPConfig(image_size=56, patch_size=14, hidden_size=64, i
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", type=int, choices=[0, 1, 2, 3], help="one training case (default: all the issue's cases)")
-    parser.add_argument("--micro_batch", type=int, default=16)
-    parser.add_argument("--text_len", type=int, default=144, help="text tokens after the image tokens")
+    parser.add_argument("--micro_batch", type=int, help="default: 16, or 256 images with --generate")
+    parser.add_argument("--text_len", type=int, help="text tokens after the image tokens (default: 144, or a "
+                                                      "prompt of 20 with --generate)")
     parser.add_argument("--packed", action="store_true", help="variable-length conversations packed into the rows")
     parser.add_argument("--generate", action="store_true", help="time greedy captioning instead of training")
     parser.add_argument("--new_tokens", type=int, default=30)
@@ -102,8 +104,9 @@ def cases(args):
     if args.stage is None and not args.generate:
         chosen = [dict(defaults, **case) for case in ISSUE_CASES]
     else:
-        chosen = [dict(defaults, stage=2 if args.stage is None else args.stage, micro_batch=args.micro_batch, text_len=args.text_len,
-                       packed=args.packed, generate=args.generate)]
+        chosen = [dict(defaults, stage=2 if args.stage is None else args.stage, packed=args.packed, generate=args.generate,
+                       micro_batch=args.micro_batch or (256 if args.generate else 16),
+                       text_len=args.text_len or (20 if args.generate else 144))]
     if args.small:  # a batch the CPU finishes in seconds; the same cases otherwise
         for case in chosen:
             case.update(micro_batch=max(2, case["micro_batch"] // 8), text_len=max(8, case["text_len"] // 8),
@@ -154,8 +157,9 @@ def bench_training(config, case, device, peak):
     if case["packed"]:  # the documents' own tokens, as if each had a row of its own
         text_tokens = (n_tokens - n_images * model.n_image_tokens) / n_images
     flops = n_images * model.training_flops(text_tokens, n_labels / n_images, trainable)
-    result = {"case": case_name(case), "stage": case["stage"], "micro_batch": case["micro_batch"],
-              "seq": model.n_image_tokens + case["text_len"], "trainable": trainable, "step_s": round(seconds, 4),
+    seq = batch["input_ids"].shape[1] if case["packed"] else model.n_image_tokens + case["text_len"]
+    result = {"case": case_name(case), "stage": case["stage"], "micro_batch": case["micro_batch"], "seq": seq,
+              "trainable": trainable, "step_s": round(seconds, 4),
               "images_per_s": round(n_images / seconds, 1), "tokens_per_s": round(n_tokens / seconds),
               "model_tflops": round(flops / seconds / 1e12, 3), "mfu": round(flops / seconds / 1e12 / peak, 3),
               "peak_mem_gb": peak_memory_gb(device), "first_loss": round(losses[0].item(), 4),
@@ -221,22 +225,28 @@ def conversation_lengths(n, longest, seed=0):
     return [max(8, min(longest, round(rng.lognormvariate(0, 0.7) * longest / 3))) for _ in range(n)]
 
 
-def packed_batch(config, case, device):
-    """micro_batch rows of [image | text] documents with variable-length text, packed (masks.pack_documents);
-    also how much padding packing leaves, against padding each batch of micro_batch samples to its longest."""
+def packed_batch(config, case, device, pool_size=64, n_batches=20):
+    """Conversations of up to text_len text tokens packed (masks.pack_documents) into micro_batch / 2 rows of
+    twice the length: the tokens of a padded micro-batch, in rows long enough for documents to share. As a
+    data loader would, each batch packs a pool of conversations and what does not fit waits for the next.
+    The padding is averaged over `n_batches` batches, the last of which is timed, and compared with padding
+    every micro_batch conversations to the longest."""
     n_image_tokens = (config.vision.image_size // config.vision.patch_size) ** 2
-    max_len, rows = n_image_tokens + case["text_len"], case["micro_batch"]
-    lengths = conversation_lengths(8 * rows, case["text_len"])
-    samples = [{"pixel_values": torch.randn(3, config.vision.image_size, config.vision.image_size),
-                "input_ids": torch.randint(0, config.language.vocab_size, (n,))} for n in lengths]
-    for sample in samples:
-        sample["labels"] = sample["input_ids"]
-    batch, _ = masks.pack_documents(samples, max_len, n_image_tokens, rows=rows)
-    n_images = len(batch["pixel_values"])
-    n_tokens = int((batch["document"] >= 0).sum())
-    padded = [n_image_tokens + max(lengths[i:i + rows]) for i in range(0, len(lengths), rows) for _ in range(rows)]
-    padding = {"padding_packed": round(1 - n_tokens / batch["document"].numel(), 3),
-               "padding_if_padded_to_longest": round(1 - sum(n_image_tokens + n for n in lengths) / sum(padded), 3)}
+    rows, row_len = max(1, case["micro_batch"] // 2), 2 * (n_image_tokens + case["text_len"])
+    lengths = conversation_lengths(pool_size * n_batches, case["text_len"])
+    image = torch.randn(3, config.vision.image_size, config.vision.image_size)  # one for all: only time matters
+    unread, pool, pads, slots = iter(lengths), [], 0, 0
+    for _ in range(n_batches):
+        for n in itertools.islice(unread, pool_size - len(pool)):
+            text = torch.randint(0, config.language.vocab_size, (n,))
+            pool.append({"pixel_values": image, "input_ids": text, "labels": text})
+        batch, pool = masks.pack_documents(pool, row_len, n_image_tokens, rows=rows)
+        pads, slots = pads + int((batch["document"] < 0).sum()), slots + batch["document"].numel()
+    n_images, n_tokens = len(batch["pixel_values"]), int((batch["document"] >= 0).sum())
+    groups = [lengths[i:i + case["micro_batch"]] for i in range(0, len(lengths), case["micro_batch"])]
+    padded = sum(len(group) * (n_image_tokens + max(group)) for group in groups)
+    padding = {"rows": rows, "row_len": row_len, "padding_packed": round(pads / slots, 3),
+               "padding_if_padded_to_longest": round(1 - sum(n_image_tokens + n for n in lengths) / padded, 3)}
     return {k: v.to(device) for k, v in batch.items()}, n_images, n_tokens, padding
 
 

@@ -510,10 +510,12 @@ def make_sample(record, tokenizer, image_size, max_text_tokens, system_prompt):
     return {"pixel_values": pixel_values, "input_ids": input_ids, "labels": labels}, truncated
 
 
-def collate(samples, pad_id):
-    """Samples -> a batch, texts right-padded to the longest: pixel_values [B,3,H,W], input_ids [B,T],
-    labels [B,T] (IGNORE_INDEX on padding), text_mask [B,T] (True on real tokens)."""
+def collate(samples, pad_id, pad_to_multiple=1):
+    """Samples -> a batch, texts right-padded to the longest (rounded up to `pad_to_multiple`, so a compiled
+    model meets few distinct shapes): pixel_values [B,3,H,W], input_ids [B,T], labels [B,T] (IGNORE_INDEX on
+    padding), text_mask [B,T] (True on real tokens)."""
     length = max(len(sample["input_ids"]) for sample in samples)
+    length = -(-length // pad_to_multiple) * pad_to_multiple
     input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
     text_mask = torch.zeros((len(samples), length), dtype=torch.bool)
@@ -583,11 +585,11 @@ class BatchStream:
 
     def __init__(self, source, tokenizer, batch_size, image_size=224, max_text_tokens=512,
                  system_prompt=DEFAULT_SYSTEM_PROMPT, seed=0, rank=0, world_size=1, num_workers=2,
-                 max_skip_fraction=0.01):
+                 max_skip_fraction=0.01, pad_to_multiple=1):
         self.source, self.tokenizer, self.batch_size = source, tokenizer, batch_size
         self.image_size, self.max_text_tokens, self.system_prompt = image_size, max_text_tokens, system_prompt
         self.seed, self.rank, self.world_size, self.num_workers = seed, rank, world_size, num_workers
-        self.max_skip_fraction = max_skip_fraction
+        self.max_skip_fraction, self.pad_to_multiple = max_skip_fraction, pad_to_multiple
         self.samples_per_epoch = sum(source.chunk_sizes) // world_size
         if self.samples_per_epoch == 0:
             raise ValueError(f"the source has {sum(source.chunk_sizes)} samples, fewer than world_size={world_size}")
@@ -634,7 +636,8 @@ class BatchStream:
                 continue
             samples.append(sample)
             counts["truncated"] += truncated
-        return {"batch": collate(samples, self.tokenizer.pad_id) if samples else None, "counts": counts}
+        batch = collate(samples, self.tokenizer.pad_id, self.pad_to_multiple) if samples else None
+        return {"batch": batch, "counts": counts}
 
     def add_counts(self, counts):
         for key, value in counts.items():

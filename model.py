@@ -465,9 +465,11 @@ class VLM(nn.Module):
         image_tokens = self.projector(self.vision(pixel_values))                  # V <- projector(vision(image))
         text_tokens = self.language.embed_tokens(input_ids)
         # all image slots first, then all other positions: the number of image slots follows from the shapes,
-        # so both sets are found without reading a count back from the GPU (a sync)
+        # so both sets are found without reading a count back from the GPU (a sync). Sorted as integers: CUDA
+        # builds before torch 2.6 cannot sort booleans.
         n_image_slots = image_tokens.shape[0] * self.n_image_tokens
-        order = torch.argsort(~masks.image_slots(document, self.n_image_tokens).flatten(), stable=True)
+        is_text = ~masks.image_slots(document, self.n_image_tokens).flatten()
+        order = torch.argsort(is_text.int(), stable=True)
         image_slots, text_positions = order[:n_image_slots], order[n_image_slots:]
         sequence = text_tokens.flatten(0, 1).index_copy(0, image_slots, image_tokens.flatten(0, 1).to(text_tokens.dtype))
         sequence = sequence.view_as(text_tokens)                                    # each document's V, then its T

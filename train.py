@@ -42,6 +42,7 @@ data_format = "parquet"       # parquet | llava_json | pathvqa | karpathy | synt
 image_root = ""               # images of llava_json / karpathy data
 image_size = 224
 max_text_tokens = 256         # longer conversations are truncated (and counted)
+pad_to_multiple = 64          # text lengths are padded up to a multiple of this: few shapes for compiled blocks
 max_skip_fraction = 0.01      # more bad samples than this stops the run
 num_workers = 4
 shapes_samples = 4000         # data_format synthetic: how many shape images (data.SyntheticShapes)
@@ -72,7 +73,7 @@ log_interval = 10
 seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights stay fp32
-compile = False
+compile = False               # torch.compile each transformer block (model.compile_blocks)
 gradient_checkpointing = False
 attention = "sdpa"            # sdpa (dense boolean mask) | flex (FlexAttention block masks)
 peak_flops = 989e12           # the GPU's dense bf16 peak, for MFU (H100 and H200 SXM)
@@ -176,7 +177,9 @@ def train_stage(cfg):
                          f"of {grad_accum} micro-batches of {cfg['micro_batch']}")
     log(f"stage {cfg['stage']}: mask {cfg['mask_kind']}, noise {cfg['noise_prob']}, trainable {trainable}, "
         f"{total_steps} steps of {cfg['global_batch']} ({world_size()} x {cfg['micro_batch']} x {grad_accum} accumulation)")
-    runner = torch.compile(model) if cfg["compile"] else model
+    if cfg["compile"]:
+        model.compile_blocks()
+    runner = model
     if world_size() > 1:
         runner = DDP(runner, device_ids=[device.index] if device.type == "cuda" else None)
     batches = endless(stream)
@@ -202,6 +205,7 @@ def train_stage(cfg):
                   **stream.counts}
         if device.type == "cuda":
             record["mfu"] = flops * world_size() / elapsed / cfg["peak_flops"]
+            record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         if is_main():
             append_jsonl(metrics_path, record)
             progress.update(1)
@@ -248,8 +252,7 @@ def train_step(runner, batches, grad_accum, cfg, device, trainable, noise=None):
 
 
 def unwrap(runner):
-    runner = runner.module if isinstance(runner, DDP) else runner
-    return getattr(runner, "_orig_mod", runner)
+    return runner.module if isinstance(runner, DDP) else runner
 
 
 def mean_over_ranks(loss):
@@ -429,7 +432,7 @@ def open_stream(cfg, tokenizer):
     return data.BatchStream(open_source(cfg), tokenizer, cfg["micro_batch"], image_size=cfg["image_size"],
                             max_text_tokens=cfg["max_text_tokens"], seed=cfg["seed"], rank=rank(),
                             world_size=world_size(), num_workers=cfg["num_workers"],
-                            max_skip_fraction=cfg["max_skip_fraction"])
+                            max_skip_fraction=cfg["max_skip_fraction"], pad_to_multiple=cfg["pad_to_multiple"])
 
 
 def endless(stream):

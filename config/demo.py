@@ -15,6 +15,7 @@ dataset = "shapes"
 image_size = 48
 shapes_samples = 20000
 max_text_tokens = 96
+pad_to_multiple = 8
 num_workers = 1
 device = "cpu"
 dtype = "float32"

@@ -211,7 +211,7 @@ def test_packed_rows_give_each_sample_the_loss_it_has_alone():
 # --- compiled blocks ----------------------------------------------------------------------------------------
 
 def test_compiled_blocks_give_the_same_loss_and_gradients():
-    """torch.compile on the CPU builds C++ kernels: about half a minute here for the two block types."""
+    """torch.compile on the CPU builds C++ kernels: about 15 s on two cores for the two block types."""
     pytest.importorskip("torch._inductor")
     model = tiny_vlm()
     batch = padded_batch([7, 4, 9])
