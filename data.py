@@ -17,6 +17,7 @@ import math
 import os
 import random
 import re
+import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -397,29 +398,32 @@ class KarpathyCaptions(IndexedSource):
 
 
 # Synthetic shapes: coloured circles, squares and triangles in the corners of a small image, drawn on the fly.
-# Captions and answers follow from what is drawn, so a model can only get them right by looking. Some
-# colour-shape pairs never appear in "train"/"val"; the "heldout" split always contains one, so the demo can
-# tell composition (red and triangle were both seen, just never together) from memorisation.
+# Captions and answers follow from what is drawn, so a model can only get them right by looking. A fifth of the
+# two-shape captions never occur in "train" or "val"; the "heldout" split holds only those, so a right caption
+# there is a new string composed from parts seen in training (each shape at each place), not a memorised one.
 SHAPE_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 SHAPE_KINDS = ["circle", "square", "triangle"]
 SHAPE_POSITIONS = {"top left": (0.25, 0.25), "top right": (0.75, 0.25),
                    "bottom left": (0.25, 0.75), "bottom right": (0.75, 0.75)}  # in reading order
-HELDOUT_PAIRS = [("red", "triangle"), ("green", "square"), ("blue", "circle")]
-SEEN_PAIRS = [(c, k) for c in SHAPE_COLOURS for k in SHAPE_KINDS if (c, k) not in HELDOUT_PAIRS]
+SHAPE_PAIRS = [(colour, kind) for colour in SHAPE_COLOURS for kind in SHAPE_KINDS]
 SHAPES_SPLITS = ["train", "val", "heldout"]
 SHAPES_CAPTION_PROMPT = "Describe the image."
 
 
+def is_heldout(scene):
+    """A fixed fifth of the two-shape scenes, chosen by a hash of their caption."""
+    return len(scene) == 2 and zlib.crc32(describe_scene(scene).encode()) % 5 == 0
+
+
 def random_scene(rng, split):
-    """1-2 different shapes [(colour, kind, position)] in distinct corners, listed in reading order."""
-    count = rng.choice([1, 2])
-    if split == "heldout":
-        pairs = [rng.choice(HELDOUT_PAIRS)] + rng.sample(SEEN_PAIRS, count - 1)
-    else:
-        pairs = rng.sample(SEEN_PAIRS, count)
-    positions = rng.sample(list(SHAPE_POSITIONS), count)
-    scene = [(colour, kind, position) for (colour, kind), position in zip(pairs, positions)]
-    return sorted(scene, key=lambda shape: list(SHAPE_POSITIONS).index(shape[2]))
+    """1-2 different shapes [(colour, kind, position)] in distinct corners, listed in reading order; drawn
+    again until it belongs to the split."""
+    while True:
+        count = 2 if split == "heldout" else rng.choice([1, 2])
+        positions = sorted(rng.sample(list(SHAPE_POSITIONS), count), key=list(SHAPE_POSITIONS).index)
+        scene = [(colour, kind, position) for (colour, kind), position in zip(rng.sample(SHAPE_PAIRS, count), positions)]
+        if is_heldout(scene) == (split == "heldout"):
+            return scene
 
 
 def draw_scene(scene, image_size, rng):

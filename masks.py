@@ -67,6 +67,17 @@ def attention_mask(mask_kind, n_image_tokens, keep):
     return allowed[:, None]
 
 
+class PrefixBlocks:
+    """The prefix mask of right-padded rows, kept as its two blocks rather than as a matrix: the image block
+    attends to itself with no mask, and the text attends to every image token and causally to earlier text,
+    which is a causal mask aligned at the bottom right of the [text x (image + text)] block. Right padding
+    needs nothing more: a real token never looks to its right, where the pads are. model.attend runs each
+    block with a flash-attention kernel, and no S x S mask exists at all."""
+
+    def __init__(self, n_image_tokens):
+        self.n_image_tokens = n_image_tokens
+
+
 def add_noise(input_ids, noisy_positions, prob=0.2, noise_token_id=None, vocab_size=None, generator=None):
     """Algorithm 1, line 3: replace a fraction `prob` of the text inputs by noise.
 

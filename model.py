@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
@@ -41,10 +42,22 @@ def attend(q, k, v, mask):
     `mask` is None (no mask), a boolean [B,1,Q,K] (True = may attend) for SDPA, the simple reference path,
     or a FlexAttention BlockMask (masks.block_mask), the fast path."""
     gqa = k.shape[1] != q.shape[1]
+    if isinstance(mask, masks.PrefixBlocks):
+        return prefix_attention(q, k, v, mask.n_image_tokens, gqa)
     if isinstance(mask, BlockMask):
         flex = fused_flex_attention if q.is_cuda else flex_attention
         return flex(q, k, v, block_mask=mask, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def prefix_attention(q, k, v, n_image_tokens, gqa):
+    """Fig. 3(b) as two flash-attention calls (masks.PrefixBlocks): image queries over image keys, unmasked;
+    text queries over all keys, text token i seeing the image and text tokens 0..i (causal, bottom-right)."""
+    n = n_image_tokens
+    image = F.scaled_dot_product_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], enable_gqa=gqa)
+    text_causal = causal_lower_right(q.shape[2] - n, k.shape[2])
+    text = F.scaled_dot_product_attention(q[:, :, n:], k, v, attn_mask=text_causal, enable_gqa=gqa)
+    return torch.cat([image, text], dim=2)
 
 
 # -----------------------------------------------------------------------------
@@ -434,7 +447,7 @@ class VLM(nn.Module):
         self.projector = Projector(config.vision.hidden_size, config.projector_hidden, config.language.hidden_size)
         self.language = Qwen2(config.language)
         self.n_image_tokens = self.vision.n_patches
-        self.attention = "sdpa"  # or "flex": FlexAttention block masks, the fast path on the GPU (see `mask`)
+        self.attention = "sdpa"  # or "flex" (FlexAttention block masks) or "flash" (prefix mask by blocks): see `mask`
 
     # --- training forward pass -------------------------------------------------
 
@@ -484,6 +497,8 @@ class VLM(nn.Module):
         fully masked blocks are skipped) or a dense boolean mask for SDPA (the simple reference)."""
         if self.attention == "flex":
             return masks.block_mask(mask_kind, self.n_image_tokens, keep, document)
+        if self.attention == "flash" and mask_kind == "prefix" and document is None:
+            return masks.PrefixBlocks(self.n_image_tokens)  # training batches are right-padded (data.collate)
         if document is not None:
             return masks.document_mask(mask_kind, self.n_image_tokens, document)
         return masks.attention_mask(mask_kind, self.n_image_tokens, keep)

@@ -73,9 +73,9 @@ log_interval = 10
 seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights stay fp32
-compile = False               # torch.compile each transformer block (model.compile_blocks)
+compile = torch.cuda.is_available()  # torch.compile each transformer block (model.compile_blocks)
 gradient_checkpointing = False
-attention = "sdpa"            # sdpa (dense boolean mask) | flex (FlexAttention block masks)
+attention = "flash" if torch.cuda.is_available() else "sdpa"  # sdpa (dense mask) | flex (FlexAttention) | flash (prefix by blocks)
 peak_flops = 989e12           # the GPU's dense bf16 peak, for MFU (H100 and H200 SXM)
 eval_after = False            # the demo: caption the held-out images and score them at the end
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list, dict))}
@@ -98,26 +98,6 @@ def main():
 
 # -----------------------------------------------------------------------------
 # Distributed data parallel: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (also across nodes)
-
-def evaluate_demo(checkpoint, cfg, n_images=100):
-    """Caption held-out synthetic images (colour-shape pairs never seen in training) and score them with
-    CIDEr-D. The captions are lower-case words and a full stop, so splitting on spaces tokenizes them as
-    the PTB tokenizer would, and no Java is needed."""
-    from pycocoevalcap.cider.cider import Cider
-    from sample import answer
-    model, tokenizer = VLM.load(checkpoint).eval(), data.Tokenizer.from_pretrained(checkpoint)
-    heldout = data.SyntheticShapes(n_images, split="heldout", image_size=cfg["image_size"], seed=cfg["seed"])
-    records = [heldout.record(i) for i in range(n_images)]
-    captions = answer(model, tokenizer, [r["image"] for r in records], [data.SHAPES_CAPTION_PROMPT] * n_images)
-    truths = [data.describe_scene(r["scene"]) for r in records]
-    words = lambda text: " ".join(text.lower().replace(".", " ").split())
-    cider, _ = Cider().compute_score({i: [words(t)] for i, t in enumerate(truths)}, {i: [words(c)] for i, c in enumerate(captions)})
-    for caption, truth in list(zip(captions, truths))[:8]:
-        log(f"  {'ok ' if caption == truth else 'BAD'} {caption!r:70} truth: {truth!r}")
-    exact = sum(c == t for c, t in zip(captions, truths)) / n_images
-    log(f"held-out captions: CIDEr-D {100 * cider:.1f}, exactly right {100 * exact:.0f}% of {n_images} images")
-    return cider, exact
-
 
 def dist_setup():
     if "RANK" in os.environ:
@@ -470,6 +450,36 @@ def plot_losses(metrics_path, png_path):
     pen.text((4, margin), f"{high:.2f}", fill="black")
     pen.text((4, height - margin - 10), f"{low:.2f}", fill="black")
     canvas.save(png_path)
+
+
+# -----------------------------------------------------------------------------
+# The demo's evaluation
+
+def evaluate_demo(checkpoint, cfg, n_images=100):
+    """Caption synthetic images the model never saw: "val" draws colour-shape pairs seen in training,
+    "heldout" always includes a pair never seen together (say a red triangle, though red things and
+    triangles were both seen), so only a model that composes what it sees gets it right."""
+    from sample import answer  # the same captioning path as sample.py and eval.py
+    model, tokenizer = VLM.load(checkpoint).eval(), data.Tokenizer.from_pretrained(checkpoint)
+    for split in ("val", "heldout"):
+        shapes = data.SyntheticShapes(n_images, split=split, image_size=cfg["image_size"], seed=cfg["seed"])
+        records = [shapes.record(i) for i in range(n_images)]
+        captions = answer(model, tokenizer, [r["image"] for r in records], [data.SHAPES_CAPTION_PROMPT] * n_images)
+        truths = [data.describe_scene(r["scene"]) for r in records]
+        for caption, truth in list(zip(captions, truths))[:4]:
+            log(f"  {'right' if caption == truth else 'WRONG'}  {caption!r:70} truth: {truth!r}")
+        exact = sum(c == t for c, t in zip(captions, truths)) / n_images
+        log(f"{split} captions: CIDEr-D {100 * cider_d(captions, truths):.1f}, exactly right {100 * exact:.0f}% "
+            f"of {n_images} images")
+
+
+def cider_d(captions, truths):
+    """pycocoevalcap's CIDEr-D. These captions are lower-case words and a full stop, so splitting on spaces
+    tokenizes them as the PTB tokenizer would, and the demo needs no Java."""
+    from pycocoevalcap.cider.cider import Cider
+    words = lambda text: [" ".join(text.lower().replace(".", " ").split())]
+    score, _ = Cider().compute_score({i: words(t) for i, t in enumerate(truths)}, {i: words(c) for i, c in enumerate(captions)})
+    return score
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ tokenizer = "shapes"
 data_format = "synthetic"
 dataset = "shapes"
 image_size = 48
-shapes_samples = 20000
+shapes_samples = 40000
 max_text_tokens = 96
 pad_to_multiple = 8
 num_workers = 1
@@ -31,8 +31,8 @@ stages = [
     dict(stage=1, mask_kind="prefix", vision_lr=1e-3, projector_lr=1e-3, language_lr=0.0,
          max_steps=30, out_dir="out/demo/stage1"),
     dict(stage=2, mask_kind="prefix", vision_lr=1e-3, projector_lr=1e-3, language_lr=1e-3,
-         max_steps=300, out_dir="out/demo/stage2"),
+         max_steps=900, out_dir="out/demo/stage2"),
     dict(stage=3, mask_kind="prefix", vision_lr=3e-4, projector_lr=3e-4, language_lr=3e-4, shapes_questions=2,
-         max_steps=80, out_dir="out/demo/stage3"),
+         max_steps=150, out_dir="out/demo/stage3"),
 ]
 eval_after = True

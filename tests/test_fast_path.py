@@ -124,6 +124,25 @@ def test_model_loss_and_gradients_flex_equals_sdpa(mask_kind, flex_backward_on_c
         assert (grad - flex_grads[name]).abs().max() < 1e-4, name
 
 
+def test_prefix_by_blocks_with_flash_kernels_equals_the_dense_mask():
+    """attention="flash" runs the prefix mask of right-padded rows as two mask-free (or bottom-right causal)
+    attention calls; loss and gradients equal the dense-mask reference, padding included."""
+    model = tiny_vlm()
+    batch = padded_batch([7, 4, 9])
+    results = {}
+    for attention in ("sdpa", "flash"):
+        model.attention = attention
+        model.zero_grad()
+        loss = model(**batch, mask_kind="prefix")
+        loss.backward()
+        results[attention] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    (dense_loss, dense_grads), (flash_loss, flash_grads) = results["sdpa"], results["flash"]
+    assert isinstance(model.mask("prefix", model.keep(batch["text_mask"])), masks.PrefixBlocks)
+    assert abs(dense_loss - flash_loss) < 1e-5
+    for name, grad in dense_grads.items():
+        assert (grad - flash_grads[name]).abs().max() < 1e-4, name
+
+
 def test_packed_loss_and_gradients_flex_equals_sdpa(flex_backward_on_cpu):
     model = tiny_vlm()
     packed, _ = masks.pack_documents(samples_of(padded_batch([7, 4, 9, 3, 5])), max_len=16, n_image_tokens=N_IMAGE)
