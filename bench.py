@@ -26,6 +26,8 @@ import time
 import torch
 
 import masks
+import train
+from configurator import configure, merged
 from model import VLM, Qwen2Config, SigLIPConfig, VLMConfig
 
 # The speed issue's cases, most important first (a time limit cuts the last). `anchor`: the transformers
@@ -128,13 +130,14 @@ def case_name(case):
 
 def bench_training(config, case, device, peak):
     torch.manual_seed(0)
-    stage = stage_settings(case["stage"])
+    stage = stage_settings(case["stage"], case["grad_ckpt"])
     with device:
-        model = initialise(VLM(config))
+        model = train.initialise(VLM(config))
     model.attention = "flex" if case["packed"] and case["attention"] == "flash" else case["attention"]  # documents
-    trainable, groups = trainable_parts(model, stage, case["grad_ckpt"])
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=device.type == "cuda")
-    params = [p for group in groups for p in group["params"]]
+    trainable = train.freeze_modules(model, stage)  # the same trainable parts and optimizer as train.py
+    optimizer = train.make_optimizer(model, stage, device)
+    train.set_learning_rates(optimizer, stage["warmup_steps"], 10 * stage["warmup_steps"], stage)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     if case["compile"]:
         model.compile_blocks()
     batch, n_images, n_tokens, padding = (packed_batch if case["packed"] else padded_batch)(config, case, device)
@@ -173,40 +176,9 @@ def bench_training(config, case, device, peak):
     return result
 
 
-def stage_settings(stage):
-    """The stage's mask, input noise and learning rates: the config file train.py reads (plain Python)."""
-    settings = {}
-    with open(f"config/stage{stage}.py") as f:
-        exec(f.read(), settings)
-    return settings
-
-
-def trainable_parts(model, stage, grad_ckpt):
-    """As train.py: a module whose learning rate is 0 is frozen (no gradients, not in the optimizer, eval
-    mode); the others get AdamW groups with weight decay 0.01 on matrices, none on biases and norms. This
-    file depends on torch alone, so it does not import train.py (and its data libraries)."""
-    trainable, groups = [], []
-    for name, module in model.parameter_groups().items():
-        lr = stage[f"{name}_lr"]
-        module.requires_grad_(lr > 0)
-        module.train(lr > 0)
-        if lr > 0:
-            trainable.append(name)
-            module.gradient_checkpointing = grad_ckpt
-            params = list(module.parameters())
-            groups.append({"params": [p for p in params if p.dim() >= 2], "lr": lr, "weight_decay": 0.01})
-            groups.append({"params": [p for p in params if p.dim() < 2], "lr": lr, "weight_decay": 0.0})
-    return trainable, groups
-
-
-def initialise(model, std=0.02):
-    """Small random weights, as pre-training starts (train.initialise): a loss near log(vocab), not 40."""
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d)):
-            torch.nn.init.normal_(module.weight, std=std)
-            if getattr(module, "bias", None) is not None:
-                torch.nn.init.zeros_(module.bias)
-    return model
+def stage_settings(stage, grad_ckpt):
+    """train.py's settings for the stage, as `python train.py config/stage<N>.py` would read them."""
+    return merged(configure(dict(train.settings), [f"config/stage{stage}.py"]), {"gradient_checkpointing": grad_ckpt}, "bench")
 
 
 def padded_batch(config, case, device):
@@ -259,7 +231,7 @@ def bench_generation(config, case, device):
     exists), the worst case. Extrapolated to the 5000 images of the COCO Karpathy test split."""
     torch.manual_seed(0)
     with device:
-        model = initialise(VLM(config)).eval()
+        model = train.initialise(VLM(config)).eval()
     B, T = case["micro_batch"], case["text_len"]
     pixel_values = torch.randn(B, 3, config.vision.image_size, config.vision.image_size, device=device)
     prompt = torch.randint(0, config.language.vocab_size, (B, T), device=device)
