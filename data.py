@@ -478,10 +478,12 @@ class SyntheticShapes(IndexedSource):
         """{"name", "image": PIL image, "conversations", "scene": [(colour, kind, position)]} of sample `index`."""
         rng = random.Random(f"shapes/{self.split}/{self.seed}/{index}")  # a str seed is hashed deterministically
         scene = random_scene(rng, self.split)
-        conversation = [{"from": "human", "value": SHAPES_CAPTION_PROMPT},
-                        {"from": "gpt", "value": describe_scene(scene)}]
         questions = scene_questions(scene)
-        for question, answer in rng.sample(questions, min(self.questions, len(questions))):
+        turns = [(SHAPES_CAPTION_PROMPT, describe_scene(scene))] + rng.sample(questions, min(self.questions, len(questions)))
+        if self.questions:
+            rng.shuffle(turns)  # any turn may come first, so a question can also be asked alone
+        conversation = []
+        for question, answer in turns:
             conversation += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
         return {"name": f"shapes {self.split} seed {self.seed} sample {index}", "scene": scene,
                 "image": draw_scene(scene, self.image_size, rng), "conversations": conversation}

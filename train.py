@@ -471,6 +471,13 @@ def evaluate_demo(checkpoint, cfg, n_images=100):
         exact = sum(c == t for c, t in zip(captions, truths)) / n_images
         log(f"{split} captions: CIDEr-D {100 * cider_d(captions, truths):.1f}, exactly right {100 * exact:.0f}% "
             f"of {n_images} images")
+    if cfg["shapes_questions"]:  # stage 3 taught questions and answers (a VQA flavour, like PathVQA)
+        asked = [(r["image"], q, a) for r in records for q, a in data.scene_questions(r["scene"])]
+        replies = answer(model, tokenizer, [image for image, _, _ in asked], [q for _, q, _ in asked])
+        for (_, question, truth), reply in list(zip(asked, replies))[:4]:
+            log(f"  {'right' if reply == truth else 'WRONG'}  {question!r:32} -> {reply!r:24} truth: {truth!r}")
+        right = sum(reply == truth for (_, _, truth), reply in zip(asked, replies)) / len(asked)
+        log(f"heldout questions: {100 * right:.0f}% of {len(asked)} answered exactly right")
 
 
 def cider_d(captions, truths):
