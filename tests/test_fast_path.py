@@ -107,56 +107,54 @@ def test_flex_attention_matches_sdpa_with_padding(mask_kind, flex_backward_on_cp
         assert (d - f).abs().max() < 1e-5
 
 
+def loss_and_gradients(model, run):
+    model.zero_grad()
+    loss = run()
+    loss.backward()
+    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def assert_same_loss_and_gradients(a, b):
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    assert abs(loss_a - loss_b) < 1e-5, (loss_a, loss_b)
+    for name, grad in grads_a.items():
+        assert (grad - grads_b[name]).abs().max() < 1e-4, name
+
+
+def with_attention(model, attention, run):
+    model.attention = attention
+    return loss_and_gradients(model, run)
+
+
 @pytest.mark.parametrize("mask_kind", masks.MASK_KINDS)
 def test_model_loss_and_gradients_flex_equals_sdpa(mask_kind, flex_backward_on_cpu):
-    model = tiny_vlm()
-    batch = padded_batch([7, 4, 9])
-    results = {}
-    for attention in ("sdpa", "flex"):
-        model.attention = attention
-        model.zero_grad()
-        loss = model(**batch, mask_kind=mask_kind)
-        loss.backward()
-        results[attention] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
-    (sdpa_loss, sdpa_grads), (flex_loss, flex_grads) = results["sdpa"], results["flex"]
-    assert abs(sdpa_loss - flex_loss) < 1e-5
-    for name, grad in sdpa_grads.items():
-        assert (grad - flex_grads[name]).abs().max() < 1e-4, name
+    model, batch = tiny_vlm(), padded_batch([7, 4, 9])
+    run = lambda: model(**batch, mask_kind=mask_kind)
+    assert_same_loss_and_gradients(with_attention(model, "sdpa", run), with_attention(model, "flex", run))
 
 
 def test_prefix_by_blocks_with_flash_kernels_equals_the_dense_mask():
     """attention="flash" runs the prefix mask of right-padded rows as two mask-free (or bottom-right causal)
     attention calls; loss and gradients equal the dense-mask reference, padding included."""
-    model = tiny_vlm()
-    batch = padded_batch([7, 4, 9])
-    results = {}
-    for attention in ("sdpa", "flash"):
-        model.attention = attention
-        model.zero_grad()
-        loss = model(**batch, mask_kind="prefix")
-        loss.backward()
-        results[attention] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
-    (dense_loss, dense_grads), (flash_loss, flash_grads) = results["sdpa"], results["flash"]
+    model, batch = tiny_vlm(), padded_batch([7, 4, 9])
+    run = lambda: model(**batch, mask_kind="prefix")
+    assert_same_loss_and_gradients(with_attention(model, "sdpa", run), with_attention(model, "flash", run))
     assert isinstance(model.mask("prefix", model.keep(batch["text_mask"])), masks.PrefixBlocks)
-    assert abs(dense_loss - flash_loss) < 1e-5
-    for name, grad in dense_grads.items():
-        assert (grad - flash_grads[name]).abs().max() < 1e-4, name
 
 
 def test_packed_loss_and_gradients_flex_equals_sdpa(flex_backward_on_cpu):
     model = tiny_vlm()
     packed, _ = masks.pack_documents(samples_of(padded_batch([7, 4, 9, 3, 5])), max_len=16, n_image_tokens=N_IMAGE)
-    results = {}
-    for attention in ("sdpa", "flex"):
-        model.attention = attention
-        model.zero_grad()
-        loss = model.forward_packed(**packed)
-        loss.backward()
-        results[attention] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
-    (sdpa_loss, sdpa_grads), (flex_loss, flex_grads) = results["sdpa"], results["flex"]
-    assert abs(sdpa_loss - flex_loss) < 1e-5
-    for name, grad in sdpa_grads.items():
-        assert (grad - flex_grads[name]).abs().max() < 1e-4, name
+    run = lambda: model.forward_packed(**packed)
+    assert_same_loss_and_gradients(with_attention(model, "sdpa", run), with_attention(model, "flex", run))
+
+
+def test_gradient_checkpointing_changes_memory_not_results():
+    model, batch = tiny_vlm(), padded_batch([7, 4, 9])
+    run = lambda: model(**batch, mask_kind="prefix")
+    plain = loss_and_gradients(model, run)
+    model.vision.gradient_checkpointing = model.language.gradient_checkpointing = True
+    assert_same_loss_and_gradients(plain, loss_and_gradients(model, run))
 
 
 # --- the chunked loss -------------------------------------------------------------------------------------
