@@ -10,9 +10,10 @@ mask only needs the sequence length and how many image tokens lead it:
     bidirectional  stage 0, Fig. 3(a): every token sees every token. Since the next token is then visible,
                    20% of the text inputs are replaced by noise (`add_noise`) so the model cannot copy it.
 
-The same rule comes in two forms: dense boolean matrices (`attention_mask`, for SDPA: the simple reference)
-and FlexAttention block masks (`block_mask`: the fast path, whose kernel skips every 128x128 block that is
-fully masked). `pack_documents` puts several [image | text] documents in one row, for variable-length
+The same rule comes in three forms: dense boolean matrices (`attention_mask`, for SDPA: the simple
+reference), FlexAttention block masks (`block_mask`, whose kernel skips every 128x128 block that is fully
+masked), and, for the prefix mask of right-padded rows, its two blocks (`PrefixBlocks`), which the model runs
+as two flash-attention calls with no mask at all. `pack_documents` puts several [image | text] documents in one row, for variable-length
 conversations (stage 3); each document then sees only itself (`document_mask`, or `block_mask` with
 `document`), like a row of its own.
 

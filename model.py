@@ -439,6 +439,9 @@ class Projector(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+ATTENTION_PATHS = ("sdpa", "flex", "flash")  # how VLM.mask hands the stage's mask to the attention (see there)
+
+
 class VLM(nn.Module):
     def __init__(self, config):
         super().__init__()

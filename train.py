@@ -23,8 +23,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import masks
 from configurator import configure, merged
-from model import IGNORE_INDEX, VLM, Qwen2Config, SigLIPConfig, VLMConfig
+from model import ATTENTION_PATHS, IGNORE_INDEX, VLM, Qwen2Config, SigLIPConfig, VLMConfig
 
 # -----------------------------------------------------------------------------
 # Settings: the defaults are the paper's stage 2; config/*.py and --key=value change them.
@@ -139,6 +140,9 @@ def train_stage(cfg):
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 where bf16 autocast does not reach (paper 4.2)
         torch.backends.cudnn.allow_tf32 = True
     grad_accum = accumulation_steps(cfg["global_batch"], cfg["micro_batch"], world_size())
+    masks.check_kind(cfg["mask_kind"])
+    if cfg["attention"] not in ATTENTION_PATHS:
+        raise ValueError(f"unknown attention {cfg['attention']!r}; expected one of {ATTENTION_PATHS}")
     tokenizer, model = build_model(cfg)
     model.to(device)
     model.attention = cfg["attention"]
