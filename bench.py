@@ -25,7 +25,7 @@ import time
 
 import torch
 
-import masks
+import data
 import train
 from configurator import configure, merged
 from model import VLM, Qwen2Config, SigLIPConfig, VLMConfig
@@ -199,7 +199,7 @@ def conversation_lengths(n, longest, seed=0):
 
 
 def packed_batch(config, case, device, pool_size=64, n_batches=20):
-    """Conversations of up to text_len text tokens packed (masks.pack_documents) into micro_batch / 2 rows of
+    """Conversations of up to text_len text tokens packed (data.pack_documents) into micro_batch / 2 rows of
     twice the length: the tokens of a padded micro-batch, in rows long enough for documents to share. As a
     data loader would, each batch packs a pool of conversations and what does not fit waits for the next.
     The padding is averaged over `n_batches` batches, the last of which is timed, and compared with padding
@@ -213,7 +213,7 @@ def packed_batch(config, case, device, pool_size=64, n_batches=20):
         for n in itertools.islice(unread, pool_size - len(pool)):
             text = torch.randint(0, config.language.vocab_size, (n,))
             pool.append({"pixel_values": image, "input_ids": text, "labels": text})
-        batch, pool = masks.pack_documents(pool, row_len, n_image_tokens, rows=rows)
+        batch, pool = data.pack_documents(pool, row_len, n_image_tokens, rows=rows)
         pads, slots = pads + int((batch["document"] < 0).sum()), slots + batch["document"].numel()
     n_images, n_tokens = len(batch["pixel_values"]), int((batch["document"] >= 0).sum())
     groups = [lengths[i:i + case["micro_batch"]] for i in range(0, len(lengths), case["micro_batch"])]

@@ -534,6 +534,50 @@ def collate(samples, pad_id, pad_to_multiple=1):
     return {"pixel_values": pixel_values, "input_ids": input_ids, "labels": labels, "text_mask": text_mask}
 
 
+def pack_documents(samples, max_len, n_image_tokens, pad_id=0, rows=None):
+    """Pack [image | text] documents into rows of `max_len` tokens: longest first, each into the first row
+    with room, so variable-length conversations waste little on padding.
+
+    `samples` are dicts with "pixel_values" [3, H, W] and equal-length 1-D "input_ids" and "labels" (as for
+    collate). Returns (batch, rest). `batch` holds "pixel_values" [N, 3, H, W], one image per document
+    in row order, and "input_ids", "labels", "document" [rows, max_len] over whole rows: a document's image
+    slots come first (input pad_id, label -100), then its text; `document` numbers the documents of each row
+    0, 1, ... and marks padding -1: the arguments of VLM.forward_packed. `rest` lists the samples that did not
+    fit in `rows` rows (rows=None: as many rows as needed, so `rest` is empty)."""
+    lengths = [n_image_tokens + len(s["input_ids"]) for s in samples]
+    too_long = [i for i, length in enumerate(lengths) if length > max_len]
+    if too_long:
+        raise ValueError(f"samples {too_long[:5]} have more than max_len={max_len} tokens "
+                         f"({n_image_tokens} image + text); truncate them first")
+    contents, room, rest = [], [], []
+    for i in sorted(range(len(samples)), key=lambda i: -lengths[i]):
+        row = next((r for r in range(len(room)) if room[r] >= lengths[i]), None)
+        if row is None and (rows is None or len(room) < rows):
+            contents.append([])
+            room.append(max_len)
+            row = len(room) - 1
+        if row is None:
+            rest.append(samples[i])
+            continue
+        contents[row].append(i)
+        room[row] -= lengths[i]
+    n_rows = len(contents) if rows is None else rows
+    input_ids = torch.full((n_rows, max_len), pad_id, dtype=torch.long)
+    labels = torch.full((n_rows, max_len), -100, dtype=torch.long)
+    document = torch.full((n_rows, max_len), -1, dtype=torch.long)
+    for r, docs in enumerate(contents):
+        start = 0
+        for d, i in enumerate(docs):
+            text_start, end = start + n_image_tokens, start + lengths[i]
+            input_ids[r, text_start:end] = torch.as_tensor(samples[i]["input_ids"])
+            labels[r, text_start:end] = torch.as_tensor(samples[i]["labels"])
+            document[r, start:end] = d
+            start = end
+    order = [i for docs in contents for i in docs]
+    pixel_values = torch.stack([samples[i]["pixel_values"] for i in order])
+    return {"pixel_values": pixel_values, "input_ids": input_ids, "labels": labels, "document": document}, rest
+
+
 def shuffled_order(chunk_sizes, seed, epoch):
     """Every sample once, as (chunk ids, row ids) arrays: chunks in random order, rows shuffled within their
     chunk. A chunk's rows stay together, so a parquet row group is read once per pass, not once per sample."""
@@ -591,11 +635,12 @@ class BatchStream:
 
     def __init__(self, source, tokenizer, batch_size, image_size=224, max_text_tokens=512,
                  system_prompt=DEFAULT_SYSTEM_PROMPT, seed=0, rank=0, world_size=1, num_workers=2,
-                 max_skip_fraction=0.01, pad_to_multiple=1):
+                 max_skip_fraction=0.01, pad_to_multiple=1, pack_length=0, n_image_tokens=0):
         self.source, self.tokenizer, self.batch_size = source, tokenizer, batch_size
         self.image_size, self.max_text_tokens, self.system_prompt = image_size, max_text_tokens, system_prompt
         self.seed, self.rank, self.world_size, self.num_workers = seed, rank, world_size, num_workers
         self.max_skip_fraction, self.pad_to_multiple = max_skip_fraction, pad_to_multiple
+        self.pack_length, self.n_image_tokens = pack_length, n_image_tokens
         self.samples_per_epoch = sum(source.chunk_sizes) // world_size
         if self.samples_per_epoch == 0:
             raise ValueError(f"the source has {sum(source.chunk_sizes)} samples, fewer than world_size={world_size}")
@@ -642,8 +687,13 @@ class BatchStream:
                 continue
             samples.append(sample)
             counts["truncated"] += truncated
-        batch = collate(samples, self.tokenizer.pad_id, self.pad_to_multiple) if samples else None
-        return {"batch": batch, "counts": counts}
+        return {"batch": self.batch_of(samples) if samples else None, "counts": counts}
+
+    def batch_of(self, samples):
+        """Padded rows, one sample each; or, with pack_length, rows of that many tokens holding several."""
+        if self.pack_length:
+            return pack_documents(samples, self.pack_length, self.n_image_tokens, self.tokenizer.pad_id)[0]
+        return collate(samples, self.tokenizer.pad_id, self.pad_to_multiple)
 
     def add_counts(self, counts):
         for key, value in counts.items():

@@ -13,9 +13,9 @@ mask only needs the sequence length and how many image tokens lead it:
 The same rule comes in three forms: dense boolean matrices (`attention_mask`, for SDPA: the simple
 reference), FlexAttention block masks (`block_mask`, whose kernel skips every 128x128 block that is fully
 masked), and, for the prefix mask of right-padded rows, its two blocks (`PrefixBlocks`), which the model runs
-as two flash-attention calls with no mask at all. `pack_documents` puts several [image | text] documents in one row, for variable-length
-conversations (stage 3); each document then sees only itself (`document_mask`, or `block_mask` with
-`document`), like a row of its own.
+as two flash-attention calls with no mask at all. Packed rows (data.pack_documents: several [image | text]
+documents in one row, for variable-length conversations) give each document its own mask (`document_mask`,
+or `block_mask` with `document`), as if it had a row of its own.
 
 `python masks.py` draws (a) and (b) as a PNG in the paper's green/red style.
 """
@@ -96,50 +96,6 @@ def add_noise(input_ids, noisy_positions, prob=0.2, noise_token_id=None, vocab_s
 
 # -----------------------------------------------------------------------------
 # Packed rows and FlexAttention block masks
-
-def pack_documents(samples, max_len, n_image_tokens, pad_id=0, rows=None):
-    """Pack [image | text] documents into rows of `max_len` tokens: longest first, each into the first row
-    with room, so variable-length conversations waste little on padding.
-
-    `samples` are dicts with "pixel_values" [3, H, W] and equal-length 1-D "input_ids" and "labels" (as for
-    data.collate). Returns (batch, rest). `batch` holds "pixel_values" [N, 3, H, W], one image per document
-    in row order, and "input_ids", "labels", "document" [rows, max_len] over whole rows: a document's image
-    slots come first (input pad_id, label -100), then its text; `document` numbers the documents of each row
-    0, 1, ... and marks padding -1: the arguments of VLM.forward_packed. `rest` lists the samples that did not
-    fit in `rows` rows (rows=None: as many rows as needed, so `rest` is empty)."""
-    lengths = [n_image_tokens + len(s["input_ids"]) for s in samples]
-    too_long = [i for i, length in enumerate(lengths) if length > max_len]
-    if too_long:
-        raise ValueError(f"samples {too_long[:5]} have more than max_len={max_len} tokens "
-                         f"({n_image_tokens} image + text); truncate them first")
-    contents, room, rest = [], [], []
-    for i in sorted(range(len(samples)), key=lambda i: -lengths[i]):
-        row = next((r for r in range(len(room)) if room[r] >= lengths[i]), None)
-        if row is None and (rows is None or len(room) < rows):
-            contents.append([])
-            room.append(max_len)
-            row = len(room) - 1
-        if row is None:
-            rest.append(samples[i])
-            continue
-        contents[row].append(i)
-        room[row] -= lengths[i]
-    n_rows = len(contents) if rows is None else rows
-    input_ids = torch.full((n_rows, max_len), pad_id, dtype=torch.long)
-    labels = torch.full((n_rows, max_len), -100, dtype=torch.long)
-    document = torch.full((n_rows, max_len), -1, dtype=torch.long)
-    for r, docs in enumerate(contents):
-        start = 0
-        for d, i in enumerate(docs):
-            text_start, end = start + n_image_tokens, start + lengths[i]
-            input_ids[r, text_start:end] = torch.as_tensor(samples[i]["input_ids"])
-            labels[r, text_start:end] = torch.as_tensor(samples[i]["labels"])
-            document[r, start:end] = d
-            start = end
-    order = [i for docs in contents for i in docs]
-    pixel_values = torch.stack([samples[i]["pixel_values"] for i in order])
-    return {"pixel_values": pixel_values, "input_ids": input_ids, "labels": labels, "document": document}, rest
-
 
 def document_positions(document):
     """Each token's position inside its own document: RoPE positions restart at every document's start."""

@@ -454,10 +454,15 @@ class VLM(nn.Module):
 
     # --- training forward pass -------------------------------------------------
 
-    def forward(self, pixel_values, input_ids, labels, text_mask, mask_kind="prefix", noise_prob=0.0, noise_token_id=None,
-                generator=None):
+    def forward(self, pixel_values, input_ids, labels, text_mask=None, mask_kind="prefix", noise_prob=0.0, noise_token_id=None,
+                generator=None, document=None):
         """Mean next-token cross-entropy over the text (paper eq. 1). Algorithm 2, or Algorithm 1 when
-        mask_kind is 'bidirectional' and noise_prob > 0 (stage 0; `generator` draws the noise)."""
+        mask_kind is 'bidirectional' and noise_prob > 0 (stage 0; `generator` draws the noise). A batch of
+        packed rows (with `document`, from data.pack_documents) goes to forward_packed."""
+        if document is not None:
+            if noise_prob > 0:
+                raise ValueError("stage-0 noise is not implemented for packed rows")
+            return self.forward_packed(pixel_values, input_ids, labels, document, mask_kind)
         image_tokens = self.projector(self.vision(pixel_values))                  # V <- projector(vision(image))
         if noise_prob > 0:                                                          # Algorithm 1: text <- add_noise(text)
             input_ids = masks.add_noise(input_ids, text_mask, noise_prob, noise_token_id, self.config.language.vocab_size,
@@ -474,7 +479,7 @@ class VLM(nn.Module):
         return self.language.hidden_states(inputs_embeds=sequence, mask=mask, position_ids=positions(keep))
 
     def forward_packed(self, pixel_values, input_ids, labels, document, mask_kind="prefix"):
-        """Algorithm 2 over packed rows (masks.pack_documents): several [image | text] documents share a row,
+        """Algorithm 2 over packed rows (data.pack_documents): several [image | text] documents share a row,
         each attending only to itself, with positions restarting at its start, so variable-length
         conversations (stage 3) spend little compute on padding. input_ids, labels, document [R, L] span
         whole rows; pixel_values holds one image per document, in row order."""
@@ -498,10 +503,10 @@ class VLM(nn.Module):
     def mask(self, mask_kind, keep, document=None):
         """The stage's mask (paper 3.2) in the form the attention path takes: a FlexAttention BlockMask (fast:
         fully masked blocks are skipped) or a dense boolean mask for SDPA (the simple reference)."""
-        if self.attention == "flex":
-            return masks.block_mask(mask_kind, self.n_image_tokens, keep, document)
         if self.attention == "flash" and mask_kind == "prefix" and document is None:
             return masks.PrefixBlocks(self.n_image_tokens)  # training batches are right-padded (data.collate)
+        if self.attention in ("flex", "flash"):  # flash has no form for packed rows or padded bidirectional rows
+            return masks.block_mask(mask_kind, self.n_image_tokens, keep, document)
         if document is not None:
             return masks.document_mask(mask_kind, self.n_image_tokens, document)
         return masks.attention_mask(mask_kind, self.n_image_tokens, keep)

@@ -44,6 +44,7 @@ image_root = ""               # images of llava_json / karpathy data
 image_size = 224
 max_text_tokens = 256         # longer conversations are truncated (and counted)
 pad_to_multiple = 64          # text lengths are padded up to a multiple of this: few shapes for compiled blocks
+pack_length = 0               # > 0: pack each micro-batch's conversations into rows of this many tokens (stage 3)
 max_skip_fraction = 0.01      # more bad samples than this stops the run
 num_workers = 4
 shapes_samples = 4000         # data_format synthetic: how many shape images (data.SyntheticShapes)
@@ -148,7 +149,7 @@ def train_stage(cfg):
     model.attention = cfg["attention"]
     trainable = freeze_modules(model, cfg)
     optimizer = make_optimizer(model, cfg, device)
-    stream = open_stream(cfg, tokenizer)
+    stream = open_stream(cfg, tokenizer, model.n_image_tokens)
     step = 0
     if cfg["resume"] and latest_checkpoint(cfg["out_dir"]):
         step = restore(latest_checkpoint(cfg["out_dir"]), model, optimizer, stream)
@@ -216,23 +217,30 @@ def train_step(runner, batches, grad_accum, cfg, device, trainable, noise=None):
     n_images = n_tokens = flops = 0
     for micro_step in range(grad_accum):
         batch = next(batches)
-        n_labels = (batch["labels"] != IGNORE_INDEX).sum().item()  # counted on the host: no GPU sync
+        images, text_tokens, labelled = batch_sizes(batch, unwrap(runner).n_image_tokens)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         last = micro_step == grad_accum - 1
         sync = contextlib.nullcontext() if last or not isinstance(runner, DDP) else runner.no_sync()
         autocast = torch.autocast(device.type, dtype=getattr(torch, cfg["dtype"]), enabled=cfg["dtype"] != "float32")
         with sync:
             with autocast:
-                loss = runner(batch["pixel_values"], batch["input_ids"], batch["labels"], batch["text_mask"],
-                              mask_kind=cfg["mask_kind"], noise_prob=cfg["noise_prob"], generator=noise)
+                loss = runner(**batch, mask_kind=cfg["mask_kind"], noise_prob=cfg["noise_prob"], generator=noise)
             (loss / grad_accum).backward()
         total_loss += loss.detach() / grad_accum
-        model = unwrap(runner)
-        n_images += len(batch["input_ids"])
-        n_tokens += batch["input_ids"].numel() + len(batch["input_ids"]) * model.n_image_tokens
-        batch_size = len(batch["input_ids"])
-        flops += batch_size * model.training_flops(batch["input_ids"].shape[1], n_labels / batch_size, trainable)
+        n_images += images
+        n_tokens += images * unwrap(runner).n_image_tokens + text_tokens
+        flops += images * unwrap(runner).training_flops(text_tokens / images, labelled / images, trainable)
     return total_loss, n_images, n_tokens, flops
+
+
+def batch_sizes(batch, n_image_tokens):
+    """(images, text tokens, labelled tokens) of a padded or packed batch, counted on the host (no GPU sync)."""
+    images = len(batch["pixel_values"])
+    if "document" in batch:  # packed rows: the documents' own tokens
+        text_tokens = (batch["document"] >= 0).sum().item() - images * n_image_tokens
+    else:
+        text_tokens = batch["input_ids"].numel()
+    return images, text_tokens, (batch["labels"] != IGNORE_INDEX).sum().item()
 
 
 def unwrap(runner):
@@ -412,11 +420,12 @@ def open_source(cfg, split="train"):
     raise ValueError(f"unknown data_format {fmt!r}: parquet, pathvqa, llava_json, karpathy or synthetic")
 
 
-def open_stream(cfg, tokenizer):
+def open_stream(cfg, tokenizer, n_image_tokens):
     return data.BatchStream(open_source(cfg), tokenizer, cfg["micro_batch"], image_size=cfg["image_size"],
                             max_text_tokens=cfg["max_text_tokens"], seed=cfg["seed"], rank=rank(),
                             world_size=world_size(), num_workers=cfg["num_workers"],
-                            max_skip_fraction=cfg["max_skip_fraction"], pad_to_multiple=cfg["pad_to_multiple"])
+                            max_skip_fraction=cfg["max_skip_fraction"], pad_to_multiple=cfg["pad_to_multiple"],
+                            pack_length=cfg["pack_length"], n_image_tokens=n_image_tokens)
 
 
 def endless(stream):

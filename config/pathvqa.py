@@ -8,3 +8,4 @@ vision_lr, projector_lr, language_lr = 5e-6, 1e-4, 2e-5
 max_text_tokens = 128
 init_from = "out/stage3"
 out_dir = "out/pathvqa"
+pack_length = 1024  # short questions and answers: several share a row

@@ -392,3 +392,15 @@ def test_demo_tokenizer_knows_the_chat_tokens_and_the_shape_words(tokenizer, tmp
     assert tokenizer.decode(tokenizer.encode(text)) == text
     tokenizer.save(tmp_path)
     assert Tokenizer.from_pretrained(str(tmp_path)).encode(caption) == tokenizer.encode(caption)
+
+
+def test_packed_stream_puts_several_conversations_in_a_row(tokenizer):
+    shapes = SyntheticShapes(24, image_size=32, questions=2)
+    padded = next(iter(BatchStream(shapes, tokenizer, 8, image_size=32, num_workers=0)))
+    packed = next(iter(BatchStream(shapes, tokenizer, 8, image_size=32, num_workers=0, pack_length=512,
+                                   n_image_tokens=4)))
+    assert "document" in packed and len(packed["pixel_values"]) == 8
+    assert packed["input_ids"].shape[0] < 8 and packed["input_ids"].shape[1] == 512  # fewer rows than samples
+    assert (packed["document"] >= 0).sum() == 8 * 4 + padded["text_mask"].sum()  # every token kept, no padding inside
+    assert sorted(packed["labels"][packed["labels"] != -100].tolist()) == sorted(
+        padded["labels"][padded["labels"] != -100].tolist())

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
+import data
 import masks
 from model import IGNORE_INDEX, VLM, Qwen2Config, SigLIPConfig, VLMConfig, attend, next_token_loss
 
@@ -144,7 +145,7 @@ def test_prefix_by_blocks_with_flash_kernels_equals_the_dense_mask():
 
 def test_packed_loss_and_gradients_flex_equals_sdpa(flex_backward_on_cpu):
     model = tiny_vlm()
-    packed, _ = masks.pack_documents(samples_of(padded_batch([7, 4, 9, 3, 5])), max_len=16, n_image_tokens=N_IMAGE)
+    packed, _ = data.pack_documents(samples_of(padded_batch([7, 4, 9, 3, 5])), max_len=16, n_image_tokens=N_IMAGE)
     run = lambda: model.forward_packed(**packed)
     assert_same_loss_and_gradients(with_attention(model, "sdpa", run), with_attention(model, "flex", run))
 
@@ -192,7 +193,7 @@ def test_model_loss_equals_full_logits_with_shifted_labels():
 def test_pack_documents_layout():
     samples = [{"pixel_values": torch.full((3, 28, 28), float(i)), "input_ids": torch.arange(n) + 10 * i,
                 "labels": torch.arange(n) + 10 * i} for i, n in enumerate([6, 2, 3, 9])]
-    batch, rest = masks.pack_documents(samples, max_len=14, n_image_tokens=N_IMAGE, pad_id=0)
+    batch, rest = data.pack_documents(samples, max_len=14, n_image_tokens=N_IMAGE, pad_id=0)
     # documents of 10, 6, 7 and 13 tokens (4 image + text); longest first, each into the first row with room:
     # #3 (13) opens row 0, #0 (10) row 1, #2 (7) fits in neither and opens row 2, where #1 (6) joins it
     assert rest == []
@@ -200,10 +201,10 @@ def test_pack_documents_layout():
     assert batch["input_ids"][2].tolist() == [0] * 4 + [20, 21, 22] + [0] * 4 + [10, 11] + [0]
     assert batch["labels"][2].tolist() == [-100] * 4 + [20, 21, 22] + [-100] * 4 + [10, 11] + [-100]
     assert batch["pixel_values"][:, 0, 0, 0].tolist() == [3, 0, 2, 1]  # one image per document, in row order
-    limited, rest = masks.pack_documents(samples, max_len=14, n_image_tokens=N_IMAGE, rows=2)
+    limited, rest = data.pack_documents(samples, max_len=14, n_image_tokens=N_IMAGE, rows=2)
     assert limited["pixel_values"][:, 0, 0, 0].tolist() == [3, 0] and [s["input_ids"][0] for s in rest] == [20, 10]
     with pytest.raises(ValueError, match="max_len"):
-        masks.pack_documents(samples, max_len=12, n_image_tokens=N_IMAGE)
+        data.pack_documents(samples, max_len=12, n_image_tokens=N_IMAGE)
 
 
 def test_packed_rows_give_each_sample_the_loss_it_has_alone():
@@ -211,7 +212,7 @@ def test_packed_rows_give_each_sample_the_loss_it_has_alone():
     model = tiny_vlm()
     batch = padded_batch([7, 4, 9, 3, 5], seed=1)
     samples = samples_of(batch)
-    packed, _ = masks.pack_documents(samples, max_len=16, n_image_tokens=N_IMAGE)
+    packed, _ = data.pack_documents(samples, max_len=16, n_image_tokens=N_IMAGE)
     assert packed["document"].max() >= 1  # some row really holds two documents
     with torch.no_grad():
         for i, sample in enumerate(samples):
@@ -219,7 +220,7 @@ def test_packed_rows_give_each_sample_the_loss_it_has_alone():
                           torch.ones(1, len(sample["input_ids"]), dtype=torch.bool))
             others_unlabelled = [dict(s, labels=s["labels"] if j == i else torch.full_like(s["labels"], IGNORE_INDEX))
                                  for j, s in enumerate(samples)]
-            only_i, _ = masks.pack_documents(others_unlabelled, max_len=16, n_image_tokens=N_IMAGE)
+            only_i, _ = data.pack_documents(others_unlabelled, max_len=16, n_image_tokens=N_IMAGE)
             assert abs(model.forward_packed(**only_i).item() - alone.item()) < 1e-5, i
         # and all of them at once: the mean over every label, as for the padded batch
         assert abs(model.forward_packed(**packed).item() - model(**batch).item()) < 1e-5

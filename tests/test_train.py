@@ -54,7 +54,7 @@ def test_stages_0_and_1_train_only_the_projector(stage, mask_kind, noise_prob):
     assert trainable == ["projector"]
     assert not model.vision.training and not model.language.training  # frozen modules stay in eval mode
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    batches = train.endless(train.open_stream(cfg, tokenizer))
+    batches = train.endless(train.open_stream(cfg, tokenizer, model.n_image_tokens))
     train.set_learning_rates(optimizer, 0, 10, cfg)
     train.train_step(model, batches, 2, cfg, torch.device("cpu"), trainable)
     optimizer.step()
@@ -157,3 +157,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     assert "FloatingPointError" in error.value.stderr and "step 2: loss nan" in error.value.stderr
     assert train.latest_checkpoint(str(tmp_path)) == last
     assert sorted(f for f in os.listdir(tmp_path) if f.startswith("step-")) == ["step-0000001", "step-0000002"]
+
+
+def test_packed_rows_train_like_padded_rows(tmp_path):
+    """With pack_length, a micro-batch's conversations share rows (data.pack_documents); each still sees only
+    itself, so the same samples give the same losses as padded rows."""
+    common = dict(stage=3, shapes_questions=2, max_steps=3, vision_lr=1e-3, projector_lr=1e-3, language_lr=1e-3)
+    padded = run_train(tmp_path / "padded", **common)
+    packed = run_train(tmp_path / "packed", pack_length=256, **common)
+    for a, b in zip(padded, packed):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a["loss"], b["loss"])
