@@ -201,7 +201,7 @@ def train_stage(cfg):
     progress.close()
     if is_main():
         plot_losses(metrics_path, os.path.join(cfg["out_dir"], "loss.png"))
-    return final_folder(cfg["out_dir"])
+    return latest_checkpoint(cfg["out_dir"])  # the stage's result, which the next stage starts from
 
 
 def accumulation_steps(global_batch, micro_batch, n_ranks):
@@ -356,11 +356,6 @@ def latest_checkpoint(out_dir):
         return None
     with open(path) as f:
         return os.path.join(out_dir, f.read().strip())
-
-
-def final_folder(out_dir):
-    """The stage's result: the newest checkpoint (also what the next stage's init_from reads)."""
-    return latest_checkpoint(out_dir)
 
 
 def restore(folder, model, optimizer, stream):
