@@ -8,7 +8,6 @@ The file reads top to bottom: attention shared by both towers, the SigLIP vision
 model, loading of the official safetensors, then the VLM that joins them (Algorithms 1 and 2) and generates.
 """
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, fields
 
@@ -17,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-
 from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint

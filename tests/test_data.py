@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (IGNORE_INDEX, SHAPE_COLOURS, SHAPE_KINDS, SHAPE_POSITIONS, BatchStream,
+from data import (IGNORE_INDEX, SHAPE_COLOURS, SHAPE_POSITIONS, BatchStream,
                   KarpathyCaptions, LlavaJson, LlavaParquet, PathVQAParquet, SyntheticShapes, Tokenizer, chat_prompt,
                   collate, conversation_messages, describe_scene, encode_conversation, is_heldout, make_sample,
                   preprocess_image, shapes_tokenizer)

@@ -3,9 +3,8 @@ same captions, and our greedy decoding equals transformers' `generate` on the sa
 import pytest
 import torch
 
-import masks
 from conftest import save_qwen2, save_siglip
-from model import VLM, positions
+from model import VLM
 
 EOS = 299
 
