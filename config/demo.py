@@ -33,6 +33,6 @@ stages = [
     dict(stage=2, mask_kind="prefix", vision_lr=1e-3, projector_lr=1e-3, language_lr=1e-3,
          max_steps=900, out_dir="out/demo/stage2"),
     dict(stage=3, mask_kind="prefix", vision_lr=5e-4, projector_lr=5e-4, language_lr=5e-4, shapes_questions=2,
-         max_steps=500, out_dir="out/demo/stage3"),
+         max_steps=800, out_dir="out/demo/stage3"),
 ]
 eval_after = True
