@@ -37,8 +37,8 @@ fused_flex_attention = torch.compile(flex_attention, dynamic=False)
 def attend(q, k, v, mask):
     """Scaled dot-product attention for q [B,H,Q,hd] and k, v [B,Hkv,K,hd] (Hkv divides H: GQA).
 
-    `mask` is None (no mask), a boolean [B,1,Q,K] (True = may attend) for SDPA, the simple reference path,
-    or a FlexAttention BlockMask (masks.block_mask), the fast path."""
+    `mask` is None (no mask); a boolean [B,1,Q,K] (True = may attend) for SDPA, the simple reference path;
+    a FlexAttention BlockMask (masks.block_mask); or masks.PrefixBlocks, the prefix mask run by blocks."""
     gqa = k.shape[1] != q.shape[1]
     if isinstance(mask, masks.PrefixBlocks):
         return prefix_attention(q, k, v, mask.n_image_tokens, gqa)
@@ -468,13 +468,17 @@ class VLM(nn.Module):
         hidden = self.decode(image_tokens, input_ids, text_mask, mask_kind)
         return self.text_loss(hidden, labels)
 
-    def decode(self, image_tokens, input_ids, text_mask, mask_kind):
-        """Run the language model over [image tokens | text tokens] under the stage's mask (paper 3.1, 3.2)."""
+    def decode(self, image_tokens, input_ids, text_mask, mask_kind, cache=None):
+        """Run the language model over [image tokens | text tokens] under the stage's mask (paper 3.1, 3.2).
+        With a `cache` (generation's prefill) the prompt may be left-padded, which only the dense mask covers."""
         text_tokens = self.language.embed_tokens(input_ids)
         sequence = torch.cat([image_tokens.to(text_tokens.dtype), text_tokens], dim=1)  # L <- concat(V, T)
         keep = self.keep(text_mask)
-        mask = self.mask(mask_kind, keep)                                             # attn_mask <- update_attention(...)
-        return self.language.hidden_states(inputs_embeds=sequence, mask=mask, position_ids=positions(keep))
+        if cache is None:
+            mask = self.mask(mask_kind, keep)                                         # attn_mask <- update_attention(...)
+        else:
+            mask = masks.attention_mask(mask_kind, self.n_image_tokens, keep)
+        return self.language.hidden_states(inputs_embeds=sequence, mask=mask, position_ids=positions(keep), cache=cache)
 
     def forward_packed(self, pixel_values, input_ids, labels, document, mask_kind="prefix"):
         """Algorithm 2 over packed rows (data.pack_documents): several [image | text] documents share a row,
@@ -543,10 +547,7 @@ class VLM(nn.Module):
             expand = lambda t: t.repeat_interleave(num_beams, dim=0)
             image_tokens, input_ids, text_mask = expand(image_tokens), expand(input_ids), expand(text_mask)
         cache, keep = KVCache(), self.keep(text_mask)
-        text_tokens = self.language.embed_tokens(input_ids)
-        sequence = torch.cat([image_tokens.to(text_tokens.dtype), text_tokens], dim=1)
-        hidden = self.language.hidden_states(inputs_embeds=sequence, mask=masks.attention_mask(mask_kind, self.n_image_tokens, keep),
-                                             position_ids=positions(keep), cache=cache)
+        hidden = self.decode(image_tokens, input_ids, text_mask, mask_kind, cache)
         last_real = keep.shape[1] - 1 - keep.flip(1).int().argmax(1)  # right padding: the last real token, not the pad
         logits = self.language.lm_head(hidden[torch.arange(len(hidden)), last_real]).float()
         step = Decoder(self, cache, keep, eos_ids)
