@@ -61,6 +61,7 @@ def parse_args():
     parser.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the trainable towers")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="a tiny model and batch, for the CPU")
+    parser.add_argument("--profile", action="store_true", help="after timing, print where 3 training steps spend their time")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation happens here)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps; the median is reported")
     return parser.parse_args()
@@ -100,7 +101,8 @@ def cases(args):
     """The cases to run, each a dict with every setting filled in."""
     fast = args.device.startswith("cuda")  # FlexAttention trains only on the GPU, and compiles fast only there
     defaults = dict(attention="flash" if fast else "sdpa", compile=fast, grad_ckpt=args.grad_ckpt, packed=False,
-                    warmup=args.warmup, steps=args.steps, generate=False, new_tokens=args.new_tokens)
+                    warmup=args.warmup, steps=args.steps, generate=False, new_tokens=args.new_tokens,
+                    profile=args.profile)
     for option in ("attention", "compile"):
         if getattr(args, option) is not None:
             defaults[option] = getattr(args, option)
@@ -157,6 +159,8 @@ def bench_training(config, case, device, peak):
         losses.append(loss.detach())
 
     seconds, _ = timed(step, case["warmup"], case["steps"], device)
+    if case["profile"]:
+        print_profile(step, device)
     text_tokens = case["text_len"]
     if case["packed"]:  # the documents' own tokens, as if each had a row of its own
         text_tokens = (n_tokens - n_images * model.n_image_tokens) / n_images
@@ -265,6 +269,18 @@ def timed(function, warmup, steps, device):
         times.append(time.perf_counter() - started)
     timed_steps = sorted(times[warmup:])
     return timed_steps[len(timed_steps) // 2], out
+
+
+def print_profile(function, device, calls=3):
+    """The operations and kernels that took the most time over `calls` calls, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(calls):
+            function()
+        synchronize(device)
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(profiler.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=80), flush=True)
 
 
 def synchronize(device):
