@@ -14,7 +14,7 @@ import sample
 from data import SHORT_CAPTION_PROMPT
 from eval import format_table, image_id, karpathy_samples, normalize_answer, pathvqa_metrics, ptb_tokenize, score
 from eval import main as eval_main
-from test_sample import CAPTIONS, save_image, save_tiny_checkpoint
+from conftest import CAPTIONS, save_image, save_tiny_checkpoint
 
 REPO = Path(__file__).parents[1]
 EVALDATA = REPO.parent / "shared" / "evaldata"  # see its README.md

@@ -1,47 +1,10 @@
 """sample.py on a tiny random checkpoint: one image streams its answer, several are answered in one batch
-without mixing them up, beam search runs, and prompts are left-padded. Also home of the tiny checkpoint
-that test_eval.py uses."""
+without mixing them up, beam search runs, and prompts are left-padded."""
 import pytest
 import torch
-from PIL import Image
 
 import sample
-from conftest import save_qwen2, save_siglip
-from data import SHORT_CAPTION_PROMPT, chat_prompt, train_tokenizer
-from model import VLM
-
-# What the tiny tokenizer learns from, and test_eval.py's reference captions: the random model's answers mix
-# these words with stray bytes, so their caption scores are small but not all zero.
-CAPTIONS = ["A cat sits on a red mat.", "Two dogs run across a green park.", "A man rides a brown horse on the beach.",
-            "A plate of food with a fork and a knife.", "A group of people standing next to a bus.",
-            "A little girl holding a kite in the sky.", "A train is going down the tracks.",
-            "A bowl of fruit on a wooden table.", "A person riding a bike down the street."]
-
-
-def tiny_tokenizer():
-    """A byte-level BPE learnt from a few captions and the prompt (data.py's demo tokenizer recipe)."""
-    prompt = chat_prompt([{"role": "user", "content": SHORT_CAPTION_PROMPT}])
-    return train_tokenizer(CAPTIONS + [prompt], vocab_size=400)
-
-
-def save_tiny_checkpoint(folder):
-    """A random VLM (SigLIP 56x56 -> 16 image tokens, 2-layer Qwen2) saved with its tokenizer, as train.py would.
-    The large initializer makes the greedy answers varied instead of one token repeated."""
-    tokenizer = tiny_tokenizer()
-    save_siglip(folder / "siglip")
-    save_qwen2(folder / "qwen2", initializer_range=0.3, vocab_size=tokenizer.vocab_size)
-    model = VLM.from_pretrained(vision=str(folder / "siglip"), language=str(folder / "qwen2"), projector_hidden=32)
-    model.save(folder / "checkpoint", tokenizer=tokenizer)
-    return folder / "checkpoint"
-
-
-def save_image(path, seed):
-    """A random-noise RGB image, so that every image gives the model different pixels."""
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (40 + seed, 60, 3), generator=generator, dtype=torch.uint8)
-    Image.fromarray(pixels.numpy()).save(path)
-    return str(path)
-
+from conftest import save_image, save_tiny_checkpoint, tiny_tokenizer
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
