@@ -4,6 +4,7 @@ spirit of nanoGPT's bench.py. One JSON line per case as it finishes, then a tabl
     python bench.py                                     # every case of the speed issue, on one GPU (~5 minutes)
     python bench.py --stage 2 --micro_batch 32          # one training case
     python bench.py --attention sdpa --no-compile       # every case on our plain reference path
+    python bench.py --compile_mode reduce-overhead      # every case with the blocks replayed as CUDA graphs
     python bench.py --generate                          # greedy captioning of 256 images
     python bench.py --device cpu --small                # a tiny model on the CPU: does the script work?
 
@@ -58,6 +59,8 @@ def parse_args():
     parser.add_argument("--new_tokens", type=int, default=30)
     parser.add_argument("--attention", choices=["sdpa", "flex", "flash"], help="default: flash on the GPU, sdpa on the CPU")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="default: on the GPU only")
+    parser.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                        help="torch.compile's mode for the blocks; reduce-overhead replays them as CUDA graphs")
     parser.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the trainable towers")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="a tiny model and batch, for the CPU")
@@ -100,7 +103,8 @@ def run_case(config, case, device, peak):
 def cases(args):
     """The cases to run, each a dict with every setting filled in."""
     fast = args.device.startswith("cuda")  # FlexAttention trains only on the GPU, and compiles fast only there
-    defaults = dict(attention="flash" if fast else "sdpa", compile=fast, grad_ckpt=args.grad_ckpt, packed=False,
+    defaults = dict(attention="flash" if fast else "sdpa", compile=fast, compile_mode=args.compile_mode,
+                    grad_ckpt=args.grad_ckpt, packed=False,
                     warmup=args.warmup, steps=args.steps, generate=False, new_tokens=args.new_tokens,
                     profile=args.profile)
     for option in ("attention", "compile"):
@@ -124,7 +128,13 @@ def case_name(case):
         return f"generate_b{case['micro_batch']}_{case['new_tokens']}tok"
     packed = "_packed" if case["packed"] else ""
     return (f"stage{case['stage']}_b{case['micro_batch']}_text{case['text_len']}{packed}_{case['attention']}"
-            f"{'_compile' if case['compile'] else ''}{'_ckpt' if case['grad_ckpt'] else ''}")
+            f"{compile_name(case)}{'_ckpt' if case['grad_ckpt'] else ''}")
+
+
+def compile_name(case):
+    if not case["compile"]:
+        return ""
+    return "_compile" if case["compile_mode"] == "default" else f"_compile_{case['compile_mode']}"
 
 
 # -----------------------------------------------------------------------------
@@ -141,7 +151,7 @@ def bench_training(config, case, device, peak):
     train.set_learning_rates(optimizer, stage["warmup_steps"], 10 * stage["warmup_steps"], stage)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if case["compile"]:
-        model.compile_blocks()
+        model.compile_blocks(case["compile_mode"])
     batch, n_images, n_tokens, padding = (packed_batch if case["packed"] else padded_batch)(config, case, device)
     n_labels = (batch["labels"] != -100).sum().item()
     losses = []
@@ -188,9 +198,11 @@ def stage_settings(stage, grad_ckpt):
 def padded_batch(config, case, device):
     """Every sample [256 image | text_len text] tokens, every text token labelled (as in the anchor)."""
     B, T = case["micro_batch"], case["text_len"]
-    input_ids = torch.randint(0, config.language.vocab_size, (B, T), device=device)
-    batch = {"pixel_values": torch.randn(B, 3, config.vision.image_size, config.vision.image_size, device=device),
-             "input_ids": input_ids, "labels": input_ids.clone(), "text_mask": torch.ones(B, T, dtype=torch.bool, device=device)}
+    input_ids = torch.randint(0, config.language.vocab_size, (B, T))
+    batch = {"pixel_values": torch.randn(B, 3, config.vision.image_size, config.vision.image_size),
+             "input_ids": input_ids, "labels": input_ids.clone(), "text_mask": torch.ones(B, T, dtype=torch.bool),
+             "label_positions": data.label_positions(input_ids)}
+    batch = {k: v.to(device) for k, v in batch.items()}
     n_image_tokens = (config.vision.image_size // config.vision.patch_size) ** 2
     return batch, B, B * (n_image_tokens + T), {}
 

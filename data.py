@@ -519,7 +519,7 @@ def make_sample(record, tokenizer, image_size, max_text_tokens, system_prompt):
 def collate(samples, pad_id, pad_to_multiple=1):
     """Samples -> a batch, texts right-padded to the longest (rounded up to `pad_to_multiple`, so a compiled
     model meets few distinct shapes): pixel_values [B,3,H,W], input_ids [B,T], labels [B,T] (IGNORE_INDEX on
-    padding), text_mask [B,T] (True on real tokens)."""
+    padding), text_mask [B,T] (True on real tokens), label_positions [N] (label_positions)."""
     length = max(len(sample["input_ids"]) for sample in samples)
     length = -(-length // pad_to_multiple) * pad_to_multiple
     input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
@@ -531,7 +531,8 @@ def collate(samples, pad_id, pad_to_multiple=1):
         labels[i, :n] = torch.as_tensor(sample["labels"])
         text_mask[i, :n] = True
     pixel_values = torch.stack([sample["pixel_values"] for sample in samples])
-    return {"pixel_values": pixel_values, "input_ids": input_ids, "labels": labels, "text_mask": text_mask}
+    return {"pixel_values": pixel_values, "input_ids": input_ids, "labels": labels, "text_mask": text_mask,
+            "label_positions": label_positions(labels)}
 
 
 def pack_documents(samples, max_len, n_image_tokens, pad_id=0, rows=None):
@@ -540,9 +541,9 @@ def pack_documents(samples, max_len, n_image_tokens, pad_id=0, rows=None):
 
     `samples` are dicts with "pixel_values" [3, H, W] and equal-length 1-D "input_ids" and "labels" (as for
     collate). Returns (batch, rest). `batch` holds "pixel_values" [N, 3, H, W], one image per document
-    in row order, and "input_ids", "labels", "document" [rows, max_len] over whole rows: a document's image
-    slots come first (input pad_id, label -100), then its text; `document` numbers the documents of each row
-    0, 1, ... and marks padding -1: the arguments of VLM.forward_packed. `rest` lists the samples that did not
+    in row order; "input_ids", "labels", "document" [rows, max_len] over whole rows, where a document's image
+    slots come first (input pad_id, label -100), then its text, and `document` numbers the documents of each
+    row 0, 1, ... and marks padding -1; and label_positions: the arguments of VLM.forward_packed. `rest` lists the samples that did not
     fit in `rows` rows (rows=None: as many rows as needed, so `rest` is empty)."""
     lengths = [n_image_tokens + len(s["input_ids"]) for s in samples]
     too_long = [i for i, length in enumerate(lengths) if length > max_len]
@@ -563,7 +564,7 @@ def pack_documents(samples, max_len, n_image_tokens, pad_id=0, rows=None):
         room[row] -= lengths[i]
     n_rows = len(contents) if rows is None else rows
     input_ids = torch.full((n_rows, max_len), pad_id, dtype=torch.long)
-    labels = torch.full((n_rows, max_len), -100, dtype=torch.long)
+    labels = torch.full((n_rows, max_len), IGNORE_INDEX, dtype=torch.long)
     document = torch.full((n_rows, max_len), -1, dtype=torch.long)
     for r, docs in enumerate(contents):
         start = 0
@@ -575,7 +576,15 @@ def pack_documents(samples, max_len, n_image_tokens, pad_id=0, rows=None):
             start = end
     order = [i for docs in contents for i in docs]
     pixel_values = torch.stack([samples[i]["pixel_values"] for i in order])
-    return {"pixel_values": pixel_values, "input_ids": input_ids, "labels": labels, "document": document}, rest
+    batch = {"pixel_values": pixel_values, "input_ids": input_ids, "labels": labels, "document": document,
+             "label_positions": label_positions(labels)}
+    return batch, rest
+
+
+def label_positions(labels):
+    """The entries of labels.flatten() that carry a label: the only positions whose logits the model computes.
+    Found here, on the host, so that the training step never waits for the GPU to count them."""
+    return (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
 
 
 def shuffled_order(chunk_sizes, seed, epoch):

@@ -453,20 +453,22 @@ class VLM(nn.Module):
     # --- training forward pass -------------------------------------------------
 
     def forward(self, pixel_values, input_ids, labels, text_mask=None, mask_kind="prefix", noise_prob=0.0, noise_token_id=None,
-                generator=None, document=None):
+                generator=None, document=None, label_positions=None):
         """Mean next-token cross-entropy over the text (paper eq. 1). Algorithm 2, or Algorithm 1 when
         mask_kind is 'bidirectional' and noise_prob > 0 (stage 0; `generator` draws the noise). A batch of
-        packed rows (with `document`, from data.pack_documents) goes to forward_packed."""
+        packed rows (with `document`, from data.pack_documents) goes to forward_packed. `label_positions`, the
+        entries of labels.flatten() that carry a label, come with data's batches, counted on the host; without
+        them they are found here, which makes the host wait for the GPU."""
         if document is not None:
             if noise_prob > 0:
                 raise ValueError("stage-0 noise is not implemented for packed rows")
-            return self.forward_packed(pixel_values, input_ids, labels, document, mask_kind)
+            return self.forward_packed(pixel_values, input_ids, labels, document, mask_kind, label_positions)
         image_tokens = self.projector(self.vision(pixel_values))                  # V <- projector(vision(image))
         if noise_prob > 0:                                                          # Algorithm 1: text <- add_noise(text)
             input_ids = masks.add_noise(input_ids, text_mask, noise_prob, noise_token_id, self.config.language.vocab_size,
                                         generator)
         hidden = self.decode(image_tokens, input_ids, text_mask, mask_kind)
-        return self.text_loss(hidden, labels)
+        return self.text_loss(hidden, labels, label_positions)
 
     def decode(self, image_tokens, input_ids, text_mask, mask_kind, cache=None):
         """Run the language model over [image tokens | text tokens] under the stage's mask (paper 3.1, 3.2).
@@ -480,27 +482,27 @@ class VLM(nn.Module):
             mask = masks.attention_mask(mask_kind, self.n_image_tokens, keep)
         return self.language.hidden_states(inputs_embeds=sequence, mask=mask, position_ids=positions(keep), cache=cache)
 
-    def forward_packed(self, pixel_values, input_ids, labels, document, mask_kind="prefix"):
+    def forward_packed(self, pixel_values, input_ids, labels, document, mask_kind="prefix", label_positions=None):
         """Algorithm 2 over packed rows (data.pack_documents): several [image | text] documents share a row,
         each attending only to itself, with positions restarting at its start, so variable-length
         conversations (stage 3) spend little compute on padding. input_ids, labels, document [R, L] span
         whole rows; pixel_values holds one image per document, in row order."""
         image_tokens = self.projector(self.vision(pixel_values))                  # V <- projector(vision(image))
         text_tokens = self.language.embed_tokens(input_ids)
-        # all image slots first, then all other positions: the number of image slots follows from the shapes,
-        # so both sets are found without reading a count back from the GPU (a sync). Sorted as integers: CUDA
-        # builds before torch 2.6 cannot sort booleans.
-        n_image_slots = image_tokens.shape[0] * self.n_image_tokens
+        # the image slots come first in this order: their number follows from the shapes, so they are found
+        # without reading a count back from the GPU (a sync). Sorted as integers: CUDA builds before torch 2.6
+        # cannot sort booleans.
         is_text = ~masks.image_slots(document, self.n_image_tokens).flatten()
-        order = torch.argsort(is_text.int(), stable=True)
-        image_slots, text_positions = order[:n_image_slots], order[n_image_slots:]
+        image_slots = torch.argsort(is_text.int(), stable=True)[:image_tokens.shape[0] * self.n_image_tokens]
         sequence = text_tokens.flatten(0, 1).index_copy(0, image_slots, image_tokens.flatten(0, 1).to(text_tokens.dtype))
         sequence = sequence.view_as(text_tokens)                                    # each document's V, then its T
         mask = self.mask(mask_kind, document >= 0, document)                        # attn_mask <- update_attention(...)
         hidden = self.language.hidden_states(inputs_embeds=sequence, mask=mask, position_ids=masks.document_positions(document))
-        # the token before each text token predicts it (rows start with an image token: never the row above)
-        rows = hidden.flatten(0, 1)[text_positions - 1]
-        return next_token_loss(self.language.lm_head.weight, rows, labels.flatten()[text_positions])
+        if label_positions is None:
+            label_positions = labelled(labels)
+        # the token before each labelled token predicts it (rows start with an image token: never the row above)
+        rows = hidden.flatten(0, 1)[label_positions - 1]
+        return next_token_loss(self.language.lm_head.weight, rows, labels.flatten()[label_positions])
 
     def mask(self, mask_kind, keep, document=None):
         """The stage's mask (paper 3.2) in the form the attention path takes: a FlexAttention BlockMask (fast:
@@ -517,20 +519,34 @@ class VLM(nn.Module):
         image = torch.ones(text_mask.shape[0], self.n_image_tokens, dtype=torch.bool, device=text_mask.device)
         return torch.cat([image, text_mask.bool()], dim=1)
 
-    def text_loss(self, hidden, labels, chunk_size=4096):
-        """Cross-entropy of next-token prediction at the text positions that carry a label; `hidden` covers
-        [image | text], `labels` the text."""
-        rows = hidden[:, self.n_image_tokens - 1:-1]  # the last image token predicts the first text token
-        return next_token_loss(self.language.lm_head.weight, rows.flatten(0, 1), labels.flatten(), chunk_size)
+    def text_loss(self, hidden, labels, label_positions=None):
+        """Cross-entropy of next-token prediction at the text positions that carry a label, and only there:
+        the prompt and the padding never reach the output layer. `hidden` covers [image | text] [B, S, D],
+        `labels` the text [B, T]."""
+        if label_positions is None:
+            label_positions = labelled(labels)
+        # text token t of sample b (entry b*T + t of labels.flatten()) is predicted by the hidden state just
+        # before it, row b*S + n_image_tokens + t - 1 of hidden.flatten(0, 1): the last image token predicts
+        # the first text token
+        sample = label_positions // labels.shape[1]
+        rows = label_positions + (sample + 1) * self.n_image_tokens - 1
+        return next_token_loss(self.language.lm_head.weight, hidden.flatten(0, 1)[rows], labels.flatten()[label_positions])
 
-    def compile_blocks(self):
+    def compile_blocks(self, mode="default", max_shapes=64):
         """torch.compile each transformer block ("regional" compilation), for training. The 27 vision and 24
         language blocks share two compiled graphs, so compiling takes a fraction of the whole model's time;
         inside a block the norms, activations and RoPE fuse around the matmuls, and FlexAttention becomes
         one fused kernel. Shapes stay static (the fastest kernels; FlexAttention with dynamic shapes fails
-        to compile on the CPU): each new batch shape compiles anew, so pad batches to a few fixed lengths."""
+        to compile on the CPU): each new batch shape compiles anew, so pad batches to a few fixed lengths.
+        Up to `max_shapes` shapes are compiled (text lengths, packed row counts, batches shortened by skipped
+        samples); past torch's default of 8 a block would silently run eagerly, several times slower.
+
+        mode="reduce-overhead" also records each block as a CUDA graph and replays it: at micro-batch 16 the
+        GPU runs a block's kernels faster than Python launches them one by one, and a graph launches them all
+        at once."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, max_shapes)
         for block in [*self.vision.layers, *self.language.layers]:
-            block.compile(dynamic=False)
+            block.compile(mode=mode, dynamic=False)
 
     # --- generation ------------------------------------------------------------
 
@@ -623,18 +639,22 @@ def positions(keep):
     return (keep.long().cumsum(1) - 1).clamp(min=0)
 
 
+def labelled(labels):
+    """The entries of labels.flatten() that carry a label (data.label_positions computes the same on the host)."""
+    return (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
+
+
 def next_token_loss(weight, rows, targets, chunk_size=4096):
-    """Mean cross-entropy of hidden states `rows` [N, D] through the output layer `weight` against `targets` [N]
-    (IGNORE_INDEX where a row carries no label).
+    """Mean cross-entropy of hidden states `rows` [N, D] through the output layer `weight` against `targets` [N].
 
     The rows go through the 151,936-wide output layer a chunk at a time, and each chunk's logits are
-    recomputed in the backward pass rather than stored: the full [N, vocab] logits never exist. Rows without a
-    label (prompt, padding) are computed and ignored: picking only the labelled rows would need their count on
-    the host, a sync with the GPU in every step, and shapes that change with every batch. A batch without any
-    label gives NaN (0 / 0), loudly: train.py stops on a non-finite loss before the optimizer step."""
+    recomputed in the backward pass rather than stored: the full [N, vocab] logits never exist. Callers pass
+    only the rows that carry a label; a target of IGNORE_INDEX would still count in the mean's denominator."""
+    if len(targets) == 0:
+        raise ValueError("no token of the batch carries a label: there is no loss to compute")
     total = sum(checkpoint(chunk_loss, weight, rows[i:i + chunk_size], targets[i:i + chunk_size], use_reentrant=False)
                 for i in range(0, len(targets), chunk_size))
-    return total / (targets != IGNORE_INDEX).sum()
+    return total / len(targets)
 
 
 def chunk_loss(weight, rows, targets):

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import masks
 from configurator import configure, merged
-from model import ATTENTION_PATHS, IGNORE_INDEX, VLM, Qwen2Config, SigLIPConfig, VLMConfig
+from model import ATTENTION_PATHS, VLM, Qwen2Config, SigLIPConfig, VLMConfig
 
 # -----------------------------------------------------------------------------
 # Settings: the defaults are the paper's stage 2; config/*.py and --key=value change them.
@@ -76,6 +76,7 @@ seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights stay fp32
 compile = torch.cuda.is_available()  # torch.compile each transformer block (model.compile_blocks)
+compile_mode = "default"      # or "reduce-overhead": CUDA graphs, or "max-autotune-no-cudagraphs" (torch.compile's modes)
 gradient_checkpointing = False
 attention = "flash" if torch.cuda.is_available() else "sdpa"  # sdpa (dense mask) | flex (FlexAttention) | flash (prefix by blocks)
 peak_flops = 989e12           # the GPU's dense bf16 peak, for MFU (H100 and H200 SXM)
@@ -163,7 +164,7 @@ def train_stage(cfg):
     log(f"stage {cfg['stage']}: mask {cfg['mask_kind']}, noise {cfg['noise_prob']}, trainable {trainable}, "
         f"{total_steps} steps of {cfg['global_batch']} ({world_size()} x {cfg['micro_batch']} x {grad_accum} accumulation)")
     if cfg["compile"]:
-        model.compile_blocks()
+        model.compile_blocks(cfg["compile_mode"])
     runner = model
     if world_size() > 1:
         runner = DDP(runner, device_ids=[device.index] if device.type == "cuda" else None)
@@ -240,7 +241,7 @@ def batch_sizes(batch, n_image_tokens):
         text_tokens = (batch["document"] >= 0).sum().item() - images * n_image_tokens
     else:
         text_tokens = batch["input_ids"].numel()
-    return images, text_tokens, (batch["labels"] != IGNORE_INDEX).sum().item()
+    return images, text_tokens, len(batch["label_positions"])
 
 
 def unwrap(runner):

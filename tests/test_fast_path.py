@@ -165,9 +165,8 @@ def test_chunked_loss_equals_full_logits_cross_entropy():
     weight = torch.randn(VOCAB, 16, requires_grad=True)
     rows = torch.randn(23, 16, requires_grad=True)
     targets = torch.randint(0, VOCAB, (23,))
-    targets[::4] = IGNORE_INDEX
     chunked = next_token_loss(weight, rows, targets, chunk_size=5)  # 5 chunks, the last one short
-    plain = F.cross_entropy(rows @ weight.T, targets, ignore_index=IGNORE_INDEX)
+    plain = F.cross_entropy(rows @ weight.T, targets)
     assert abs(chunked.item() - plain.item()) < 1e-5
     for a, b in zip(torch.autograd.grad(chunked, (weight, rows)), torch.autograd.grad(plain, (weight, rows))):
         assert (a - b).abs().max() < 1e-6
@@ -186,6 +185,24 @@ def test_model_loss_equals_full_logits_with_shifted_labels():
     params = [p for p in model.parameters()]
     for a, b in zip(torch.autograd.grad(loss, params), torch.autograd.grad(plain, params)):
         assert (a - b).abs().max() < 1e-5
+
+
+def test_only_labelled_positions_reach_the_output_layer(monkeypatch):
+    """The prompt and the padding carry no label, so their logits are never computed; data's batches bring the
+    labelled positions counted on the host, and the loss is the same as when the model finds them itself."""
+    import model as model_module
+    model, batch = tiny_vlm(), padded_batch([7, 4, 9])
+    seen = []
+    real = model_module.next_token_loss
+    monkeypatch.setattr(model_module, "next_token_loss", lambda weight, rows, targets: seen.append(len(rows)) or real(weight, rows, targets))
+    collated = data.collate(samples_of(batch), pad_id=0)
+    n_labels = int((batch["labels"] != IGNORE_INDEX).sum())
+    assert collated["label_positions"].tolist() == (batch["labels"].flatten() != IGNORE_INDEX).nonzero().flatten().tolist()
+    with torch.no_grad():
+        assert abs(model(**collated).item() - model(**batch).item()) < 1e-6
+    assert seen == [n_labels, n_labels] and n_labels == (7 - 2) + (4 - 2) + (9 - 2)
+    with pytest.raises(ValueError, match="no token of the batch carries a label"):
+        model(**dict(batch, labels=torch.full_like(batch["labels"], IGNORE_INDEX)))
 
 
 # --- packing ----------------------------------------------------------------------------------------------
