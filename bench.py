@@ -41,6 +41,7 @@ ISSUE_CASES = [
     dict(stage=3, micro_batch=8, text_len=768, anchor=41, target=100),
     dict(stage=2, micro_batch=32, text_len=144, anchor=129),
     dict(stage=3, micro_batch=8, text_len=768, packed=True),  # variable-length conversations in 4 rows of 2048
+    dict(stage=2, micro_batch=16, text_len=144, compile_mode="reduce-overhead", anchor=80, target=200),  # CUDA graphs
 ]
 SMALL = dict(vision=SigLIPConfig(image_size=56, patch_size=14, hidden_size=64, intermediate_size=128,
                                  num_hidden_layers=2, num_attention_heads=4),
