@@ -158,6 +158,7 @@ def bench_training(config, case, device, peak):
     losses = []
 
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # as train.py: CUDA graphs may reuse the last step's outputs
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             if case["packed"]:
                 loss = model.forward_packed(**batch, mask_kind=stage["mask_kind"])

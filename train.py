@@ -223,6 +223,7 @@ def train_step(runner, batches, grad_accum, cfg, device, trainable, noise=None):
         last = micro_step == grad_accum - 1
         sync = contextlib.nullcontext() if last or not isinstance(runner, DDP) else runner.no_sync()
         autocast = torch.autocast(device.type, dtype=getattr(torch, cfg["dtype"]), enabled=cfg["dtype"] != "float32")
+        torch.compiler.cudagraph_mark_step_begin()  # compile_mode reduce-overhead: the last step's graph outputs are free
         with sync:
             with autocast:
                 loss = runner(**batch, mask_kind=cfg["mask_kind"], noise_prob=cfg["noise_prob"], generator=noise)
