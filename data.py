@@ -544,7 +544,7 @@ def pack_documents(samples, max_len, n_image_tokens, pad_id=0, rows=None):
     in row order; "input_ids", "labels", "document" [rows, max_len] over whole rows, where a document's image
     slots come first (input pad_id, label -100), then its text, and `document` numbers the documents of each
     row 0, 1, ... and marks padding -1; and label_positions: the arguments of VLM.forward_packed. `rest` lists the samples that did not
-    fit in `rows` rows (rows=None: as many rows as needed, so `rest` is empty)."""
+    fit in at most `rows` rows (rows=None: as many rows as needed, so `rest` is empty)."""
     lengths = [n_image_tokens + len(s["input_ids"]) for s in samples]
     too_long = [i for i, length in enumerate(lengths) if length > max_len]
     if too_long:
@@ -562,10 +562,9 @@ def pack_documents(samples, max_len, n_image_tokens, pad_id=0, rows=None):
             continue
         contents[row].append(i)
         room[row] -= lengths[i]
-    n_rows = len(contents) if rows is None else rows
-    input_ids = torch.full((n_rows, max_len), pad_id, dtype=torch.long)
-    labels = torch.full((n_rows, max_len), IGNORE_INDEX, dtype=torch.long)
-    document = torch.full((n_rows, max_len), -1, dtype=torch.long)
+    input_ids = torch.full((len(contents), max_len), pad_id, dtype=torch.long)
+    labels = torch.full((len(contents), max_len), IGNORE_INDEX, dtype=torch.long)
+    document = torch.full((len(contents), max_len), -1, dtype=torch.long)
     for r, docs in enumerate(contents):
         start = 0
         for d, i in enumerate(docs):
@@ -579,6 +578,16 @@ def pack_documents(samples, max_len, n_image_tokens, pad_id=0, rows=None):
     batch = {"pixel_values": pixel_values, "input_ids": input_ids, "labels": labels, "document": document,
              "label_positions": label_positions(labels)}
     return batch, rest
+
+
+def pack_micro_batches(samples, max_len, n_image_tokens, rows, pad_id=0):
+    """All of `samples` packed (pack_documents) into micro-batches of at most `rows` rows of `max_len` tokens:
+    each takes the longest samples left and fills the gaps with short ones; the last holds what remains."""
+    micro_batches, rest = [], samples
+    while rest:
+        batch, rest = pack_documents(rest, max_len, n_image_tokens, pad_id, rows)
+        micro_batches.append(batch)
+    return micro_batches
 
 
 def label_positions(labels):
@@ -632,6 +641,12 @@ class BatchStream:
     """The batches one rank trains on, decoded by `num_workers` DataLoader workers. Iterate it for the rest
     of the current epoch; iterate again for the next one.
 
+    A batch is one optimizer step's samples on this rank (`batch_size`: the global batch over the ranks), as a
+    list of micro-batches small enough for the GPU: `micro_batch` samples each, padded to the longest
+    (collate); or, with `pack_length`, the conversations of the whole batch packed into rows of that many
+    tokens (pack_micro_batches), at most `pack_rows` rows per micro-batch: the tokens of a padded micro-batch
+    of the longest samples. Packing the whole batch rather than each micro-batch leaves less of the last rows
+    empty (stage 3 on one GPU: about 5% padding instead of 13%).
     Order: a shuffle of the whole source for each (seed, epoch); rank r takes samples r, r + world_size, ...,
     so ranks see disjoint samples and all step the same number of times (the last < world_size samples of
     an epoch are left out). The order does not depend on num_workers.
@@ -642,14 +657,19 @@ class BatchStream:
     all is dropped, the one case where ranks could step unequally), so `state_dict()` (the epoch and the
     samples consumed) resumes exactly at the next unseen batch."""
 
-    def __init__(self, source, tokenizer, batch_size, image_size=224, max_text_tokens=512,
+    def __init__(self, source, tokenizer, batch_size, micro_batch=None, image_size=224, max_text_tokens=512,
                  system_prompt=DEFAULT_SYSTEM_PROMPT, seed=0, rank=0, world_size=1, num_workers=2,
                  max_skip_fraction=0.01, pad_to_multiple=1, pack_length=0, n_image_tokens=0):
         self.source, self.tokenizer, self.batch_size = source, tokenizer, batch_size
+        self.micro_batch = micro_batch or batch_size
         self.image_size, self.max_text_tokens, self.system_prompt = image_size, max_text_tokens, system_prompt
         self.seed, self.rank, self.world_size, self.num_workers = seed, rank, world_size, num_workers
         self.max_skip_fraction, self.pad_to_multiple = max_skip_fraction, pad_to_multiple
         self.pack_length, self.n_image_tokens = pack_length, n_image_tokens
+        if pack_length and pack_length < n_image_tokens + max_text_tokens:
+            raise ValueError(f"pack_length={pack_length} cannot hold one sample of {n_image_tokens} image tokens + "
+                             f"max_text_tokens={max_text_tokens}")
+        self.pack_rows = max(1, self.micro_batch * (n_image_tokens + max_text_tokens) // pack_length) if pack_length else 0
         self.samples_per_epoch = sum(source.chunk_sizes) // world_size
         if self.samples_per_epoch == 0:
             raise ValueError(f"the source has {sum(source.chunk_sizes)} samples, fewer than world_size={world_size}")
@@ -681,7 +701,7 @@ class BatchStream:
         self.epoch, self.samples_consumed = self.epoch + 1, 0
 
     def build_batch(self, records):
-        """Runs in a worker: records -> {"batch": collated batch or None if all were skipped, "counts"}."""
+        """Runs in a worker: records -> {"batch": its micro-batches, or None if all were skipped, "counts"}."""
         samples, counts = [], new_counts()
         for record in records:
             if record["image"] is None:
@@ -696,13 +716,14 @@ class BatchStream:
                 continue
             samples.append(sample)
             counts["truncated"] += truncated
-        return {"batch": self.batch_of(samples) if samples else None, "counts": counts}
+        return {"batch": self.micro_batches(samples) if samples else None, "counts": counts}
 
-    def batch_of(self, samples):
-        """Padded rows, one sample each; or, with pack_length, rows of that many tokens holding several."""
+    def micro_batches(self, samples):
+        """A batch's samples as micro-batches: padded rows of one sample each, or packed rows."""
         if self.pack_length:
-            return pack_documents(samples, self.pack_length, self.n_image_tokens, self.tokenizer.pad_id)[0]
-        return collate(samples, self.tokenizer.pad_id, self.pad_to_multiple)
+            return pack_micro_batches(samples, self.pack_length, self.n_image_tokens, self.pack_rows, self.tokenizer.pad_id)
+        return [collate(samples[i:i + self.micro_batch], self.tokenizer.pad_id, self.pad_to_multiple)
+                for i in range(0, len(samples), self.micro_batch)]
 
     def add_counts(self, counts):
         for key, value in counts.items():

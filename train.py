@@ -44,7 +44,7 @@ image_root = ""               # images of llava_json / karpathy data
 image_size = 224
 max_text_tokens = 256         # longer conversations are truncated (and counted)
 pad_to_multiple = 64          # text lengths are padded up to a multiple of this: few shapes for compiled blocks
-pack_length = 0               # > 0: pack each micro-batch's conversations into rows of this many tokens (stage 3)
+pack_length = 0               # > 0: pack each batch's conversations into rows of this many tokens (stage 3)
 max_skip_fraction = 0.01      # more bad samples than this stops the run
 num_workers = 4
 shapes_samples = 4000         # data_format synthetic: how many shape images (data.SyntheticShapes)
@@ -59,7 +59,8 @@ language_lr = 2e-5
 stages = []                   # several stages in one run: a list of dicts of the settings that differ (the demo)
 # optimisation (paper 4.2)
 global_batch = 128
-micro_batch = 16              # per GPU; gradient accumulation makes up the rest of the global batch
+micro_batch = 16              # per GPU; gradient accumulation makes up the rest of the global batch (packed: the
+                              # micro-batches hold as many tokens as this many samples of max_text_tokens)
 epochs = 1
 max_steps = 0                 # 0: as many as the epochs need
 warmup_steps = 20
@@ -157,12 +158,13 @@ def train_stage(cfg):
     elif is_main():
         os.makedirs(cfg["out_dir"], exist_ok=True)
         open(os.path.join(cfg["out_dir"], "metrics.jsonl"), "w").close()  # a fresh run starts a fresh log
-    total_steps = cfg["max_steps"] or cfg["epochs"] * len(stream) // grad_accum
+    total_steps = cfg["max_steps"] or cfg["epochs"] * len(stream)
     if total_steps <= 0:
-        raise ValueError(f"{cfg['dataset']}: {stream.samples_per_epoch} samples per rank make no optimizer step "
-                         f"of {grad_accum} micro-batches of {cfg['micro_batch']}")
+        raise ValueError(f"nothing to train: max_steps={cfg['max_steps']} and epochs={cfg['epochs']}")
+    micro_batches = (f"packed into micro-batches of at most {stream.pack_rows} rows of {cfg['pack_length']} tokens"
+                     if cfg["pack_length"] else f"{cfg['micro_batch']} x {grad_accum} accumulation")
     log(f"stage {cfg['stage']}: mask {cfg['mask_kind']}, noise {cfg['noise_prob']}, trainable {trainable}, "
-        f"{total_steps} steps of {cfg['global_batch']} ({world_size()} x {cfg['micro_batch']} x {grad_accum} accumulation)")
+        f"{total_steps} steps of {cfg['global_batch']} ({world_size()} ranks x {micro_batches})")
     if cfg["compile"]:
         model.compile_blocks(cfg["compile_mode"])
     runner = model
@@ -175,7 +177,7 @@ def train_stage(cfg):
         started = time.perf_counter()
         set_learning_rates(optimizer, step, total_steps, cfg)
         noise = torch.Generator(device).manual_seed(cfg["seed"] + 1000 * step + rank())  # per rank; the same after a resume
-        loss, n_images, n_tokens, flops = train_step(runner, batches, grad_accum, cfg, device, trainable, noise)
+        loss, n_images, n_tokens, flops = train_step(runner, next(batches), cfg, device, trainable, noise)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg["grad_clip"])
         loss = mean_over_ranks(loss)
         if not math.isfinite(loss) or not math.isfinite(grad_norm.item()):
@@ -212,25 +214,30 @@ def accumulation_steps(global_batch, micro_batch, n_ranks):
     return global_batch // (micro_batch * n_ranks)
 
 
-def train_step(runner, batches, grad_accum, cfg, device, trainable, noise=None):
-    """Forward and backward over `grad_accum` micro-batches; gradients are only synchronised on the last."""
+def train_step(runner, micro_batches, cfg, device, trainable, noise=None):
+    """Forward and backward over one batch's micro-batches; gradients are only synchronised on the last. Each
+    micro-batch's mean loss counts by its share of the labelled tokens of the global batch (all ranks), so
+    the gradient is that of the global batch's mean loss per token (eq. 1), however micro-batches and ranks
+    divide it. Returns this rank's part of that loss (mean_over_ranks completes it)."""
+    n_image_tokens = unwrap(runner).n_image_tokens
+    sizes = [batch_sizes(batch, n_image_tokens) for batch in micro_batches]
+    n_labels = sum_over_ranks(sum(labelled for _, _, labelled in sizes), device)
     total_loss = torch.zeros((), device=device)
     n_images = n_tokens = flops = 0
-    for micro_step in range(grad_accum):
-        batch = next(batches)
-        images, text_tokens, labelled = batch_sizes(batch, unwrap(runner).n_image_tokens)
+    for i, (batch, (images, text_tokens, labelled)) in enumerate(zip(micro_batches, sizes)):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        last = micro_step == grad_accum - 1
+        last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or not isinstance(runner, DDP) else runner.no_sync()
         autocast = torch.autocast(device.type, dtype=getattr(torch, cfg["dtype"]), enabled=cfg["dtype"] != "float32")
         torch.compiler.cudagraph_mark_step_begin()  # compile_mode reduce-overhead: the last step's graph outputs are free
         with sync:
             with autocast:
                 loss = runner(**batch, mask_kind=cfg["mask_kind"], noise_prob=cfg["noise_prob"], generator=noise)
-            (loss / grad_accum).backward()
-        total_loss += loss.detach() / grad_accum
+            share = labelled * world_size() / n_labels  # DDP averages the ranks' gradients: undo its division
+            (loss * share).backward()
+        total_loss += loss.detach() * share
         n_images += images
-        n_tokens += images * unwrap(runner).n_image_tokens + text_tokens
+        n_tokens += images * n_image_tokens + text_tokens
         flops += images * unwrap(runner).training_flops(text_tokens / images, labelled / images, trainable)
     return total_loss, n_images, n_tokens, flops
 
@@ -247,6 +254,15 @@ def batch_sizes(batch, n_image_tokens):
 
 def unwrap(runner):
     return runner.module if isinstance(runner, DDP) else runner
+
+
+def sum_over_ranks(count, device):
+    """A host-side count summed over the ranks (one small all-reduce per step)."""
+    if not dist.is_initialized():
+        return count
+    total = torch.tensor(count, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
 
 
 def mean_over_ranks(loss):
@@ -418,7 +434,9 @@ def open_source(cfg, split="train"):
 
 
 def open_stream(cfg, tokenizer, n_image_tokens):
-    return data.BatchStream(open_source(cfg), tokenizer, cfg["micro_batch"], image_size=cfg["image_size"],
+    """This rank's batches: its share of the global batch per optimizer step, in micro-batches."""
+    return data.BatchStream(open_source(cfg), tokenizer, cfg["global_batch"] // world_size(), cfg["micro_batch"],
+                            image_size=cfg["image_size"],
                             max_text_tokens=cfg["max_text_tokens"], seed=cfg["seed"], rank=rank(),
                             world_size=world_size(), num_workers=cfg["num_workers"],
                             max_skip_fraction=cfg["max_skip_fraction"], pad_to_multiple=cfg["pad_to_multiple"],
@@ -426,7 +444,7 @@ def open_stream(cfg, tokenizer, n_image_tokens):
 
 
 def endless(stream):
-    """Micro-batches, epoch after epoch (the stream knows where it is, for checkpoints)."""
+    """Batches (each a list of micro-batches), epoch after epoch (the stream knows where it is, for checkpoints)."""
     while True:
         yield from stream
 

@@ -151,8 +151,13 @@ def caption_numbers(batch, tokenizer):
     return numbers
 
 
+def batch_numbers(batch, tokenizer):
+    """Which rows a batch (a list of micro-batches) holds."""
+    return [n for micro_batch in batch for n in caption_numbers(micro_batch, tokenizer)]
+
+
 def stream_numbers(stream, tokenizer):
-    return [n for batch in stream for n in caption_numbers(batch, tokenizer)]
+    return [n for batch in stream for n in batch_numbers(batch, tokenizer)]
 
 
 @pytest.fixture
@@ -235,12 +240,13 @@ def test_batches_are_built_in_workers_and_arrive_in_the_same_order(captions_fold
     in_workers = list(make_stream(source, tokenizer, batch_size=3, num_workers=2))
     assert len(in_workers) == len(in_process) == 8
     for ours, theirs in zip(in_workers, in_process):
+        [ours], [theirs] = ours, theirs  # micro_batch = batch_size: one micro-batch per batch
         assert all(torch.equal(ours[key], theirs[key]) for key in ours)
 
 
 def test_resuming_continues_with_the_next_unseen_batch(captions_folder, tokenizer):
     source = LlavaParquet(str(captions_folder))
-    uninterrupted = [caption_numbers(batch, tokenizer) for batch in make_stream(source, tokenizer, batch_size=3)]
+    uninterrupted = [batch_numbers(batch, tokenizer) for batch in make_stream(source, tokenizer, batch_size=3)]
     stream = make_stream(source, tokenizer, batch_size=3, num_workers=2)
     for consumed, batch in enumerate(stream, start=1):  # DataLoader workers run ahead; only handed-out batches count
         if consumed == 3:
@@ -249,7 +255,7 @@ def test_resuming_continues_with_the_next_unseen_batch(captions_folder, tokenize
     assert (state["epoch"], state["samples_consumed"]) == (0, 9)
     resumed = make_stream(source, tokenizer, batch_size=3)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # the state survives a JSON checkpoint
-    assert [caption_numbers(batch, tokenizer) for batch in resumed] == uninterrupted[3:]
+    assert [batch_numbers(batch, tokenizer) for batch in resumed] == uninterrupted[3:]
     assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["samples_consumed"] == 0
     with pytest.raises(ValueError, match="seed"):
         make_stream(source, tokenizer, seed=7).load_state_dict(state)
@@ -299,7 +305,7 @@ def test_missing_image_file_is_skipped_naming_the_file(tmp_path, tokenizer, capl
     stream = make_stream(LlavaJson(str(tmp_path / "data.json"), str(tmp_path)), tokenizer, max_skip_fraction=0.5)
     with caplog.at_level(logging.WARNING, logger="data"):
         batches = list(stream)
-    assert sum(len(batch["input_ids"]) for batch in batches) == 1
+    assert sum(len(micro_batch["input_ids"]) for batch in batches for micro_batch in batch) == 1
     assert "gone.png" in caplog.text and stream.counts["skipped"] == 1
 
 
@@ -322,7 +328,7 @@ def test_truncated_texts_are_counted(tmp_path, tokenizer):
     full_length = len(encode_conversation(tokenizer, caption_row(0)["conversations"])[0])
     cut_into_answer = full_length - 3
     stream = make_stream(LlavaParquet(str(tmp_path)), tokenizer, max_text_tokens=cut_into_answer)
-    assert {batch["input_ids"].shape[1] for batch in stream} == {cut_into_answer}
+    assert {micro_batch["input_ids"].shape[1] for batch in stream for micro_batch in batch} == {cut_into_answer}
     assert stream.counts == {"skipped": 0, "text_only": 0, "truncated": 8}
 
 
@@ -369,18 +375,20 @@ def test_heldout_captions_are_new_strings_made_of_seen_parts():
 def test_a_batch_holds_the_clean_text_and_the_preprocessed_image(tokenizer):
     """No stage-0 noise here: the model applies it (masks.add_noise), so labels and inputs stay clean."""
     source = SyntheticShapes(1, image_size=32, questions=2)
-    [batch] = make_stream(source, tokenizer, image_size=32)
+    [[batch]] = make_stream(source, tokenizer, image_size=32)  # one batch of one micro-batch
     input_ids, labels = encode_conversation(tokenizer, source.record(0)["conversations"])
     assert batch["input_ids"].tolist() == [input_ids] and batch["labels"].tolist() == [labels]
     assert torch.equal(batch["pixel_values"][0], preprocess_image(source.record(0)["image"], image_size=32))
 
 
-def test_shapes_stream_batches(tokenizer):
-    stream = make_stream(SyntheticShapes(10, image_size=32, questions=1), tokenizer, batch_size=4, image_size=32)
+def test_a_batch_is_one_optimizer_step_in_micro_batches(tokenizer):
+    stream = make_stream(SyntheticShapes(10, image_size=32, questions=1), tokenizer, batch_size=4, micro_batch=2,
+                         image_size=32)
     batches = list(stream)
-    assert [len(batch["input_ids"]) for batch in batches] == [4, 4, 2] and len(stream) == 3
-    assert batches[0]["pixel_values"].shape == (4, 3, 32, 32)
-    assert (batches[0]["labels"] != IGNORE_INDEX).sum(1).min() > 0
+    assert [[len(micro_batch["input_ids"]) for micro_batch in batch] for batch in batches] == [[2, 2], [2, 2], [2]]
+    assert len(stream) == 3  # batches (optimizer steps) per epoch
+    assert batches[0][0]["pixel_values"].shape == (2, 3, 32, 32)
+    assert (batches[0][0]["labels"] != IGNORE_INDEX).sum(1).min() > 0
 
 
 def test_demo_tokenizer_knows_the_chat_tokens_and_the_shape_words(tokenizer, tmp_path):
@@ -395,12 +403,19 @@ def test_demo_tokenizer_knows_the_chat_tokens_and_the_shape_words(tokenizer, tmp
 
 
 def test_packed_stream_puts_several_conversations_in_a_row(tokenizer):
+    """With pack_length, a batch's conversations share rows; a micro-batch has at most as many tokens as
+    micro_batch padded samples of max_text_tokens: 4 x (4 + 60) = 256 tokens, 2 rows of 128."""
     shapes = SyntheticShapes(24, image_size=32, questions=2)
-    padded = next(iter(BatchStream(shapes, tokenizer, 8, image_size=32, num_workers=0)))
-    packed = next(iter(BatchStream(shapes, tokenizer, 8, image_size=32, num_workers=0, pack_length=512,
-                                   n_image_tokens=4)))
-    assert "document" in packed and len(packed["pixel_values"]) == 8
-    assert packed["input_ids"].shape[0] < 8 and packed["input_ids"].shape[1] == 512  # fewer rows than samples
-    assert (packed["document"] >= 0).sum() == 8 * 4 + padded["text_mask"].sum()  # every token kept, no padding inside
-    assert sorted(packed["labels"][packed["labels"] != -100].tolist()) == sorted(
-        padded["labels"][padded["labels"] != -100].tolist())
+    settings = dict(image_size=32, num_workers=0, max_text_tokens=60)
+    [padded] = next(iter(BatchStream(shapes, tokenizer, 8, **settings)))
+    stream = BatchStream(shapes, tokenizer, 8, micro_batch=4, **settings, pack_length=128, n_image_tokens=4)
+    packed = next(iter(stream))
+    assert stream.pack_rows == 2 and all(len(micro_batch["input_ids"]) <= 2 for micro_batch in packed)
+    assert sum(len(micro_batch["pixel_values"]) for micro_batch in packed) == 8  # every conversation, once
+    assert sum(len(micro_batch["input_ids"]) for micro_batch in packed) < 8        # in fewer rows than samples
+    kept = sum(int((micro_batch["document"] >= 0).sum()) for micro_batch in packed)
+    assert kept == 8 * 4 + padded["text_mask"].sum()  # every token kept
+    labels = torch.cat([micro_batch["labels"].flatten() for micro_batch in packed])
+    assert sorted(labels[labels != -100].tolist()) == sorted(padded["labels"][padded["labels"] != -100].tolist())
+    with pytest.raises(ValueError, match="pack_length=63 cannot hold one sample"):
+        BatchStream(shapes, tokenizer, 8, **settings, pack_length=63, n_image_tokens=4)

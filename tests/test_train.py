@@ -56,7 +56,7 @@ def test_stages_0_and_1_train_only_the_projector(stage, mask_kind, noise_prob):
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     batches = train.endless(train.open_stream(cfg, tokenizer, model.n_image_tokens))
     train.set_learning_rates(optimizer, 0, 10, cfg)
-    train.train_step(model, batches, 2, cfg, torch.device("cpu"), trainable)
+    train.train_step(model, next(batches), cfg, torch.device("cpu"), trainable)
     optimizer.step()
     for name, p in model.named_parameters():
         if name.startswith("projector."):
@@ -64,6 +64,32 @@ def test_stages_0_and_1_train_only_the_projector(stage, mask_kind, noise_prob):
         else:
             assert torch.equal(p, before[name]), f"{name} changed although frozen"
             assert p.grad is None
+
+
+def test_micro_batches_divide_a_batch_without_changing_its_gradient():
+    """A batch's loss is the mean over all its labelled tokens (eq. 1), however micro-batches split it: each
+    micro-batch's mean counts by its share of the labels. Conversations of different lengths, so a plain mean
+    of the micro-batch means would differ."""
+    import data
+    cfg, tokenizer, model, trainable, _ = tiny_setup(stage=3, shapes_questions=2)
+    source = data.SyntheticShapes(4, image_size=32, questions=2)
+    samples = [data.make_sample(source.record(i), tokenizer, 32, 256, data.DEFAULT_SYSTEM_PROMPT)[0] for i in range(4)]
+    assert len({sum(label != data.IGNORE_INDEX for label in s["labels"]) for s in samples}) > 1
+
+    def loss_and_gradients(split):
+        model.zero_grad()
+        micro_batches, start = [], 0
+        for size in split:
+            micro_batches.append(data.collate(samples[start:start + size], tokenizer.pad_id))
+            start += size
+        loss = train.train_step(model, micro_batches, cfg, torch.device("cpu"), trainable)[0]
+        return loss, [p.grad.clone() for p in model.parameters()]
+
+    whole_loss, whole = loss_and_gradients([4])
+    for split in ([1, 3], [2, 2], [1, 1, 1, 1]):
+        loss, gradients = loss_and_gradients(split)
+        assert abs(loss.item() - whole_loss.item()) < 1e-5, split
+        assert max((a - b).abs().max().item() for a, b in zip(gradients, whole)) < 1e-5, split
 
 
 def test_every_module_has_its_own_learning_rate_on_the_schedule():
@@ -160,8 +186,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
 
 
 def test_packed_rows_train_like_padded_rows(tmp_path):
-    """With pack_length, a micro-batch's conversations share rows (data.pack_documents); each still sees only
-    itself, so the same samples give the same losses as padded rows."""
+    """With pack_length, a batch's conversations share rows (data.pack_micro_batches: here micro-batches of one
+    row of 256 tokens, so they divide the batch differently from the padded micro-batches of 4); each still
+    sees only itself, and a batch's loss is the mean over its labels, so the losses are those of padded rows."""
     common = dict(stage=3, shapes_questions=2, max_steps=3, vision_lr=1e-3, projector_lr=1e-3, language_lr=1e-3)
     padded = run_train(tmp_path / "padded", **common)
     packed = run_train(tmp_path / "packed", pack_length=256, **common)
