@@ -19,7 +19,6 @@ the plain reference path with a dense mask.
 """
 import argparse
 import gc
-import itertools
 import json
 import random
 import time
@@ -40,7 +39,7 @@ ISSUE_CASES = [
     dict(stage=1, micro_batch=32, text_len=144, anchor=204, target=400),
     dict(stage=3, micro_batch=8, text_len=768, anchor=41, target=100),
     dict(stage=2, micro_batch=32, text_len=144, anchor=129),
-    dict(stage=3, micro_batch=8, text_len=768, packed=True),  # variable-length conversations in 4 rows of 2048
+    dict(stage=3, micro_batch=8, text_len=768, packed=True),  # a batch of 128 conversations in micro-batches of 4 rows of 2048
     dict(stage=2, micro_batch=16, text_len=144, compile_mode="reduce-overhead", anchor=80, target=200),  # CUDA graphs
 ]
 SMALL = dict(vision=SigLIPConfig(image_size=56, patch_size=14, hidden_size=64, intermediate_size=128,
@@ -216,23 +215,26 @@ def conversation_lengths(n, longest, seed=0):
     return [max(8, min(longest, round(rng.lognormvariate(0, 0.7) * longest / 3))) for _ in range(n)]
 
 
-def packed_batch(config, case, device, pool_size=64, n_batches=20):
-    """Conversations of up to text_len text tokens packed (data.pack_documents) into micro_batch / 2 rows of
-    twice the length: the tokens of a padded micro-batch, in rows long enough for documents to share. As a
-    data loader would, each batch packs a pool of conversations and what does not fit waits for the next.
-    The padding is averaged over `n_batches` batches, the last of which is timed, and compared with padding
-    every micro_batch conversations to the longest."""
+def packed_batch(config, case, device, batch_size=128, n_batches=20):
+    """Conversations of up to text_len text tokens, packed as train.py packs them (data.pack_micro_batches): the
+    batch_size conversations of an optimizer step on one GPU share rows of twice the longest sample, in
+    micro-batches of at most the tokens of micro_batch padded samples. The padding is averaged over all the
+    micro-batches of `n_batches` batches and compared with padding micro_batch conversations to the longest;
+    of the last batch, a full micro-batch holding the median number of conversations is the one timed."""
     n_image_tokens = (config.vision.image_size // config.vision.patch_size) ** 2
-    rows, row_len = max(1, case["micro_batch"] // 2), 2 * (n_image_tokens + case["text_len"])
-    lengths = conversation_lengths(pool_size * n_batches, case["text_len"])
+    row_len = 2 * (n_image_tokens + case["text_len"])
+    rows = max(1, case["micro_batch"] * (n_image_tokens + case["text_len"]) // row_len)
+    lengths = conversation_lengths(batch_size * n_batches, case["text_len"])
     image = torch.randn(3, config.vision.image_size, config.vision.image_size)  # one for all: only time matters
-    unread, pool, pads, slots = iter(lengths), [], 0, 0
-    for _ in range(n_batches):
-        for n in itertools.islice(unread, pool_size - len(pool)):
-            text = torch.randint(0, config.language.vocab_size, (n,))
-            pool.append({"pixel_values": image, "input_ids": text, "labels": text})
-        batch, pool = data.pack_documents(pool, row_len, n_image_tokens, rows=rows)
-        pads, slots = pads + int((batch["document"] < 0).sum()), slots + batch["document"].numel()
+    pads = slots = 0
+    for start in range(0, len(lengths), batch_size):
+        texts = [torch.randint(0, config.language.vocab_size, (n,)) for n in lengths[start:start + batch_size]]
+        micro_batches = data.pack_micro_batches([{"pixel_values": image, "input_ids": t, "labels": t} for t in texts],
+                                                row_len, n_image_tokens, rows)
+        pads += sum(int((b["document"] < 0).sum()) for b in micro_batches)
+        slots += sum(b["document"].numel() for b in micro_batches)
+    full = sorted((b for b in micro_batches if len(b["input_ids"]) == rows), key=lambda b: len(b["pixel_values"]))
+    batch = full[len(full) // 2]  # the longest conversations come first: time a typical micro-batch, not the first
     n_images, n_tokens = len(batch["pixel_values"]), int((batch["document"] >= 0).sum())
     groups = [lengths[i:i + case["micro_batch"]] for i in range(0, len(lengths), case["micro_batch"])]
     padded = sum(len(group) * (n_image_tokens + max(group)) for group in groups)

@@ -536,8 +536,9 @@ class VLM(nn.Module):
         """torch.compile each transformer block ("regional" compilation), for training. The 27 vision and 24
         language blocks share two compiled graphs, so compiling takes a fraction of the whole model's time;
         inside a block the norms, activations and RoPE fuse around the matmuls, and FlexAttention becomes
-        one fused kernel. Shapes stay static (the fastest kernels; FlexAttention with dynamic shapes fails
-        to compile on the CPU): each new batch shape compiles anew, so pad batches to a few fixed lengths.
+        one fused kernel. The language blocks' shapes stay static (the fastest kernels; FlexAttention with
+        dynamic shapes fails to compile on the CPU): each new batch shape compiles anew, so pad batches to a
+        few fixed lengths.
         Up to `max_shapes` shapes are compiled (text lengths, packed row counts, batches shortened by skipped
         samples); past torch's default of 8 a block would silently run eagerly, several times slower.
 
@@ -545,8 +546,12 @@ class VLM(nn.Module):
         GPU runs a block's kernels faster than Python launches them one by one, and a graph launches them all
         at once."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, max_shapes)
-        for block in [*self.vision.layers, *self.language.layers]:
+        for block in self.language.layers:
             block.compile(mode=mode, dynamic=False)
+        # packed micro-batches hold varying numbers of images: after the first change, the vision blocks are
+        # compiled once more for any number (their one other dimension, 256 patches, never changes)
+        for block in self.vision.layers:
+            block.compile(mode=mode, dynamic=None)
 
     # --- generation ------------------------------------------------------------
 
