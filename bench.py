@@ -54,6 +54,8 @@ def parse_args():
     parser.add_argument("--micro_batch", type=int, help="default: 16, or 256 images with --generate")
     parser.add_argument("--text_len", type=int, help="text tokens after the image tokens (default: 144, or a "
                                                       "prompt of 20 with --generate)")
+    parser.add_argument("--labelled", type=int, help="labelled text tokens per sample, the last ones (default: all, as "
+                                                      "the anchor; a stage-2 caption: about 52 of 128)")
     parser.add_argument("--packed", action="store_true", help="variable-length conversations packed into the rows")
     parser.add_argument("--generate", action="store_true", help="time greedy captioning instead of training")
     parser.add_argument("--new_tokens", type=int, default=30)
@@ -114,7 +116,7 @@ def cases(args):
         chosen = [dict(defaults, **case) for case in ISSUE_CASES]
     else:
         chosen = [dict(defaults, stage=2 if args.stage is None else args.stage, packed=args.packed, generate=args.generate,
-                       micro_batch=args.micro_batch or (256 if args.generate else 16),
+                       micro_batch=args.micro_batch or (256 if args.generate else 16), labelled=args.labelled,
                        text_len=args.text_len or (20 if args.generate else 144))]
     if args.small:  # a batch the CPU finishes in seconds; the same cases otherwise
         for case in chosen:
@@ -127,7 +129,8 @@ def case_name(case):
     if case["generate"]:
         return f"generate_b{case['micro_batch']}_{case['new_tokens']}tok"
     packed = "_packed" if case["packed"] else ""
-    return (f"stage{case['stage']}_b{case['micro_batch']}_text{case['text_len']}{packed}_{case['attention']}"
+    labelled = f"_labelled{case['labelled']}" if case.get("labelled") else ""
+    return (f"stage{case['stage']}_b{case['micro_batch']}_text{case['text_len']}{labelled}{packed}_{case['attention']}"
             f"{compile_name(case)}{'_ckpt' if case['grad_ckpt'] else ''}")
 
 
@@ -197,12 +200,15 @@ def stage_settings(stage, grad_ckpt):
 
 
 def padded_batch(config, case, device):
-    """Every sample [256 image | text_len text] tokens, every text token labelled (as in the anchor)."""
+    """Every sample [256 image | text_len text] tokens, every text token labelled (as in the anchor), or only the
+    last `labelled` (the answer after an unlabelled prompt)."""
     B, T = case["micro_batch"], case["text_len"]
     input_ids = torch.randint(0, config.language.vocab_size, (B, T))
+    labels = input_ids.clone()
+    labels[:, :T - min(case.get("labelled") or T, T)] = data.IGNORE_INDEX
     batch = {"pixel_values": torch.randn(B, 3, config.vision.image_size, config.vision.image_size),
-             "input_ids": input_ids, "labels": input_ids.clone(), "text_mask": torch.ones(B, T, dtype=torch.bool),
-             "label_positions": data.label_positions(input_ids)}
+             "input_ids": input_ids, "labels": labels, "text_mask": torch.ones(B, T, dtype=torch.bool),
+             "label_positions": data.label_positions(labels)}
     batch = {k: v.to(device) for k, v in batch.items()}
     n_image_tokens = (config.vision.image_size // config.vision.patch_size) ** 2
     return batch, B, B * (n_image_tokens + T), {}

@@ -162,9 +162,9 @@ def train_stage(cfg):
     if total_steps <= 0:
         raise ValueError(f"nothing to train: max_steps={cfg['max_steps']} and epochs={cfg['epochs']}")
     micro_batches = (f"packed into micro-batches of at most {stream.pack_rows} rows of {cfg['pack_length']} tokens"
-                     if cfg["pack_length"] else f"{cfg['micro_batch']} x {grad_accum} accumulation")
+                     if cfg["pack_length"] else f"{grad_accum} micro-batch(es) of {cfg['micro_batch']}")
     log(f"stage {cfg['stage']}: mask {cfg['mask_kind']}, noise {cfg['noise_prob']}, trainable {trainable}, "
-        f"{total_steps} steps of {cfg['global_batch']} ({world_size()} ranks x {micro_batches})")
+        f"{total_steps} steps of {cfg['global_batch']} samples; on each of {world_size()} rank(s), {micro_batches}")
     if cfg["compile"]:
         model.compile_blocks(cfg["compile_mode"])
     runner = model
