@@ -39,7 +39,7 @@ ISSUE_CASES = [
     dict(stage=1, micro_batch=32, text_len=144, anchor=204, target=400),
     dict(stage=3, micro_batch=8, text_len=768, anchor=41, target=100),
     dict(stage=2, micro_batch=32, text_len=144, anchor=129),
-    dict(stage=3, micro_batch=8, text_len=768, packed=True),  # a batch of 128 conversations in micro-batches of 4 rows of 2048
+    dict(stage=3, micro_batch=8, text_len=768, packed=True),  # 128 conversations, micro-batches of 4 rows of 2048
     dict(stage=2, micro_batch=16, text_len=144, compile_mode="reduce-overhead", anchor=80, target=200),  # CUDA graphs
 ]
 SMALL = dict(vision=SigLIPConfig(image_size=56, patch_size=14, hidden_size=64, intermediate_size=128,
@@ -61,8 +61,8 @@ def parse_args():
     parser.add_argument("--new_tokens", type=int, default=30)
     parser.add_argument("--attention", choices=["sdpa", "flex", "flash"], help="default: flash on the GPU, sdpa on the CPU")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="default: on the GPU only")
-    parser.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
-                        help="torch.compile's mode for the blocks; reduce-overhead replays them as CUDA graphs")
+    parser.add_argument("--compile_mode", default="default",
+                        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"], help="torch.compile's mode for the blocks; reduce-overhead replays them as CUDA graphs")
     parser.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the trainable towers")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="a tiny model and batch, for the CPU")

@@ -519,7 +519,7 @@ def make_sample(record, tokenizer, image_size, max_text_tokens, system_prompt):
 def collate(samples, pad_id, pad_to_multiple=1):
     """Samples -> a batch, texts right-padded to the longest (rounded up to `pad_to_multiple`, so a compiled
     model meets few distinct shapes): pixel_values [B,3,H,W], input_ids [B,T], labels [B,T] (IGNORE_INDEX on
-    padding), text_mask [B,T] (True on real tokens), label_positions [N] (label_positions)."""
+    padding), text_mask [B,T] (True on real tokens), label_positions [N] (see label_positions)."""
     length = max(len(sample["input_ids"]) for sample in samples)
     length = -(-length // pad_to_multiple) * pad_to_multiple
     input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
@@ -543,8 +543,8 @@ def pack_documents(samples, max_len, n_image_tokens, pad_id=0, rows=None):
     collate). Returns (batch, rest). `batch` holds "pixel_values" [N, 3, H, W], one image per document
     in row order; "input_ids", "labels", "document" [rows, max_len] over whole rows, where a document's image
     slots come first (input pad_id, label -100), then its text, and `document` numbers the documents of each
-    row 0, 1, ... and marks padding -1; and label_positions: the arguments of VLM.forward_packed. `rest` lists the samples that did not
-    fit in at most `rows` rows (rows=None: as many rows as needed, so `rest` is empty)."""
+    row 0, 1, ... and marks padding -1; and "label_positions": the arguments of VLM.forward_packed. `rest`
+    lists the samples that did not fit in at most `rows` rows (rows=None: as many as needed, `rest` is empty)."""
     lengths = [n_image_tokens + len(s["input_ids"]) for s in samples]
     too_long = [i for i, length in enumerate(lengths) if length > max_len]
     if too_long:
