@@ -545,7 +545,8 @@ class VLM(nn.Module):
         mode="reduce-overhead" also records each block as a CUDA graph and replays it: at micro-batch 16 the
         GPU runs a block's kernels faster than Python launches them one by one, and a graph launches them all
         at once."""
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, max_shapes)
+        config = torch._dynamo.config  # cache_size_limit: the name for the recompile limit in every torch >= 2.5
+        config.cache_size_limit = max(config.cache_size_limit, max_shapes)
         for block in self.language.layers:
             block.compile(mode=mode, dynamic=False)
         # packed micro-batches hold varying numbers of images: after the first change, the vision blocks are
