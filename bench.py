@@ -208,7 +208,7 @@ def padded_batch(config, case, device):
     labels[:, :T - min(case.get("labelled") or T, T)] = data.IGNORE_INDEX
     batch = {"pixel_values": torch.randn(B, 3, config.vision.image_size, config.vision.image_size),
              "input_ids": input_ids, "labels": labels, "text_mask": torch.ones(B, T, dtype=torch.bool),
-             "label_positions": data.label_positions(labels)}
+             "label_positions": data.find_label_positions(labels)}
     batch = {k: v.to(device) for k, v in batch.items()}
     n_image_tokens = (config.vision.image_size // config.vision.patch_size) ** 2
     return batch, B, B * (n_image_tokens + T), {}

@@ -519,7 +519,7 @@ def make_sample(record, tokenizer, image_size, max_text_tokens, system_prompt):
 def collate(samples, pad_id, pad_to_multiple=1):
     """Samples -> a batch, texts right-padded to the longest (rounded up to `pad_to_multiple`, so a compiled
     model meets few distinct shapes): pixel_values [B,3,H,W], input_ids [B,T], labels [B,T] (IGNORE_INDEX on
-    padding), text_mask [B,T] (True on real tokens), label_positions [N] (see label_positions)."""
+    padding), text_mask [B,T] (True on real tokens), label_positions [N] (see find_label_positions)."""
     length = max(len(sample["input_ids"]) for sample in samples)
     length = -(-length // pad_to_multiple) * pad_to_multiple
     input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
@@ -532,7 +532,7 @@ def collate(samples, pad_id, pad_to_multiple=1):
         text_mask[i, :n] = True
     pixel_values = torch.stack([sample["pixel_values"] for sample in samples])
     return {"pixel_values": pixel_values, "input_ids": input_ids, "labels": labels, "text_mask": text_mask,
-            "label_positions": label_positions(labels)}
+            "label_positions": find_label_positions(labels)}
 
 
 def pack_documents(samples, max_len, n_image_tokens, pad_id=0, rows=None):
@@ -576,7 +576,7 @@ def pack_documents(samples, max_len, n_image_tokens, pad_id=0, rows=None):
     order = [i for docs in contents for i in docs]
     pixel_values = torch.stack([samples[i]["pixel_values"] for i in order])
     batch = {"pixel_values": pixel_values, "input_ids": input_ids, "labels": labels, "document": document,
-             "label_positions": label_positions(labels)}
+             "label_positions": find_label_positions(labels)}
     return batch, rest
 
 
@@ -590,7 +590,7 @@ def pack_micro_batches(samples, max_len, n_image_tokens, rows, pad_id=0):
     return micro_batches
 
 
-def label_positions(labels):
+def find_label_positions(labels):
     """The entries of labels.flatten() that carry a label: the only positions whose logits the model computes.
     Found here, on the host, so that the training step never waits for the GPU to count them."""
     return (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)

@@ -499,7 +499,7 @@ class VLM(nn.Module):
         mask = self.mask(mask_kind, document >= 0, document)                        # attn_mask <- update_attention(...)
         hidden = self.language.hidden_states(inputs_embeds=sequence, mask=mask, position_ids=masks.document_positions(document))
         if label_positions is None:
-            label_positions = labelled(labels)
+            label_positions = find_label_positions(labels)
         # the token before each labelled token predicts it (rows start with an image token: never the row above)
         rows = hidden.flatten(0, 1)[label_positions - 1]
         return next_token_loss(self.language.lm_head.weight, rows, labels.flatten()[label_positions])
@@ -524,7 +524,7 @@ class VLM(nn.Module):
         the prompt and the padding never reach the output layer. `hidden` covers [image | text] [B, S, D],
         `labels` the text [B, T]."""
         if label_positions is None:
-            label_positions = labelled(labels)
+            label_positions = find_label_positions(labels)
         # text token t of sample b (entry b*T + t of labels.flatten()) is predicted by the hidden state just
         # before it, row b*S + n_image_tokens + t - 1 of hidden.flatten(0, 1): the last image token predicts
         # the first text token
@@ -645,8 +645,8 @@ def positions(keep):
     return (keep.long().cumsum(1) - 1).clamp(min=0)
 
 
-def labelled(labels):
-    """The entries of labels.flatten() that carry a label (data.label_positions computes the same on the host)."""
+def find_label_positions(labels):
+    """The entries of labels.flatten() that carry a label (data.find_label_positions does the same on the host)."""
     return (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
 
 
