@@ -223,28 +223,37 @@ def conversation_lengths(n, longest, seed=0):
 
 def packed_batch(config, case, device, batch_size=128, n_batches=20):
     """Conversations of up to text_len text tokens, packed as train.py packs them (data.pack_micro_batches): the
-    batch_size conversations of an optimizer step on one GPU share rows of twice the longest sample, in
-    micro-batches of at most the tokens of micro_batch padded samples. The padding is averaged over all the
-    micro-batches of `n_batches` batches and compared with padding micro_batch conversations to the longest;
-    of the last batch, a full micro-batch holding the median number of conversations is the one timed."""
+    batch_size conversations of an optimizer step on one GPU share rows of twice the longest sample, cut into
+    micro-batches of at most the tokens of micro_batch padded samples, each as long as its fullest row
+    (rounded up to stage 3's pad_to_multiple). The padding is averaged over all the micro-batches of
+    `n_batches` batches, on one GPU and on eight (16 conversations per rank and step), and compared with
+    padding micro_batch conversations to the longest; of the last batch, a full micro-batch holding the
+    median number of conversations is the one timed."""
     n_image_tokens = (config.vision.image_size // config.vision.patch_size) ** 2
     row_len = 2 * (n_image_tokens + case["text_len"])
     rows = max(1, case["micro_batch"] * (n_image_tokens + case["text_len"]) // row_len)
     lengths = conversation_lengths(batch_size * n_batches, case["text_len"])
     image = torch.randn(3, config.vision.image_size, config.vision.image_size)  # one for all: only time matters
-    pads = slots = 0
-    for start in range(0, len(lengths), batch_size):
-        texts = [torch.randint(0, config.language.vocab_size, (n,)) for n in lengths[start:start + batch_size]]
-        micro_batches = data.pack_micro_batches([{"pixel_values": image, "input_ids": t, "labels": t} for t in texts],
-                                                row_len, n_image_tokens, rows)
-        pads += sum(int((b["document"] < 0).sum()) for b in micro_batches)
-        slots += sum(b["document"].numel() for b in micro_batches)
-    full = sorted((b for b in micro_batches if len(b["input_ids"]) == rows), key=lambda b: len(b["pixel_values"]))
+    pad_to_multiple = stage_settings(case["stage"], False)["pad_to_multiple"]
+
+    def pack(texts):
+        samples = [{"pixel_values": image, "input_ids": t, "labels": t} for t in texts]
+        return data.pack_micro_batches(samples, row_len, n_image_tokens, rows, pad_to_multiple=pad_to_multiple)
+
+    def padding(per_step):
+        micro_batches = [b for i in range(0, len(lengths), per_step)
+                         for b in pack([torch.zeros(n, dtype=torch.long) for n in lengths[i:i + per_step]])]
+        return round(sum(int((b["document"] < 0).sum()) for b in micro_batches)
+                     / sum(b["document"].numel() for b in micro_batches), 3)
+
+    texts = [torch.randint(0, config.language.vocab_size, (n,)) for n in lengths[-batch_size:]]
+    full = sorted((b for b in pack(texts) if b["document"].shape == (rows, row_len)), key=lambda b: len(b["pixel_values"]))
     batch = full[len(full) // 2]  # the longest conversations come first: time a typical micro-batch, not the first
     n_images, n_tokens = len(batch["pixel_values"]), int((batch["document"] >= 0).sum())
     groups = [lengths[i:i + case["micro_batch"]] for i in range(0, len(lengths), case["micro_batch"])]
     padded = sum(len(group) * (n_image_tokens + max(group)) for group in groups)
-    padding = {"rows": rows, "row_len": row_len, "padding_packed": round(pads / slots, 3),
+    padding = {"rows": rows, "row_len": row_len, "padding_packed": padding(batch_size),
+               "padding_packed_8_gpus": padding(batch_size // 8),
                "padding_if_padded_to_longest": round(1 - sum(n_image_tokens + n for n in lengths) / padded, 3)}
     return {k: v.to(device) for k, v in batch.items()}, n_images, n_tokens, padding
 

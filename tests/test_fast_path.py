@@ -1,6 +1,9 @@
 """The fast path computes what the simple path computes: FlexAttention block masks against SDPA with the dense
 mask (forward and gradients, padded and packed), the chunked loss against full logits, packed rows against one
 sample per row, and compiled blocks against eager ones. Small random models on the CPU."""
+import math
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -145,7 +148,7 @@ def test_prefix_by_blocks_with_flash_kernels_equals_the_dense_mask():
 
 def test_packed_loss_and_gradients_flex_equals_sdpa(flex_backward_on_cpu):
     model = tiny_vlm()
-    packed, _ = data.pack_documents(samples_of(padded_batch([7, 4, 9, 3, 5])), max_len=16, n_image_tokens=N_IMAGE)
+    packed = data.pack_documents(samples_of(padded_batch([7, 4, 9, 3, 5])), max_len=16, n_image_tokens=N_IMAGE)
     run = lambda: model.forward_packed(**packed)
     assert_same_loss_and_gradients(with_attention(model, "sdpa", run), with_attention(model, "flex", run))
 
@@ -210,18 +213,46 @@ def test_only_labelled_positions_reach_the_output_layer(monkeypatch):
 def test_pack_documents_layout():
     samples = [{"pixel_values": torch.full((3, 28, 28), float(i)), "input_ids": torch.arange(n) + 10 * i,
                 "labels": torch.arange(n) + 10 * i} for i, n in enumerate([6, 2, 3, 9])]
-    batch, rest = data.pack_documents(samples, max_len=14, n_image_tokens=N_IMAGE, pad_id=0)
-    # documents of 10, 6, 7 and 13 tokens (4 image + text); longest first, each into the first row with room:
-    # #3 (13) opens row 0, #0 (10) row 1, #2 (7) fits in neither and opens row 2, where #1 (6) joins it
-    assert rest == []
-    assert batch["document"].tolist() == [[0] * 13 + [-1], [0] * 10 + [-1] * 4, [0] * 7 + [1] * 6 + [-1]]
-    assert batch["input_ids"][2].tolist() == [0] * 4 + [20, 21, 22] + [0] * 4 + [10, 11] + [0]
-    assert batch["labels"][2].tolist() == [-100] * 4 + [20, 21, 22] + [-100] * 4 + [10, 11] + [-100]
+    batch = data.pack_documents(samples, max_len=14, n_image_tokens=N_IMAGE, pad_id=0)
+    # documents of 10, 6, 7 and 13 tokens (4 image + text) in rows of 14: #3 (13) and #0 (10) leave no room
+    # for any other, so each has a row; #2 (7) opens the third and #1 (6) joins it. The rows are as long as
+    # the fullest (13), not max_len
+    assert batch["document"].tolist() == [[0] * 13, [0] * 10 + [-1] * 3, [0] * 7 + [1] * 6]
+    assert batch["input_ids"][2].tolist() == [0] * 4 + [20, 21, 22] + [0] * 4 + [10, 11]
+    assert batch["labels"][2].tolist() == [-100] * 4 + [20, 21, 22] + [-100] * 4 + [10, 11]
     assert batch["pixel_values"][:, 0, 0, 0].tolist() == [3, 0, 2, 1]  # one image per document, in row order
-    limited, rest = data.pack_documents(samples, max_len=14, n_image_tokens=N_IMAGE, rows=2)
-    assert limited["pixel_values"][:, 0, 0, 0].tolist() == [3, 0] and [s["input_ids"][0] for s in rest] == [20, 10]
+    rounded = data.pack_documents(samples, max_len=14, n_image_tokens=N_IMAGE, pad_to_multiple=4)
+    assert rounded["document"].shape == (3, 14)  # 13 rounded up to 16, cut to max_len
+    wider = data.pack_documents(samples, max_len=32, n_image_tokens=N_IMAGE, pad_to_multiple=4)
+    assert wider["document"].shape == (2, 32)  # rows of 13 + 10 + 7 and of 6 tokens: 30, rounded up to 32
+    some_rows = data.pack_documents(samples, max_len=14, n_image_tokens=N_IMAGE, rows=[[2, 1]])
+    assert some_rows["pixel_values"][:, 0, 0, 0].tolist() == [2, 1] and some_rows["document"].shape == (1, 13)
     with pytest.raises(ValueError, match="max_len"):
         data.pack_documents(samples, max_len=12, n_image_tokens=N_IMAGE)
+
+
+def test_fill_rows_leaves_less_room_than_first_fit():
+    """Rows of 10 for documents of 5, 4, 3, 3, 3, 2 tokens: first-fit, longest first, puts 5 + 4 in the first
+    row and then needs three rows; trying each second document finds 5 + 3 + 2 and 4 + 3 + 3, two full rows."""
+    rows = data.fill_rows([5, 4, 3, 3, 3, 2], max_len=10)
+    assert rows == [[0, 2, 5], [1, 3, 4]]
+
+
+def test_fill_rows_places_every_document_once_within_the_rows():
+    lengths = [random.Random(seed).randint(1, 50) for seed in range(300)]
+    rows = data.fill_rows(lengths, max_len=64)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
+    assert len(rows) <= math.ceil(sum(lengths) / 64) + 2  # close to the bound no packing can beat
+
+
+def test_pack_micro_batches_cuts_the_rows_into_micro_batches():
+    samples = [{"pixel_values": torch.zeros(3, 28, 28), "input_ids": torch.arange(n), "labels": torch.arange(n)}
+               for n in [6, 2, 3, 9, 1, 5, 4]]
+    micro_batches = data.pack_micro_batches(samples, max_len=14, n_image_tokens=N_IMAGE, rows=2)
+    assert [len(b["input_ids"]) for b in micro_batches[:-1]] == [2] * (len(micro_batches) - 1)
+    assert sum(len(b["pixel_values"]) for b in micro_batches) == len(samples)  # every sample, once
+    assert sum(int((b["document"] >= 0).sum()) for b in micro_batches) == sum(N_IMAGE + n for n in [6, 2, 3, 9, 1, 5, 4])
 
 
 def test_packed_rows_give_each_sample_the_loss_it_has_alone():
@@ -229,7 +260,7 @@ def test_packed_rows_give_each_sample_the_loss_it_has_alone():
     model = tiny_vlm()
     batch = padded_batch([7, 4, 9, 3, 5], seed=1)
     samples = samples_of(batch)
-    packed, _ = data.pack_documents(samples, max_len=16, n_image_tokens=N_IMAGE)
+    packed = data.pack_documents(samples, max_len=16, n_image_tokens=N_IMAGE)
     assert packed["document"].max() >= 1  # some row really holds two documents
     with torch.no_grad():
         for i, sample in enumerate(samples):
@@ -237,7 +268,7 @@ def test_packed_rows_give_each_sample_the_loss_it_has_alone():
                           torch.ones(1, len(sample["input_ids"]), dtype=torch.bool))
             others_unlabelled = [dict(s, labels=s["labels"] if j == i else torch.full_like(s["labels"], IGNORE_INDEX))
                                  for j, s in enumerate(samples)]
-            only_i, _ = data.pack_documents(others_unlabelled, max_len=16, n_image_tokens=N_IMAGE)
+            only_i = data.pack_documents(others_unlabelled, max_len=16, n_image_tokens=N_IMAGE)
             assert abs(model.forward_packed(**only_i).item() - alone.item()) < 1e-5, i
         # and all of them at once: the mean over every label, as for the padded batch
         assert abs(model.forward_packed(**packed).item() - model(**batch).item()) < 1e-5
