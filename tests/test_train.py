@@ -149,9 +149,13 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
-def test_ddp_two_processes_equal_one_process_with_twice_the_accumulation(tmp_path):
-    """torchrun with 2 gloo processes x 4 micro-batches of 1 sees the same 8 samples per step as 1 process x 8."""
-    common = dict(stage=2, max_steps=3, micro_batch=1, vision_lr=1e-3, projector_lr=1e-3, language_lr=1e-3)
+@pytest.mark.parametrize("packing", [{}, dict(stage=3, shapes_questions=2, pack_length=152)],
+                         ids=["padded", "packed"])
+def test_ddp_two_processes_equal_one_process_with_twice_the_accumulation(tmp_path, packing):
+    """torchrun with 2 gloo processes x 4 micro-batches of 1 sees the same 8 samples per step as 1 process x 8.
+    Packed, each rank packs its own 4 conversations into rows of 152 tokens, so the ranks can run different
+    numbers of micro-batches (here 3 and 4 in step 3); each still synchronises gradients once, on its last."""
+    common = {**dict(stage=2, max_steps=3, micro_batch=1, vision_lr=1e-3, projector_lr=1e-3, language_lr=1e-3), **packing}
     single = run_train(tmp_path / "single", **common)
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517")
     double = run_train(tmp_path / "ddp", launcher=torchrun, **common)
