@@ -650,22 +650,65 @@ def find_label_positions(labels):
     return (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
 
 
-def next_token_loss(weight, rows, targets, chunk_size=4096):
+def next_token_loss(weight, rows, targets, chunk_size=1024):
     """Mean cross-entropy of hidden states `rows` [N, D] through the output layer `weight` against `targets` [N].
 
-    The rows go through the 151,936-wide output layer a chunk at a time, and each chunk's logits are
-    recomputed in the backward pass rather than stored: the full [N, vocab] logits never exist. Callers pass
-    only the rows that carry a label; a target of IGNORE_INDEX would still count in the mean's denominator."""
+    The rows go through the 151,936-wide output layer a chunk at a time, so the full [N, vocab] logits never
+    exist. When training, each chunk's gradients are computed at once (LinearCrossEntropy) and its logits
+    dropped. Callers pass only the rows that carry a label; a target of IGNORE_INDEX adds nothing to the sum
+    but still counts in the mean's denominator."""
     if len(targets) == 0:
         raise ValueError("no token of the batch carries a label: there is no loss to compute")
-    total = sum(checkpoint(chunk_loss, weight, rows[i:i + chunk_size], targets[i:i + chunk_size], use_reentrant=False)
-                for i in range(0, len(targets), chunk_size))
-    return total / len(targets)
+    if torch.is_grad_enabled() and (weight.requires_grad or rows.requires_grad):
+        return LinearCrossEntropy.apply(weight, rows, targets, chunk_size) / len(targets)
+    return linear_cross_entropy(weight, rows, targets, chunk_size)[0] / len(targets)
 
 
-def chunk_loss(weight, rows, targets):
-    logits = F.linear(rows, weight).float()
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+class LinearCrossEntropy(torch.autograd.Function):
+    """The summed loss of linear_cross_entropy, with gradients computed in the forward pass. The loss is the
+    last operation of the step, so nothing downstream can change its gradient but a scale: computing it
+    chunk by chunk while the logits are at hand saves storing them, or recomputing them (a fourth pass
+    through the output layer) in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, weight, rows, targets, chunk_size):
+        want_weight, want_rows = ctx.needs_input_grad[:2]
+        total, ctx.grad_weight, ctx.grad_rows = linear_cross_entropy(weight, rows, targets, chunk_size, want_weight, want_rows)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        scaled = lambda grad: None if grad is None else grad * grad_total
+        return scaled(ctx.grad_weight), scaled(ctx.grad_rows), None, None
+
+
+def linear_cross_entropy(weight, rows, targets, chunk_size, want_weight_grad=False, want_rows_grad=False):
+    """Sum over rows of -log softmax(row @ weight.T)[target], a chunk of rows at a time, and the gradients
+    of that sum with respect to `weight` and `rows` when asked (else None). The matmuls run in the autocast
+    dtype, the softmax in fp32, and the gradients come back in the dtypes of `weight` and `rows`."""
+    device = rows.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    matmul_weight = weight.to(dtype)  # cast once, not once per chunk
+    total = torch.zeros((), dtype=torch.float32, device=rows.device)
+    grad_weight = torch.zeros_like(weight) if want_weight_grad else None
+    grad_rows = torch.empty_like(rows) if want_rows_grad else None
+    for i in range(0, len(targets), chunk_size):
+        x, target = rows[i:i + chunk_size].to(dtype), targets[i:i + chunk_size]
+        logits = F.linear(x, matmul_weight)
+        log_probs = logits.float().log_softmax(-1)
+        counted = (target != IGNORE_INDEX)[:, None]
+        target = target.clamp(min=0)[:, None]  # an ignored row's gather is multiplied by 0
+        total -= (log_probs.gather(1, target) * counted).sum()
+        if grad_weight is None and grad_rows is None:
+            continue
+        # d(-log p[target]) / d(logits) = softmax - one-hot; zero on ignored rows
+        grad_logits = log_probs.exp_().scatter_add_(1, target, torch.full_like(target, -1, dtype=log_probs.dtype))
+        grad_logits = grad_logits.mul_(counted).to(dtype)  # in place: the fp32 logits are the largest tensor
+        if grad_rows is not None:
+            grad_rows[i:i + chunk_size] = grad_logits @ matmul_weight
+        if grad_weight is not None:
+            grad_weight += grad_logits.T @ x
+    return total, grad_weight, grad_rows
 
 
 # -----------------------------------------------------------------------------

@@ -164,6 +164,9 @@ def test_gradient_checkpointing_changes_memory_not_results():
 # --- the chunked loss -------------------------------------------------------------------------------------
 
 def test_chunked_loss_equals_full_logits_cross_entropy():
+    """The chunked loss computes its gradients in the forward pass (LinearCrossEntropy); autograd's, through
+    the full logits, must be the same, scaled like them by whatever multiplies the loss (the micro-batch's
+    share in train.py)."""
     torch.manual_seed(0)
     weight = torch.randn(VOCAB, 16, requires_grad=True)
     rows = torch.randn(23, 16, requires_grad=True)
@@ -171,8 +174,39 @@ def test_chunked_loss_equals_full_logits_cross_entropy():
     chunked = next_token_loss(weight, rows, targets, chunk_size=5)  # 5 chunks, the last one short
     plain = F.cross_entropy(rows @ weight.T, targets)
     assert abs(chunked.item() - plain.item()) < 1e-5
-    for a, b in zip(torch.autograd.grad(chunked, (weight, rows)), torch.autograd.grad(plain, (weight, rows))):
+    for a, b in zip(torch.autograd.grad(0.3 * chunked, (weight, rows)), torch.autograd.grad(0.3 * plain, (weight, rows))):
         assert (a - b).abs().max() < 1e-6
+    with torch.no_grad():  # evaluation computes no gradients, and the same loss
+        assert abs(next_token_loss(weight, rows, targets, chunk_size=5).item() - plain.item()) < 1e-5
+
+
+def test_chunked_loss_ignored_targets_and_frozen_output_layer():
+    """An IGNORE_INDEX target adds nothing (but counts in the mean); a frozen output layer (stages 0-1) gets no
+    gradient, while the rows still do."""
+    torch.manual_seed(0)
+    weight = torch.randn(VOCAB, 16)
+    rows = torch.randn(9, 16, requires_grad=True)
+    targets = torch.randint(0, VOCAB, (9,))
+    targets[[2, 7]] = IGNORE_INDEX
+    chunked = next_token_loss(weight, rows, targets, chunk_size=4)
+    plain = F.cross_entropy(rows @ weight.T, targets, ignore_index=IGNORE_INDEX, reduction="sum") / 9
+    assert abs(chunked.item() - plain.item()) < 1e-5
+    (grad,), (expected,) = torch.autograd.grad(chunked, (rows,)), torch.autograd.grad(plain, (rows,))
+    assert (grad - expected).abs().max() < 1e-6 and grad[[2, 7]].abs().max() == 0
+
+
+def test_chunked_loss_under_bf16_autocast():
+    """As in training: bf16 matmuls, the softmax in fp32, gradients in the parameters' own dtypes."""
+    torch.manual_seed(0)
+    weight = torch.randn(VOCAB, 16, requires_grad=True)
+    rows = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, VOCAB, (23,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked = next_token_loss(weight, rows, targets, chunk_size=5)
+        plain = F.cross_entropy((rows @ weight.T).float(), targets)
+    assert abs(chunked.item() - plain.item()) < 1e-3
+    for a, b in zip(torch.autograd.grad(chunked, (weight, rows)), torch.autograd.grad(plain, (weight, rows))):
+        assert a.dtype == torch.float32 and (a - b).abs().max() < 1e-2 * b.abs().max()
 
 
 def test_model_loss_equals_full_logits_with_shifted_labels():
