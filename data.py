@@ -550,14 +550,15 @@ def fill_rows(lengths, max_len):
     rows = []
     while left:
         first, others = left[0], left[1:]
-        best, best_room, tried = [first], max_len - lengths[first], set()
+        room_after_first = max_len - lengths[first]
+        best, best_room, tried = [first], room_after_first, set()
         for k, second in enumerate(others):
             if best_room == 0:
                 break
-            if lengths[second] > max_len - lengths[first] or lengths[second] in tried:
+            if lengths[second] > room_after_first or lengths[second] in tried:
                 continue
             tried.add(lengths[second])
-            row, room = top_up([first, second], max_len - lengths[first] - lengths[second], others[:k] + others[k + 1:], lengths)
+            row, room = top_up([first, second], room_after_first - lengths[second], others[:k] + others[k + 1:], lengths)
             if room < best_room:
                 best, best_room = row, room
         rows.append(best)
