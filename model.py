@@ -693,22 +693,33 @@ def linear_cross_entropy(weight, rows, targets, chunk_size, want_weight_grad=Fal
     grad_weight = torch.zeros_like(weight) if want_weight_grad else None
     grad_rows = torch.empty_like(rows) if want_rows_grad else None
     for i in range(0, len(targets), chunk_size):
-        x, target = rows[i:i + chunk_size].to(dtype), targets[i:i + chunk_size]
+        x = rows[i:i + chunk_size].to(dtype)
         logits = F.linear(x, matmul_weight)
-        log_probs = logits.float().log_softmax(-1)
-        counted = (target != IGNORE_INDEX)[:, None]
-        target = target.clamp(min=0)[:, None]  # an ignored row's gather is multiplied by 0
-        total -= (log_probs.gather(1, target) * counted).sum()
-        if grad_weight is None and grad_rows is None:
-            continue
-        # d(-log p[target]) / d(logits) = softmax - one-hot; zero on ignored rows
-        grad_logits = log_probs.exp_().scatter_add_(1, target, torch.full_like(target, -1, dtype=log_probs.dtype))
-        grad_logits = grad_logits.mul_(counted).to(dtype)  # in place: the fp32 logits are the largest tensor
+        softmax_loss = fused_softmax_cross_entropy if logits.is_cuda else softmax_cross_entropy
+        loss, grad_logits = softmax_loss(logits, targets[i:i + chunk_size])
+        total += loss
         if grad_rows is not None:
             grad_rows[i:i + chunk_size] = grad_logits @ matmul_weight
         if grad_weight is not None:
             grad_weight += grad_logits.T @ x
     return total, grad_weight, grad_rows
+
+
+def softmax_cross_entropy(logits, targets):
+    """Summed cross-entropy of logits [N, V] (in fp32) against targets [N], and its gradient with respect to
+    the logits, softmax - one-hot, in the logits' dtype. A target of IGNORE_INDEX adds nothing to either."""
+    counted = (targets != IGNORE_INDEX)[:, None]
+    targets = targets.clamp(min=0)[:, None]  # an ignored row is multiplied by 0 below
+    log_probs = logits.float().log_softmax(-1)
+    loss = -(log_probs.gather(1, targets) * counted).sum()
+    one_hot = torch.arange(logits.shape[1], device=logits.device) == targets
+    grad = (log_probs.exp() - one_hot.float()) * counted
+    return loss, grad.to(logits.dtype)
+
+
+# On the GPU, compiled: one kernel finds each row's log-sum-exp and another writes the gradient, reading the
+# logits twice where the eager ops above read and write fp32 copies of them about ten times. Any number of rows.
+fused_softmax_cross_entropy = torch.compile(softmax_cross_entropy, dynamic=True)
 
 
 # -----------------------------------------------------------------------------

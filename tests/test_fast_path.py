@@ -12,6 +12,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 
 import data
 import masks
+import model as model_module
 from model import IGNORE_INDEX, VLM, Qwen2Config, SigLIPConfig, VLMConfig, attend, next_token_loss
 
 torch.set_num_threads(2)
@@ -209,6 +210,23 @@ def test_chunked_loss_under_bf16_autocast():
         assert a.dtype == torch.float32 and (a - b).abs().max() < 1e-2 * b.abs().max()
 
 
+def test_compiled_softmax_cross_entropy_equals_eager():
+    """The GPU runs the loss's softmax compiled (fused_softmax_cross_entropy), for any number of rows; compiled
+    here on the CPU, it must give the eager values: the loss, and softmax - one-hot, zero on ignored rows."""
+    pytest.importorskip("torch._inductor")
+    torch.manual_seed(0)
+    logits = torch.randn(23, VOCAB).bfloat16()
+    targets = torch.randint(0, VOCAB, (23,))
+    targets[3] = IGNORE_INDEX
+    for n in (23, 7):  # a full chunk and a short last one, one compiled graph
+        loss, grad = model_module.fused_softmax_cross_entropy(logits[:n], targets[:n])
+        eager_loss, eager_grad = model_module.softmax_cross_entropy(logits[:n], targets[:n])
+        assert abs(loss.item() - eager_loss.item()) < 1e-4 and grad.dtype == torch.bfloat16
+        assert (grad.float() - eager_grad.float()).abs().max() < 1e-2 and grad[3].abs().max() == 0
+        expected = F.cross_entropy(logits[:n].float(), targets[:n], ignore_index=IGNORE_INDEX, reduction="sum")
+        assert abs(eager_loss.item() - expected.item()) < 1e-4
+
+
 def test_model_loss_equals_full_logits_with_shifted_labels():
     """The definition (eq. 1): logits at every position, the last image token predicting the first text token."""
     model = tiny_vlm()
@@ -227,7 +245,6 @@ def test_model_loss_equals_full_logits_with_shifted_labels():
 def test_only_labelled_positions_reach_the_output_layer(monkeypatch):
     """The prompt and the padding carry no label, so their logits are never computed; data's batches bring the
     labelled positions counted on the host, and the loss is the same as when the model finds them itself."""
-    import model as model_module
     model, batch = tiny_vlm(), padded_batch([7, 4, 9])
     seen = []
     real = model_module.next_token_loss
