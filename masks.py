@@ -20,6 +20,7 @@ or `block_mask` with `document`), as if it had a row of its own.
 `python masks.py` draws (a) and (b) as a PNG in the paper's green/red style.
 """
 import torch
+from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
 MASK_KINDS = ("causal", "prefix", "bidirectional")
@@ -71,12 +72,16 @@ def attention_mask(mask_kind, n_image_tokens, keep):
 class PrefixBlocks:
     """The prefix mask of right-padded rows, kept as its two blocks rather than as a matrix: the image block
     attends to itself with no mask, and the text attends to every image token and causally to earlier text,
-    which is a causal mask aligned at the bottom right of the [text x (image + text)] block. Right padding
-    needs nothing more: a real token never looks to its right, where the pads are. model.attend runs each
-    block with a flash-attention kernel, and no S x S mask exists at all."""
+    which is a causal mask aligned at the bottom right of the [text x (image + text)] block (`text_causal`,
+    a description that SDPA turns into a flash-attention call, not a matrix). Right padding needs nothing
+    more: a real token never looks to its right, where the pads are. model.attend runs each block with a
+    flash-attention kernel, and no S x S mask exists at all.
+    Built once per batch, outside the compiled blocks: torch.compile cannot build `text_causal` inside a
+    compiled graph (it would split each block's graph in six), but takes it as an input."""
 
-    def __init__(self, n_image_tokens):
+    def __init__(self, n_image_tokens, seq_len):
         self.n_image_tokens = n_image_tokens
+        self.text_causal = causal_lower_right(seq_len - n_image_tokens, seq_len)
 
 
 def add_noise(input_ids, noisy_positions, prob=0.2, noise_token_id=None, vocab_size=None, generator=None):

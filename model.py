@@ -16,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
@@ -41,20 +40,19 @@ def attend(q, k, v, mask):
     a FlexAttention BlockMask (masks.block_mask); or masks.PrefixBlocks, the prefix mask run by blocks."""
     gqa = k.shape[1] != q.shape[1]
     if isinstance(mask, masks.PrefixBlocks):
-        return prefix_attention(q, k, v, mask.n_image_tokens, gqa)
+        return prefix_attention(q, k, v, mask, gqa)
     if isinstance(mask, BlockMask):
         flex = fused_flex_attention if q.is_cuda else flex_attention
         return flex(q, k, v, block_mask=mask, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
-def prefix_attention(q, k, v, n_image_tokens, gqa):
+def prefix_attention(q, k, v, blocks, gqa):
     """Fig. 3(b) as two flash-attention calls (masks.PrefixBlocks): image queries over image keys, unmasked;
     text queries over all keys, text token i seeing the image and text tokens 0..i (causal, bottom-right)."""
-    n = n_image_tokens
+    n = blocks.n_image_tokens
     image = F.scaled_dot_product_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], enable_gqa=gqa)
-    text_causal = causal_lower_right(q.shape[2] - n, k.shape[2])
-    text = F.scaled_dot_product_attention(q[:, :, n:], k, v, attn_mask=text_causal, enable_gqa=gqa)
+    text = F.scaled_dot_product_attention(q[:, :, n:], k, v, attn_mask=blocks.text_causal, enable_gqa=gqa)
     return torch.cat([image, text], dim=2)
 
 
@@ -508,7 +506,7 @@ class VLM(nn.Module):
         """The stage's mask (paper 3.2) in the form the attention path takes: a FlexAttention BlockMask (fast:
         fully masked blocks are skipped) or a dense boolean mask for SDPA (the simple reference)."""
         if self.attention == "flash" and mask_kind == "prefix" and document is None:
-            return masks.PrefixBlocks(self.n_image_tokens)  # training batches are right-padded (data.collate)
+            return masks.PrefixBlocks(self.n_image_tokens, keep.shape[1])  # training batches are right-padded (data.collate)
         if self.attention in ("flex", "flash"):  # flash has no form for packed rows or padded bidirectional rows
             return masks.block_mask(mask_kind, self.n_image_tokens, keep, document)
         if document is not None:

@@ -327,6 +327,25 @@ def test_packed_rows_give_each_sample_the_loss_it_has_alone():
 
 # --- compiled blocks ----------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("attention", model_module.ATTENTION_PATHS)
+def test_every_attention_path_compiles_a_block_whole(attention):
+    """A graph break inside a compiled block silently cuts it into pieces with eager code between them, which
+    loses the fusion and adds launches. Each attention path (its mask built outside the blocks, as VLM.mask
+    does) must trace a language block into one graph; so must a vision block."""
+    model, batch = tiny_vlm(), padded_batch([7, 4, 9])
+    model.attention = attention
+    keep = model.keep(batch["text_mask"])
+    config = model.config.language
+    cos, sin = model_module.rope_tables(model_module.positions(keep), config.hidden_size // config.num_attention_heads,
+                                        config.rope_theta)
+    hidden = torch.randn(*keep.shape, config.hidden_size)
+    with torch.no_grad():  # FlexAttention's backward is GPU-only; tracing the forward shows the breaks
+        language = torch._dynamo.explain(model.language.layers[0])(hidden, cos, sin, model.mask("prefix", keep))
+        vision = torch._dynamo.explain(model.vision.layers[0])(torch.randn(3, N_IMAGE, 32))
+    assert language.graph_break_count == 0, [b.reason for b in language.break_reasons]
+    assert vision.graph_break_count == 0, [b.reason for b in vision.break_reasons]
+
+
 def test_compiled_blocks_give_the_same_loss_and_gradients():
     """torch.compile on the CPU builds C++ kernels: about 15 s on two cores for the two block types."""
     pytest.importorskip("torch._inductor")
