@@ -303,15 +303,51 @@ def timed(function, warmup, steps, device):
 
 
 def print_profile(function, device, calls=3):
-    """The operations and kernels that took the most time over `calls` calls, from torch.profiler."""
+    """The operations and kernels that took the most time over `calls` calls, from torch.profiler; on the GPU
+    also where each step's wall time went (gpu_time_summary)."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    started = time.perf_counter()
     with profile(activities=activities) as profiler:
         for _ in range(calls):
             function()
         synchronize(device)
+    wall_ms = (time.perf_counter() - started) / calls * 1e3
+    events = profiler.key_averages()
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(profiler.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=80), flush=True)
+    print(events.table(sort_by=sort_by, row_limit=25, max_name_column_width=80), flush=True)
+    if device.type == "cuda":
+        print(json.dumps(gpu_time_summary(events, calls, wall_ms)), flush=True)
+
+
+def gpu_time_summary(events, calls, wall_ms):
+    """Milliseconds per step of GPU kernels by kind, and the rest of the wall time, when the GPU had nothing to
+    run (waiting for the host to launch kernels). Only kernel events count: an operator's device time is its
+    kernels' time again. The profiler slows the host, so `idle_ms` is an upper bound."""
+    from torch.autograd import DeviceType
+    busy = {}
+    for event in events:
+        if event.device_type == DeviceType.CUDA and not event.is_user_annotation:
+            kind = kernel_kind(event.key)
+            busy[kind] = busy.get(kind, 0.0) + event.self_device_time_total / calls / 1e3
+    total = sum(busy.values())
+    return {"wall_ms": round(wall_ms, 1), "gpu_busy_ms": round(total, 1), "idle_ms": round(wall_ms - total, 1),
+            "busy_ms_by_kind": {kind: round(ms, 1) for kind, ms in sorted(busy.items(), key=lambda kv: -kv[1])}}
+
+
+KERNEL_KINDS = [  # fragments of CUDA kernel names, first match wins
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
+    ("attention", ("flash", "fmha", "attention", "flex", "triton_tem")),  # triton_tem: FlexAttention's templates
+    ("optimizer", ("adam",)),
+    ("communication", ("nccl",)),
+    ("compiled (fused by inductor)", ("triton",)),
+]
+
+
+def kernel_kind(name):
+    lowered = name.lower()
+    return next((kind for kind, fragments in KERNEL_KINDS if any(f in lowered for f in fragments)), "other (eager ops)")
 
 
 def synchronize(device):

@@ -1,6 +1,7 @@
 """bench.py runs on the CPU at a tiny config (`--small`): every case of the speed issue, one JSON line each.
 The figures mean nothing here; what is checked is that each case trains (a finite loss, the same first loss
-on every path), that the FLOP count gives an MFU between 0 and 1, and that packing wastes less than padding."""
+on every path), that the FLOP count gives an MFU between 0 and 1, and that packing wastes less than padding;
+and how `--profile` splits a GPU step's time."""
 import json
 import math
 import os
@@ -31,3 +32,29 @@ def test_every_case_runs_on_the_cpu():
     assert packed["padding_packed"] < packed["padding_if_padded_to_longest"]
     generation = next(r for r in results if r["case"].startswith("generate"))
     assert generation["seconds_for_5000_images"] > 0 and generation["new_tokens"] == 8
+
+
+def test_gpu_time_summary_counts_each_kernel_once():
+    """`--profile` on a GPU splits a step's wall time into kernel time by kind and idle time. An operator such as
+    aten::mm carries its kernels' device time too: counting it as well would double the busy time and hide
+    the idle time, so only kernel events count."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    import bench
+
+    def event(name, device_type, microseconds):
+        return SimpleNamespace(key=name, device_type=device_type, is_user_annotation=False,
+                               self_device_time_total=microseconds)
+
+    events = [event("aten::mm", DeviceType.CPU, 60_000),  # the operator: its kernel's 60 ms again
+              event("nvjet_tst_128x256_64x4_2x1_v_bz_coopB_TNT", DeviceType.CUDA, 60_000),
+              event("pytorch_flash::flash_fwd_kernel", DeviceType.CUDA, 15_000),
+              event("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", DeviceType.CUDA, 30_000),
+              event("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", DeviceType.CUDA, 9_000),
+              event("void at::native::vectorized_elementwise_kernel<4>", DeviceType.CUDA, 6_000)]
+    summary = bench.gpu_time_summary(events, calls=3, wall_ms=60.0)
+    assert summary["gpu_busy_ms"] == 40.0 and summary["idle_ms"] == 20.0  # 120 ms of kernels over 3 steps
+    assert summary["busy_ms_by_kind"] == {"matmul": 20.0, "compiled (fused by inductor)": 10.0, "attention": 5.0,
+                                          "optimizer": 3.0, "other (eager ops)": 2.0}
