@@ -155,8 +155,11 @@ def bench_training(config, case, device, peak):
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if case["compile"]:
         model.compile_blocks(case["compile_mode"])
-    batch, n_images, n_tokens, padding = (packed_batch if case["packed"] else padded_batch)(config, case, device)
-    n_labels = (batch["labels"] != -100).sum().item()
+    if case["packed"]:
+        batch, n_images, n_tokens, padding = packed_batch(config, case, device, stage["pad_to_multiple"])
+    else:
+        batch, n_images, n_tokens, padding = padded_batch(config, case, device)
+    n_labels = len(batch["label_positions"])
     losses = []
 
     def step():
@@ -221,11 +224,11 @@ def conversation_lengths(n, longest, seed=0):
     return [max(8, min(longest, round(rng.lognormvariate(0, 0.7) * longest / 3))) for _ in range(n)]
 
 
-def packed_batch(config, case, device, batch_size=128, n_batches=20):
+def packed_batch(config, case, device, pad_to_multiple, batch_size=128, n_batches=20):
     """Conversations of up to text_len text tokens, packed as train.py packs them (data.pack_micro_batches): the
     batch_size conversations of an optimizer step on one GPU share rows of twice the longest sample, cut into
     micro-batches of at most the tokens of micro_batch padded samples, each as long as its fullest row
-    (rounded up to stage 3's pad_to_multiple). The padding is averaged over all the micro-batches of
+    (rounded up to the stage's pad_to_multiple). The padding is averaged over all the micro-batches of
     `n_batches` batches, on one GPU and on eight (16 conversations per rank and step), and compared with
     padding micro_batch conversations to the longest; of the last batch, a full micro-batch holding the
     median number of conversations is the one timed."""
@@ -234,7 +237,6 @@ def packed_batch(config, case, device, batch_size=128, n_batches=20):
     rows = max(1, case["micro_batch"] * (n_image_tokens + case["text_len"]) // row_len)
     lengths = conversation_lengths(batch_size * n_batches, case["text_len"])
     image = torch.randn(3, config.vision.image_size, config.vision.image_size)  # one for all: only time matters
-    pad_to_multiple = stage_settings(case["stage"], False)["pad_to_multiple"]
 
     def pack(texts):
         samples = [{"pixel_values": image, "input_ids": t, "labels": t} for t in texts]

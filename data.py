@@ -30,6 +30,10 @@ from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+# a label of IGNORE_INDEX carries no loss; batches list the labelled positions (find_label_positions) on the host,
+# so that the training step never waits for the GPU to count them
+from model import IGNORE_INDEX, find_label_positions
+
 logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,7 +175,6 @@ def chat_prompt(messages, add_generation_prompt=True, system_prompt=DEFAULT_SYST
     return text
 
 
-IGNORE_INDEX = -100  # label of a token that carries no loss (PyTorch's cross_entropy default ignore_index)
 LLAVA_ROLES = {"human": "user", "gpt": "assistant"}
 
 
@@ -587,7 +590,7 @@ def pack_documents(samples, max_len, n_image_tokens, pad_id=0, rows=None, pad_to
     "labels", "document" [rows, length] over whole rows, where a document's image slots come first (input
     pad_id, label -100), then its text, and `document` numbers the documents of each row 0, 1, ... and marks
     padding -1; and "label_positions": the arguments of VLM.forward_packed."""
-    lengths = [n_image_tokens + len(s["input_ids"]) for s in samples]
+    lengths = document_lengths(samples, n_image_tokens)
     if rows is None:
         rows = fill_rows(lengths, max_len)
     fullest = max(sum(lengths[i] for i in docs) for docs in rows)
@@ -611,15 +614,14 @@ def pack_documents(samples, max_len, n_image_tokens, pad_id=0, rows=None, pad_to
 def pack_micro_batches(samples, max_len, n_image_tokens, rows, pad_id=0, pad_to_multiple=1):
     """All of `samples` packed into rows (fill_rows), then cut into micro-batches of at most `rows` rows, each
     as long as its fullest row allows (pack_documents)."""
-    filled = fill_rows([n_image_tokens + len(s["input_ids"]) for s in samples], max_len)
+    filled = fill_rows(document_lengths(samples, n_image_tokens), max_len)
     return [pack_documents(samples, max_len, n_image_tokens, pad_id, filled[i:i + rows], pad_to_multiple)
             for i in range(0, len(filled), rows)]
 
 
-def find_label_positions(labels):
-    """The entries of labels.flatten() that carry a label: the only positions whose logits the model computes.
-    Found here, on the host, so that the training step never waits for the GPU to count them."""
-    return (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
+def document_lengths(samples, n_image_tokens):
+    """Tokens of each [image | text] document."""
+    return [n_image_tokens + len(s["input_ids"]) for s in samples]
 
 
 def shuffled_order(chunk_sizes, seed, epoch):

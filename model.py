@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 import masks
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # label of a token that carries no loss (PyTorch's cross_entropy default ignore_index)
 
 
 # -----------------------------------------------------------------------------
@@ -644,7 +644,8 @@ def positions(keep):
 
 
 def find_label_positions(labels):
-    """The entries of labels.flatten() that carry a label (data.find_label_positions does the same on the host)."""
+    """The entries of labels.flatten() that carry a label: the only rows whose logits the model computes. data's
+    batches bring them, counted on the host; without them the model counts them on the GPU."""
     return (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
 
 
