@@ -58,3 +58,18 @@ def test_gpu_time_summary_counts_each_kernel_once():
     assert summary["gpu_busy_ms"] == 40.0 and summary["idle_ms"] == 20.0  # 120 ms of kernels over 3 steps
     assert summary["busy_ms_by_kind"] == {"matmul": 20.0, "compiled (fused by inductor)": 10.0, "attention": 5.0,
                                           "optimizer": 3.0, "other (eager ops)": 2.0}
+
+
+def test_each_case_compiles_in_the_mode_train_py_uses_for_its_stage(monkeypatch):
+    """Unless a case or `--compile_mode` says otherwise, a case compiles its blocks as train.py would for its
+    stage: replayed as CUDA graphs (reduce-overhead), but stage 3's packed rows without them (config/stage3.py:
+    their mask changes with every batch)."""
+    import bench
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cuda"])  # the GPU's defaults; nothing runs here
+    modes = [(case["stage"], case["packed"], case["compile_mode"]) for case in bench.cases(bench.parse_args())
+             if not case["generate"] and case["compile"]]
+    assert modes[0] == (2, False, "reduce-overhead")  # the headline case
+    assert (1, False, "reduce-overhead") in modes and (3, True, "default") in modes
+    assert (2, False, "default") in modes  # kept for comparison: compiled without CUDA graphs
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cuda", "--stage", "2", "--compile_mode", "default"])
+    assert [case["compile_mode"] for case in bench.cases(bench.parse_args())] == ["default"]

@@ -92,6 +92,15 @@ def test_micro_batches_divide_a_batch_without_changing_its_gradient():
         assert max((a - b).abs().max().item() for a, b in zip(gradients, whole)) < 1e-5, split
 
 
+def test_packed_rows_refuse_cuda_graphs():
+    """Packed rows bring a new attention mask with every batch; CUDA graphs would be recorded again at every
+    step (30x slower on an H200), so that combination is refused up front, with the setting to change."""
+    cfg = merged(train.settings, {**TINY, "device": "cpu", "tokenizer": "shapes", "pack_length": 64,
+                                  "compile": True, "compile_mode": "reduce-overhead"}, "test")
+    with pytest.raises(ValueError, match="compile_mode='default'"):
+        train.train_stage(cfg)
+
+
 def test_every_module_has_its_own_learning_rate_on_the_schedule():
     cfg, _, model, trainable, optimizer = tiny_setup(vision_lr=5e-6, projector_lr=2e-3, language_lr=2e-5,
                                                      warmup_steps=10, min_lr=1e-8)
