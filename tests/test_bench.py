@@ -61,15 +61,15 @@ def test_gpu_time_summary_counts_each_kernel_once():
 
 
 def test_each_case_compiles_in_the_mode_train_py_uses_for_its_stage(monkeypatch):
-    """Unless a case or `--compile_mode` says otherwise, a case compiles its blocks as train.py would for its
-    stage: replayed as CUDA graphs (reduce-overhead), but stage 3's packed rows without them (config/stage3.py:
-    their mask changes with every batch)."""
+    """Unless a case or `--compile_mode` says otherwise, a case compiles its blocks in the mode train.py reads
+    for its stage (config/stage<N>.py over train.py's default); one stage-2 case adds CUDA graphs."""
     import bench
+    import train
     monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cuda"])  # the GPU's defaults; nothing runs here
     modes = [(case["stage"], case["packed"], case["compile_mode"]) for case in bench.cases(bench.parse_args())
              if not case["generate"] and case["compile"]]
-    assert modes[0] == (2, False, "reduce-overhead")  # the headline case
-    assert (1, False, "reduce-overhead") in modes and (3, True, "default") in modes
-    assert (2, False, "default") in modes  # kept for comparison: compiled without CUDA graphs
-    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cuda", "--stage", "2", "--compile_mode", "default"])
-    assert [case["compile_mode"] for case in bench.cases(bench.parse_args())] == ["default"]
+    assert modes[0] == (2, False, train.settings["compile_mode"])  # the headline case
+    assert (1, False, train.settings["compile_mode"]) in modes and (3, True, train.settings["compile_mode"]) in modes
+    assert (2, False, "reduce-overhead") in modes
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cuda", "--stage", "3", "--compile_mode", "reduce-overhead"])
+    assert [case["compile_mode"] for case in bench.cases(bench.parse_args())] == ["reduce-overhead"]
