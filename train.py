@@ -147,10 +147,10 @@ def train_stage(cfg):
     masks.check_kind(cfg["mask_kind"])
     if cfg["attention"] not in ATTENTION_PATHS:
         raise ValueError(f"unknown attention {cfg['attention']!r}; expected one of {ATTENTION_PATHS}")
-    if cfg["compile"] and cfg["compile_mode"] == "reduce-overhead" and cfg["pack_length"]:
-        raise ValueError("compile_mode='reduce-overhead' with pack_length: every batch of packed rows brings a new "
-                         "attention mask, for which the CUDA graphs are recorded again at each step (30x slower on an "
-                         "H200); set compile_mode='default'")
+    if uses_cuda_graphs(cfg) and cfg["pack_length"]:
+        raise ValueError(f"compile_mode={cfg['compile_mode']!r} with pack_length: every batch of packed rows brings a "
+                         "new attention mask, for which the CUDA graphs are recorded again at each step (30x slower "
+                         "on an H200); set compile_mode='default'")
     tokenizer, model = build_model(cfg)
     model.to(device)
     model.attention = cfg["attention"]
@@ -240,13 +240,18 @@ def train_step(runner, micro_batches, cfg, device, trainable, noise=None):
                 loss = runner(**batch, mask_kind=cfg["mask_kind"], noise_prob=cfg["noise_prob"], generator=noise)
             share = labelled * world_size() / n_labels  # DDP averages the ranks' gradients: undo its division
             (loss * share).backward()
-        if i == 0 and not last and cfg["compile"] and cfg["compile_mode"] == "reduce-overhead":
+        if i == 0 and not last and uses_cuda_graphs(cfg):
             own_gradients(unwrap(runner))
         total_loss += loss.detach() * share
         n_images += images
         n_tokens += images * n_image_tokens + text_tokens
         flops += images * unwrap(runner).training_flops(text_tokens / images, labelled / images, trainable)
     return total_loss, n_images, n_tokens, flops
+
+
+def uses_cuda_graphs(cfg):
+    """torch.compile's modes that record CUDA graphs."""
+    return cfg["compile"] and cfg["compile_mode"] in ("reduce-overhead", "max-autotune")
 
 
 def own_gradients(model):
