@@ -63,7 +63,7 @@ def parse_args():
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="default: on the GPU only")
     parser.add_argument("--compile_mode", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                         help="torch.compile's mode for the blocks (default: the stage's, as train.py reads it); "
-                             "reduce-overhead replays them as CUDA graphs"),
+                             "reduce-overhead replays them as CUDA graphs")
     parser.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the trainable towers")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="a tiny model and batch, for the CPU")

@@ -77,8 +77,8 @@ seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights stay fp32
 compile = torch.cuda.is_available()  # torch.compile each transformer block (model.compile_blocks)
-compile_mode = "default"      # or "reduce-overhead": each block replayed as a CUDA graph (1.5x bench.py's stage-2 step
-                              # on an H200; not yet measured on real batches, not for packed rows), or "max-autotune-no-cudagraphs"
+compile_mode = "default"      # or "reduce-overhead": blocks replayed as CUDA graphs (1.5x bench.py's stage-2 step on
+                              # an H200; not for packed rows; README, Performance), or "max-autotune-no-cudagraphs"
 gradient_checkpointing = False
 attention = "flash" if torch.cuda.is_available() else "sdpa"  # sdpa (dense mask) | flex (FlexAttention) | flash (prefix by blocks)
 peak_flops = 989e12           # the GPU's dense bf16 peak, for MFU (H100 and H200 SXM)
