@@ -28,7 +28,7 @@ import torch
 import data
 import train
 from configurator import configure, merged
-from model import VLM, Qwen2Config, SigLIPConfig, VLMConfig
+from model import IGNORE_INDEX, VLM, Qwen2Config, SigLIPConfig, VLMConfig, find_label_positions
 
 # The speed issue's cases, most important first (a time limit cuts the last). `anchor`: the transformers
 # stack's images/s on one H200, same shapes; `target`: the goal on that card.
@@ -152,7 +152,7 @@ def bench_training(config, case, device, peak):
     stage = stage_settings(case["stage"], case["grad_ckpt"])
     with device:
         model = train.initialise(VLM(config))
-    model.attention = "flex" if case["packed"] and case["attention"] == "flash" else case["attention"]  # documents
+    model.attention = case["attention"]  # packed rows on "flash" take FlexAttention's document masks (VLM.mask)
     trainable = train.freeze_modules(model, stage)  # the same trainable parts and optimizer as train.py
     optimizer = train.make_optimizer(model, stage, device)
     train.set_learning_rates(optimizer, stage["warmup_steps"], 10 * stage["warmup_steps"], stage)
@@ -212,10 +212,10 @@ def padded_batch(config, case, device):
     B, T = case["micro_batch"], case["text_len"]
     input_ids = torch.randint(0, config.language.vocab_size, (B, T))
     labels = input_ids.clone()
-    labels[:, :T - min(case.get("labelled") or T, T)] = data.IGNORE_INDEX
+    labels[:, :T - min(case.get("labelled") or T, T)] = IGNORE_INDEX
     batch = {"pixel_values": torch.randn(B, 3, config.vision.image_size, config.vision.image_size),
              "input_ids": input_ids, "labels": labels, "text_mask": torch.ones(B, T, dtype=torch.bool),
-             "label_positions": data.find_label_positions(labels)}
+             "label_positions": find_label_positions(labels)}
     batch = {k: v.to(device) for k, v in batch.items()}
     n_image_tokens = (config.vision.image_size // config.vision.patch_size) ** 2
     return batch, B, B * (n_image_tokens + T), {}

@@ -544,7 +544,8 @@ def fill_rows(lengths, max_len):
     opens the row; every other length is tried as its second document, the row topped up with the longest
     documents that still fit, and the fullest row is kept. Conversations fill a third of a row or more and
     every document carries its 256 image tokens, so the gaps first-fit leaves are often too short for any
-    document: on stage-3-like lengths this halves the padding (bench.py's packed case: 5.1% -> 2.3%)."""
+    document: on bench.py's stand-in for stage 3's lengths, 1.9% of the tokens are padding against 5.1% with
+    first-fit."""
     too_long = [i for i, length in enumerate(lengths) if length > max_len]
     if too_long:
         raise ValueError(f"samples {too_long[:5]} have more than max_len={max_len} tokens (image + text); "

@@ -503,8 +503,9 @@ class VLM(nn.Module):
         return next_token_loss(self.language.lm_head.weight, rows, labels.flatten()[label_positions])
 
     def mask(self, mask_kind, keep, document=None):
-        """The stage's mask (paper 3.2) in the form the attention path takes: a FlexAttention BlockMask (fast:
-        fully masked blocks are skipped) or a dense boolean mask for SDPA (the simple reference)."""
+        """The stage's mask (paper 3.2) in the form the attention path takes: the prefix mask by blocks
+        (masks.PrefixBlocks, flash kernels, no mask tensor), a FlexAttention BlockMask (fully masked blocks are
+        skipped) or a dense boolean mask for SDPA (the simple reference)."""
         if self.attention == "flash" and mask_kind == "prefix" and document is None:
             return masks.PrefixBlocks(self.n_image_tokens, keep.shape[1])  # training batches are right-padded (data.collate)
         if self.attention in ("flex", "flash"):  # flash has no form for packed rows or padded bidirectional rows

@@ -505,9 +505,9 @@ def plot_losses(metrics_path, png_path):
 # The demo's evaluation
 
 def evaluate_demo(checkpoint, cfg, n_images=100):
-    """Caption synthetic images the model never saw: "val" draws colour-shape pairs seen in training,
-    "heldout" always includes a pair never seen together (say a red triangle, though red things and
-    triangles were both seen), so only a model that composes what it sees gets it right."""
+    """Caption synthetic images the model never saw: "val" scenes are drawn like the training ones, "heldout"
+    scenes have two-shape captions that never occur in training (data.is_heldout), though each shape at each
+    place was seen, so only a model that composes what it sees gets them right."""
     from sample import answer  # the same captioning path as sample.py and eval.py
     model, tokenizer = VLM.load(checkpoint).eval(), data.Tokenizer.from_pretrained(checkpoint)
     for split in ("val", "heldout"):

@@ -1,7 +1,7 @@
 """On a GPU: blocks replayed as CUDA graphs (train.py's compile_mode="reduce-overhead") give the gradients that
 eager blocks give, gradient accumulation over micro-batches included, for several steps (the graphs are
 recorded on the first calls and replayed after). CI has no GPU, so there this module is skipped and counts for
-nothing; bench.py's GPU runs run it (see README, Performance)."""
+nothing; run it by hand on a GPU (README, Performance)."""
 import copy
 
 import pytest
@@ -29,7 +29,7 @@ def test_cuda_graphs_accumulate_gradients_as_eager_blocks_do():
         micro_batches = next(batches)
         assert len(micro_batches) == 3
         results = []
-        for model, mode in ((eager, "eager"), (graphed, cfg["compile_mode"])):
+        for model in (eager, graphed):
             model.zero_grad(set_to_none=True)
             loss = train.train_step(model, micro_batches, {**cfg, "compile": model is graphed}, device, trainable)[0]
             results.append((loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}))

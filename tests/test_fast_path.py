@@ -1,6 +1,7 @@
-"""The fast path computes what the simple path computes: FlexAttention block masks against SDPA with the dense
-mask (forward and gradients, padded and packed), the chunked loss against full logits, packed rows against one
-sample per row, and compiled blocks against eager ones. Small random models on the CPU."""
+"""The fast path computes what the simple path computes: FlexAttention block masks and the prefix mask by
+blocks (flash) against SDPA with the dense mask (forward and gradients, padded and packed), the chunked loss
+against full logits, packed rows against one sample per row, and compiled blocks against eager ones. Small
+random models on the CPU."""
 import math
 import random
 
