@@ -56,6 +56,16 @@ def prefix_attention(q, k, v, blocks, gqa):
     return torch.cat([image, text], dim=2)
 
 
+def shared_input_linear(x, *layers):
+    """x through several nn.Linear layers at once, as one matmul over their stacked weights; returns one output
+    per layer. Attention's q, k and v (and SwiGLU's gate and up) read the same input: one wide matmul keeps the
+    GPU busy where Qwen2's 128-wide k and v projections alone would not. The parameters stay separate, in the
+    official checkpoints' layout."""
+    weight = torch.cat([layer.weight for layer in layers])
+    bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
+    return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
+
+
 # -----------------------------------------------------------------------------
 # SigLIP vision encoder (the so400m tower: 27 pre-LN blocks of width 1152 over 16x16 patches)
 
@@ -82,7 +92,8 @@ class SigLIPAttention(nn.Module):
 
     def forward(self, x):
         B, N, D = x.shape
-        q, k, v = (proj(x).view(B, N, self.n_head, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        qkv = shared_input_linear(x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = (y.view(B, N, self.n_head, -1).transpose(1, 2) for y in qkv)
         y = attend(q, k, v, None)  # every patch sees every patch
         return self.out_proj(y.transpose(1, 2).reshape(B, N, D))
 
@@ -217,9 +228,10 @@ class Qwen2Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k, v = shared_input_linear(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
@@ -235,7 +247,8 @@ class Qwen2MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = shared_input_linear(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class Qwen2Block(nn.Module):
@@ -651,11 +664,12 @@ def find_label_positions(labels):
     return (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
 
 
-def next_token_loss(weight, rows, targets, chunk_size=1024):
+def next_token_loss(weight, rows, targets, chunk_size=4096):
     """Mean cross-entropy of hidden states `rows` [N, D] through the output layer `weight` against `targets` [N].
 
     The rows go through the 151,936-wide output layer a chunk at a time, so the full [N, vocab] logits never
-    exist. When training, each chunk's gradients are computed at once (LinearCrossEntropy) and its logits
+    exist. A chunk of 4096 rows holds a stage-2 micro-batch's labels of 16 captions (1.2 GB of bf16 logits):
+    one matmul each way, and the weight's gradient is written once instead of accumulated chunk by chunk. When training, each chunk's gradients are computed at once (LinearCrossEntropy) and its logits
     dropped. Callers pass only the rows that carry a label; a target of IGNORE_INDEX adds nothing to the sum
     but still counts in the mean's denominator."""
     if len(targets) == 0:
@@ -691,7 +705,7 @@ def linear_cross_entropy(weight, rows, targets, chunk_size, want_weight_grad=Fal
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     matmul_weight = weight.to(dtype)  # cast once, not once per chunk
     total = torch.zeros((), dtype=torch.float32, device=rows.device)
-    grad_weight = torch.zeros_like(weight) if want_weight_grad else None
+    grad_weight = None  # the first chunk's, in weight's dtype; the later chunks add to it
     grad_rows = torch.empty_like(rows) if want_rows_grad else None
     for i in range(0, len(targets), chunk_size):
         x = rows[i:i + chunk_size].to(dtype)
@@ -699,10 +713,11 @@ def linear_cross_entropy(weight, rows, targets, chunk_size, want_weight_grad=Fal
         softmax_loss = fused_softmax_cross_entropy if logits.is_cuda else softmax_cross_entropy
         loss, grad_logits = softmax_loss(logits, targets[i:i + chunk_size])
         total += loss
-        if grad_rows is not None:
+        if want_rows_grad:
             grad_rows[i:i + chunk_size] = grad_logits @ matmul_weight
-        if grad_weight is not None:
-            grad_weight += grad_logits.T @ x
+        if want_weight_grad:
+            chunk_grad = grad_logits.T @ x
+            grad_weight = chunk_grad.to(weight.dtype) if grad_weight is None else grad_weight.add_(chunk_grad)
     return total, grad_weight, grad_rows
 
 

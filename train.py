@@ -77,8 +77,8 @@ seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights stay fp32
 compile = torch.cuda.is_available()  # torch.compile each transformer block (model.compile_blocks)
-compile_mode = "default"      # or "reduce-overhead": blocks replayed as CUDA graphs (1.5x bench.py's stage-2 step on
-                              # an H200; not for packed rows; README, Performance), or "max-autotune-no-cudagraphs"
+compile_mode = "reduce-overhead"  # blocks replayed as CUDA graphs: no launch overhead (README, Performance); packed
+                              # rows need "default" (config/stage3.py), or "max-autotune-no-cudagraphs"
 gradient_checkpointing = False
 attention = "flash" if torch.cuda.is_available() else "sdpa"  # sdpa (dense mask) | flex (FlexAttention) | flash (prefix by blocks)
 peak_flops = 989e12           # the GPU's dense bf16 peak, for MFU (H100 and H200 SXM)
@@ -147,10 +147,8 @@ def train_stage(cfg):
     masks.check_kind(cfg["mask_kind"])
     if cfg["attention"] not in ATTENTION_PATHS:
         raise ValueError(f"unknown attention {cfg['attention']!r}; expected one of {ATTENTION_PATHS}")
-    if uses_cuda_graphs(cfg) and cfg["pack_length"]:
-        raise ValueError(f"compile_mode={cfg['compile_mode']!r} with pack_length: every batch of packed rows brings a "
-                         "new attention mask, for which the CUDA graphs are recorded again at each step (30x slower "
-                         "on an H200); set compile_mode='default'")
+    if uses_cuda_graphs(cfg) and cuda_graphs_refused(cfg):
+        raise ValueError(f"compile_mode={cfg['compile_mode']!r} with {cuda_graphs_refused(cfg)}; set compile_mode='default'")
     tokenizer, model = build_model(cfg)
     model.to(device)
     model.attention = cfg["attention"]
@@ -252,6 +250,17 @@ def train_step(runner, micro_batches, cfg, device, trainable, noise=None):
 def uses_cuda_graphs(cfg):
     """torch.compile's modes that record CUDA graphs."""
     return cfg["compile"] and cfg["compile_mode"] in ("reduce-overhead", "max-autotune")
+
+
+def cuda_graphs_refused(cfg):
+    """Why these settings cannot replay the blocks as CUDA graphs (measured on an H200), or None."""
+    if cfg["pack_length"]:
+        return ("pack_length: every batch of packed rows brings a new attention mask, for which the CUDA graphs are "
+                "recorded again at each step (30x slower)")
+    if cfg["gradient_checkpointing"]:
+        return ("gradient_checkpointing: running the blocks again in the backward pass breaks CUDA graph recording "
+                "(torch 2.11: 'graph recording observed an input tensor deallocate')")
+    return None
 
 
 def own_gradients(model):

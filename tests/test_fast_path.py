@@ -165,6 +165,23 @@ def test_gradient_checkpointing_changes_memory_not_results():
 
 # --- the chunked loss -------------------------------------------------------------------------------------
 
+def test_one_matmul_over_stacked_weights_equals_the_separate_layers():
+    """q, k and v (and SwiGLU's gate and up) come out of one matmul over their stacked weights; values and
+    each layer's own gradients are those of the three separate layers."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(16, width) for width in (16, 4, 4)]  # Qwen2's shapes in small: k, v narrower than q
+    x = torch.randn(3, 5, 16)
+    fused = model_module.shared_input_linear(x, *layers)
+    separate = [layer(x) for layer in layers]
+    for a, b in zip(fused, separate):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6)
+    weights = torch.randn(3, 5, 24)
+    grads = torch.autograd.grad((torch.cat(fused, -1) * weights).sum(), [p for layer in layers for p in layer.parameters()])
+    expected = torch.autograd.grad((torch.cat(separate, -1) * weights).sum(), [p for layer in layers for p in layer.parameters()])
+    for a, b in zip(grads, expected):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_chunked_loss_equals_full_logits_cross_entropy():
     """The chunked loss computes its gradients in the forward pass (LinearCrossEntropy); autograd's, through
     the full logits, must be the same, scaled like them by whatever multiplies the loss (the micro-batch's
