@@ -556,8 +556,9 @@ class VLM(nn.Module):
 
         mode="reduce-overhead" also records each block as a CUDA graph and replays it: at micro-batch 16 the
         GPU runs a block's kernels faster than Python launches them one by one, and a graph launches them all
-        at once. Only for fixed masks: the FlexAttention mask of packed rows is new in every batch, and the
-        graphs would be recorded again each time."""
+        at once. Not for packed rows, whose FlexAttention mask is new in every batch (the graphs would be
+        recorded again each time), nor with gradient checkpointing, which runs the blocks again in the backward
+        pass (train.cuda_graphs_refused)."""
         config = torch._dynamo.config  # cache_size_limit: the name for the recompile limit in every torch >= 2.5
         config.cache_size_limit = max(config.cache_size_limit, max_shapes)
         for block in self.language.layers:
