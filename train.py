@@ -77,8 +77,8 @@ seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights stay fp32
 compile = torch.cuda.is_available()  # torch.compile each transformer block (model.compile_blocks)
-compile_mode = "reduce-overhead"  # blocks replayed as CUDA graphs: no launch overhead (README, Performance); packed
-                              # rows need "default" (config/stage3.py), or "max-autotune-no-cudagraphs"
+compile_mode = "reduce-overhead"  # blocks replayed as CUDA graphs, without launch overhead (README, Performance);
+                              # packed rows and gradient checkpointing need "default" (train.cuda_graphs_refused)
 gradient_checkpointing = False
 attention = "flash" if torch.cuda.is_available() else "sdpa"  # sdpa (dense mask) | flex (FlexAttention) | flash (prefix by blocks)
 peak_flops = 989e12           # the GPU's dense bf16 peak, for MFU (H100 and H200 SXM)
