@@ -671,8 +671,9 @@ def next_token_loss(weight, rows, targets, chunk_size=4096):
     The rows go through the 151,936-wide output layer a chunk at a time, so the full [N, vocab] logits never
     exist. A chunk of 4096 rows holds a stage-2 micro-batch's labels of 16 captions (1.2 GB of bf16 logits):
     one matmul each way, and the weight's gradient is written once instead of accumulated chunk by chunk.
-    When training, each chunk's gradients are computed at once (LinearCrossEntropy) and its logits dropped. Callers pass only the rows that carry a label; a target of IGNORE_INDEX adds nothing to the sum
-    but still counts in the mean's denominator."""
+    When training, each chunk's gradients are computed at once (LinearCrossEntropy) and its logits dropped.
+    Callers pass only the rows that carry a label; a target of IGNORE_INDEX adds nothing to the sum but still
+    counts in the mean's denominator."""
     if len(targets) == 0:
         raise ValueError("no token of the batch carries a label: there is no loss to compute")
     if torch.is_grad_enabled() and (weight.requires_grad or rows.requires_grad):
