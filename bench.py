@@ -121,8 +121,8 @@ def cases(args):
                        text_len=args.text_len or (20 if args.generate else 144))]
     for case in chosen:
         if not case["generate"] and case["compile_mode"] is None:
-            graphs_refused = case["packed"] or case["grad_ckpt"]  # as train.cuda_graphs_refused says why
-            case["compile_mode"] = "default" if graphs_refused else stage_settings(case["stage"], False)["compile_mode"]
+            refused = train.cuda_graphs_refused(case["packed"], case["grad_ckpt"])
+            case["compile_mode"] = "default" if refused else stage_settings(case["stage"], case["grad_ckpt"])["compile_mode"]
     if args.small:  # a batch the CPU finishes in seconds; the same cases otherwise
         for case in chosen:
             case.update(micro_batch=max(2, case["micro_batch"] // 8), text_len=max(8, case["text_len"] // 8),

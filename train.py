@@ -147,8 +147,9 @@ def train_stage(cfg):
     masks.check_kind(cfg["mask_kind"])
     if cfg["attention"] not in ATTENTION_PATHS:
         raise ValueError(f"unknown attention {cfg['attention']!r}; expected one of {ATTENTION_PATHS}")
-    if uses_cuda_graphs(cfg) and cuda_graphs_refused(cfg):
-        raise ValueError(f"compile_mode={cfg['compile_mode']!r} with {cuda_graphs_refused(cfg)}; set compile_mode='default'")
+    refused = cuda_graphs_refused(cfg["pack_length"] > 0, cfg["gradient_checkpointing"])
+    if uses_cuda_graphs(cfg) and refused:
+        raise ValueError(f"compile_mode={cfg['compile_mode']!r} with {refused}; set compile_mode='default'")
     tokenizer, model = build_model(cfg)
     model.to(device)
     model.attention = cfg["attention"]
@@ -252,12 +253,13 @@ def uses_cuda_graphs(cfg):
     return cfg["compile"] and cfg["compile_mode"] in ("reduce-overhead", "max-autotune")
 
 
-def cuda_graphs_refused(cfg):
-    """Why these settings cannot replay the blocks as CUDA graphs (measured on an H200), or None."""
-    if cfg["pack_length"]:
+def cuda_graphs_refused(packed, gradient_checkpointing):
+    """Why a run with packed rows or gradient checkpointing cannot replay the blocks as CUDA graphs (measured on
+    an H200), or None."""
+    if packed:
         return ("pack_length: every batch of packed rows brings a new attention mask, for which the CUDA graphs are "
                 "recorded again at each step (30x slower)")
-    if cfg["gradient_checkpointing"]:
+    if gradient_checkpointing:
         return ("gradient_checkpointing: running the blocks again in the backward pass breaks CUDA graph recording "
                 "(torch 2.11: 'graph recording observed an input tensor deallocate')")
     return None

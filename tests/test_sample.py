@@ -6,6 +6,7 @@ import torch
 import sample
 from conftest import save_image, save_tiny_checkpoint, tiny_tokenizer
 
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return str(save_tiny_checkpoint(tmp_path_factory.mktemp("tiny")))
