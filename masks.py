@@ -115,13 +115,12 @@ def image_slots(document, n_image_tokens):
     return (document_positions(document) < n_image_tokens) & (document >= 0)
 
 
-def mask_mod(mask_kind, n_image_tokens, keep, document):
+def mask_mod(mask_kind, image, keep, document):
     """The mask one entry at a time, as FlexAttention takes it: may query q of row b attend to key k?
 
     The rule of `attention_mask`, within each document of a packed row; with one document per row (all
-    `document` 0) it is exactly `attention_mask`."""
+    `document` 0) it is exactly `attention_mask`. `image` marks the image slots (`image_slots`)."""
     check_kind(mask_kind)
-    image = image_slots(document, n_image_tokens)
 
     def may_attend(b, h, q, k):
         allowed = document[b, q] == document[b, k]                           # a document sees only itself
@@ -133,21 +132,31 @@ def mask_mod(mask_kind, n_image_tokens, keep, document):
     return may_attend
 
 
-def block_mask(mask_kind, n_image_tokens, keep, document=None):
+def block_mask(mask_kind, n_image_tokens, keep, document=None, fixed=None):
     """`attention_mask` (or, given `document`, `document_mask`) as a FlexAttention BlockMask, built once per
     batch: it lists, per 128-token query block, the key blocks that are not fully masked, and the kernel
-    computes only those (for the prefix mask about half of them)."""
+    computes only those (for the prefix mask about half of them).
+
+    `fixed(name, tensor)`, where given (model.FixedInputs, for CUDA graphs), returns the tensor's values in
+    memory that every batch of its shape reuses; it takes the mask's own tensors and those its rule reads."""
     if document is None:
         document = torch.zeros_like(keep, dtype=torch.long)  # one document per row
+    if fixed is None:
+        fixed = lambda name, tensor: tensor
     batch, seq_len = keep.shape
-    may_attend = mask_mod(mask_kind, n_image_tokens, keep, document)
-    return create_block_mask(may_attend, batch, None, seq_len, seq_len, device=keep.device)
+    keep, document = fixed("keep", keep), fixed("document", document)
+    image = fixed("image", image_slots(document, n_image_tokens))
+    mask = create_block_mask(mask_mod(mask_kind, image, keep, document), batch, None, seq_len, seq_len, device=keep.device)
+    for name, value in vars(mask).items():  # the block lists (their names and number vary between torch versions)
+        if isinstance(value, torch.Tensor):
+            setattr(mask, name, fixed(name, value))
+    return mask
 
 
 def document_mask(mask_kind, n_image_tokens, document):
     """The dense [B, 1, S, S] mask of packed rows, for SDPA: each document under its own mask."""
     batch, seq_len = document.shape
-    may_attend = mask_mod(mask_kind, n_image_tokens, document >= 0, document)
+    may_attend = mask_mod(mask_kind, image_slots(document, n_image_tokens), document >= 0, document)
     return create_mask(may_attend, batch, 1, seq_len, seq_len, device=document.device)
 
 

@@ -275,6 +275,7 @@ class Qwen2(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
+        self.fixed_inputs = None  # set by VLM.compile_blocks when the blocks replay as CUDA graphs (FixedInputs)
 
     def hidden_states(self, input_ids=None, inputs_embeds=None, mask=None, position_ids=None, cache=None):
         """The final-norm hidden states [B,T,D]. `mask` None means causal; `position_ids` default 0..T-1."""
@@ -285,6 +286,8 @@ class Qwen2(nn.Module):
         if mask is None:
             mask = masks.causal(T, x.device)[None, None]
         cos, sin = rope_tables(position_ids, self.config.hidden_size // self.config.num_attention_heads, self.config.rope_theta)
+        if self.fixed_inputs is not None:
+            cos, sin = self.fixed_inputs("cos", cos), self.fixed_inputs("sin", sin)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
@@ -448,7 +451,27 @@ class Projector(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-ATTENTION_PATHS = ("sdpa", "flex", "flash")  # how VLM.mask hands the stage's mask to the attention (see there)
+class FixedInputs:
+    """Buffers that hold the blocks' per-batch inputs at the same addresses, batch after batch.
+
+    A block replayed as a CUDA graph (compile_mode "reduce-overhead") finds the tensors its backward pass keeps
+    at the addresses where the graph was recorded; where one of them, built for each batch outside the blocks
+    (RoPE's cos and sin, an attention mask and the tensors its rule reads), lies elsewhere, the graphs are
+    recorded again (packed rows: 3.1 s per step instead of 0.1). Each is copied into one buffer per name and
+    shape, which the next batch of that shape overwrites: its backward pass has run by then."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def __call__(self, name, tensor):
+        key = (name, tuple(tensor.shape), tensor.dtype, tensor.device)
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty_like(tensor)
+        return self.buffers[key].copy_(tensor)
+
+
+ATTENTION_PATHS = ("sdpa", "flex", "flash")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that record CUDA graphs  # how VLM.mask hands the stage's mask to the attention (see there)
 
 
 class VLM(nn.Module):
@@ -460,6 +483,7 @@ class VLM(nn.Module):
         self.language = Qwen2(config.language)
         self.n_image_tokens = self.vision.n_patches
         self.attention = "sdpa"  # or "flex" (FlexAttention block masks) or "flash" (prefix mask by blocks): see `mask`
+        self.fixed_inputs = None  # set by compile_blocks when the blocks replay as CUDA graphs (FixedInputs)
 
     # --- training forward pass -------------------------------------------------
 
@@ -522,10 +546,12 @@ class VLM(nn.Module):
         if self.attention == "flash" and mask_kind == "prefix" and document is None:
             return masks.PrefixBlocks(self.n_image_tokens, keep.shape[1])  # training batches are right-padded (data.collate)
         if self.attention in ("flex", "flash"):  # flash has no form for packed rows or padded bidirectional rows
-            return masks.block_mask(mask_kind, self.n_image_tokens, keep, document)
+            return masks.block_mask(mask_kind, self.n_image_tokens, keep, document, fixed=self.fixed_inputs)
         if document is not None:
-            return masks.document_mask(mask_kind, self.n_image_tokens, document)
-        return masks.attention_mask(mask_kind, self.n_image_tokens, keep)
+            dense = masks.document_mask(mask_kind, self.n_image_tokens, document)
+        else:
+            dense = masks.attention_mask(mask_kind, self.n_image_tokens, keep)
+        return dense if self.fixed_inputs is None else self.fixed_inputs("mask", dense)
 
     def keep(self, text_mask):
         image = torch.ones(text_mask.shape[0], self.n_image_tokens, dtype=torch.bool, device=text_mask.device)
@@ -556,11 +582,13 @@ class VLM(nn.Module):
 
         mode="reduce-overhead" also records each block as a CUDA graph and replays it: at micro-batch 16 the
         GPU runs a block's kernels faster than Python launches them one by one, and a graph launches them all
-        at once. Not for packed rows, whose FlexAttention mask is new in every batch (the graphs would be
-        recorded again each time), nor with gradient checkpointing, which runs the blocks again in the backward
-        pass (train.cuda_graphs_refused)."""
+        at once. The per-batch inputs built outside the blocks then go through FixedInputs, so that the graphs
+        find them where they were recorded. Not with gradient checkpointing, which runs the blocks again in the
+        backward pass (train.cuda_graphs_refused)."""
         config = torch._dynamo.config  # cache_size_limit: the name for the recompile limit in every torch >= 2.5
         config.cache_size_limit = max(config.cache_size_limit, max_shapes)
+        if mode in CUDA_GRAPH_MODES:
+            self.fixed_inputs = self.language.fixed_inputs = FixedInputs()
         for block in self.language.layers:
             block.compile(mode=mode, dynamic=False)
         # packed micro-batches hold varying numbers of images: after the first change, the vision blocks are

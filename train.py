@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import masks
 from configurator import configure, merged
-from model import ATTENTION_PATHS, VLM, Qwen2Config, SigLIPConfig, VLMConfig
+from model import ATTENTION_PATHS, CUDA_GRAPH_MODES, VLM, Qwen2Config, SigLIPConfig, VLMConfig
 
 # -----------------------------------------------------------------------------
 # Settings: the defaults are the paper's stage 2; config/*.py and --key=value change them.
@@ -78,7 +78,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights stay fp32
 compile = torch.cuda.is_available()  # torch.compile each transformer block (model.compile_blocks)
 compile_mode = "reduce-overhead"  # blocks replayed as CUDA graphs, without launch overhead (README, Performance);
-                              # packed rows and gradient checkpointing need "default" (train.cuda_graphs_refused)
+                              # gradient checkpointing needs "default" (train.cuda_graphs_refused)
 gradient_checkpointing = False
 attention = "flash" if torch.cuda.is_available() else "sdpa"  # sdpa (dense mask) | flex (FlexAttention) | flash (prefix by blocks)
 peak_flops = 989e12           # the GPU's dense bf16 peak, for MFU (H100 and H200 SXM)
@@ -147,7 +147,7 @@ def train_stage(cfg):
     masks.check_kind(cfg["mask_kind"])
     if cfg["attention"] not in ATTENTION_PATHS:
         raise ValueError(f"unknown attention {cfg['attention']!r}; expected one of {ATTENTION_PATHS}")
-    refused = cuda_graphs_refused(cfg["pack_length"] > 0, cfg["gradient_checkpointing"])
+    refused = cuda_graphs_refused(cfg["gradient_checkpointing"])
     if uses_cuda_graphs(cfg) and refused:
         raise ValueError(f"compile_mode={cfg['compile_mode']!r} with {refused}; set compile_mode='default'")
     tokenizer, model = build_model(cfg)
@@ -249,16 +249,11 @@ def train_step(runner, micro_batches, cfg, device, trainable, noise=None):
 
 
 def uses_cuda_graphs(cfg):
-    """torch.compile's modes that record CUDA graphs."""
-    return cfg["compile"] and cfg["compile_mode"] in ("reduce-overhead", "max-autotune")
+    return cfg["compile"] and cfg["compile_mode"] in CUDA_GRAPH_MODES
 
 
-def cuda_graphs_refused(packed, gradient_checkpointing):
-    """Why a run with packed rows or gradient checkpointing cannot replay the blocks as CUDA graphs (measured on
-    an H200), or None."""
-    if packed:
-        return ("pack_length: every batch of packed rows brings a new attention mask, for which the CUDA graphs are "
-                "recorded again at each step (30x slower)")
+def cuda_graphs_refused(gradient_checkpointing):
+    """Why a run cannot replay the blocks as CUDA graphs (measured on an H200), or None."""
     if gradient_checkpointing:
         return ("gradient_checkpointing: running the blocks again in the backward pass breaks CUDA graph recording "
                 "(torch 2.11: 'graph recording observed an input tensor deallocate')")

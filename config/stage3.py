@@ -11,4 +11,3 @@ init_from = "out/stage2"
 out_dir = "out/stage3"
 pack_length = 2048  # conversations vary in length: several share a row, so little compute goes to padding
 pad_to_multiple = 256  # a micro-batch of packed rows is cut to its fullest row: few shapes, little padding
-compile_mode = "default"  # each batch of packed rows brings a new mask, for which CUDA graphs would be recorded anew

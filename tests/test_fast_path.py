@@ -65,7 +65,7 @@ def test_mask_mod_is_the_dense_mask_entry_by_entry(mask_kind):
     keep[1, 7:] = False    # right padding
     keep[2, 4:6] = False   # left padding of the prompt after the image (generation)
     one_document = torch.zeros(3, 10, dtype=torch.long)
-    rule = masks.mask_mod(mask_kind, N_IMAGE, keep, one_document)
+    rule = masks.mask_mod(mask_kind, masks.image_slots(one_document, N_IMAGE), keep, one_document)
     dense = masks.create_mask(rule, 3, 1, 10, 10)
     assert torch.equal(dense, masks.attention_mask(mask_kind, N_IMAGE, keep))
 
@@ -344,6 +344,29 @@ def test_packed_rows_give_each_sample_the_loss_it_has_alone():
 
 
 # --- compiled blocks ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("attention", ["flex", "sdpa"])
+def test_fixed_inputs_reuse_memory_and_keep_each_batchs_values(attention, flex_backward_on_cpu):
+    """With CUDA graphs (compile_blocks in a graph mode), the masks and RoPE tables built for each batch go
+    through model.FixedInputs, so that batches of one shape hand the blocks the same memory. Two packed batches
+    of one shape, their documents cut in different places: each keeps its own loss and gradients, and the
+    second's mask lies where the first's did."""
+    model = tiny_vlm()
+    first = data.pack_documents(samples_of(padded_batch([7, 4, 9, 3, 5])), 16, N_IMAGE, rows=[[1, 3], [4]],
+                                pad_to_multiple=16)   # rows of 8 + 7 and 9 tokens
+    second = data.pack_documents(samples_of(padded_batch([2, 5, 6], seed=1)), 16, N_IMAGE, rows=[[0, 1], [2]],
+                                 pad_to_multiple=16)  # rows of 6 + 9 and 10 tokens
+    assert first["document"].shape == second["document"].shape
+    assert not torch.equal(first["document"], second["document"])
+    expected = [with_attention(model, attention, lambda: model.forward_packed(**b)) for b in (first, second)]
+    model.fixed_inputs = model.language.fixed_inputs = model_module.FixedInputs()
+    for batch, reference in zip((first, second), expected):
+        assert_same_loss_and_gradients(with_attention(model, attention, lambda: model.forward_packed(**batch)), reference)
+    masks_built = [model.mask("prefix", b["document"] >= 0, b["document"]) for b in (first, second)]
+    memory = [m.data_ptr() if attention == "sdpa" else m.kv_indices.data_ptr() for m in masks_built]
+    assert memory[0] == memory[1]
+
+
 
 @pytest.mark.parametrize("attention", model_module.ATTENTION_PATHS)
 def test_every_attention_path_compiles_a_block_whole(attention):
