@@ -457,8 +457,9 @@ class FixedInputs:
     A block replayed as a CUDA graph (compile_mode "reduce-overhead") finds the tensors its backward pass keeps
     at the addresses where the graph was recorded; where one of them, built for each batch outside the blocks
     (RoPE's cos and sin, an attention mask and the tensors its rule reads), lies elsewhere, the graphs are
-    recorded again (packed rows: 3.1 s per step instead of 0.1). Each is copied into one buffer per name and
-    shape, which the next batch of that shape overwrites: its backward pass has run by then."""
+    recorded again (on an H100, stage 0's bidirectional rows ran at 52 images/s instead of 185). Each is copied
+    into one buffer per name and shape, which the next batch of that shape overwrites: its backward pass has
+    run by then."""
 
     def __init__(self):
         self.buffers = {}
@@ -470,8 +471,8 @@ class FixedInputs:
         return self.buffers[key].copy_(tensor)
 
 
-ATTENTION_PATHS = ("sdpa", "flex", "flash")
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that record CUDA graphs  # how VLM.mask hands the stage's mask to the attention (see there)
+ATTENTION_PATHS = ("sdpa", "flex", "flash")  # how VLM.mask hands the stage's mask to the attention (see there)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that record CUDA graphs
 
 
 class VLM(nn.Module):
