@@ -1,7 +1,8 @@
 """On a GPU: blocks replayed as CUDA graphs (train.py's compile_mode="reduce-overhead") give the gradients that
 eager blocks give, gradient accumulation over micro-batches included, for several steps (the graphs are
-recorded on the first calls and replayed after). CI has no GPU, so there this module is skipped and counts for
-nothing; run it by hand on a GPU (README, Performance)."""
+recorded on the first calls and replayed after); packed rows, whose mask is new in every batch, replay the
+graphs without recording them again. CI has no GPU, so there this module is skipped and counts for nothing;
+run it by hand on a GPU (README, Performance)."""
 import copy
 
 import pytest
