@@ -12,7 +12,8 @@ A training step is train.py's: the model's forward returns the loss, bf16 autoca
 backward, gradient clipping, fused AdamW with one learning rate per module; the stage's mask, input noise and
 learning rates come from config/stage<N>.py, and a module whose learning rate is 0 is frozen (stages 0-1:
 only the projector trains). The batches are synthetic, every text token labelled, as in the anchor
-(../shared/bench/anchor_transformers.py: the transformers stack, same shapes); run both on the same GPU to compare.
+(../shared/bench/anchor_transformers.py: the transformers stack, same shapes); run both on the same GPU to
+compare.
 On the GPU the default is the fast path: compiled blocks (in the stage's compile_mode), and the prefix mask run
 by blocks on flash-attention kernels (--attention flash; packed rows use FlexAttention's document masks);
 --attention sdpa --no-compile gives the plain reference path with a dense mask.

@@ -139,17 +139,18 @@ def block_mask(mask_kind, n_image_tokens, keep, document=None, fixed=None):
 
     `fixed(name, tensor)`, where given (model.FixedInputs, for CUDA graphs), returns the tensor's values in
     memory that every batch of its shape reuses; it takes the mask's own tensors and those its rule reads."""
+    def placed(name, tensor):
+        return tensor if fixed is None else fixed(name, tensor)
+
     if document is None:
         document = torch.zeros_like(keep, dtype=torch.long)  # one document per row
-    if fixed is None:
-        fixed = lambda name, tensor: tensor
     batch, seq_len = keep.shape
-    keep, document = fixed("keep", keep), fixed("document", document)
-    image = fixed("image", image_slots(document, n_image_tokens))
+    keep, document = placed("keep", keep), placed("document", document)
+    image = placed("image", image_slots(document, n_image_tokens))
     mask = create_block_mask(mask_mod(mask_kind, image, keep, document), batch, None, seq_len, seq_len, device=keep.device)
     for name, value in vars(mask).items():  # the block lists (their names and number vary between torch versions)
         if isinstance(value, torch.Tensor):
-            setattr(mask, name, fixed(name, value))
+            setattr(mask, name, placed(name, value))
     return mask
 
 
