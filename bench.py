@@ -38,6 +38,7 @@ ISSUE_CASES = [
     dict(stage=2, micro_batch=16, text_len=144, attention="sdpa", compile=False, anchor=80),  # the plain reference
     dict(generate=True, micro_batch=256, text_len=20, new_tokens=30),  # target: 5000 images in < 60 s
     dict(stage=1, micro_batch=32, text_len=144, anchor=204, target=400),
+    dict(stage=0, micro_batch=32, text_len=144),  # stage 1's shape, bidirectional: FlexAttention, not flash calls
     dict(stage=3, micro_batch=8, text_len=768, anchor=41, target=100),  # padded, as PathVQA trains
     dict(stage=2, micro_batch=32, text_len=144, anchor=129),
     dict(stage=3, micro_batch=8, text_len=768, packed=True),  # 128 conversations, micro-batches of 4 rows of 2048

@@ -71,6 +71,7 @@ def test_each_case_compiles_in_the_mode_train_py_uses_for_its_stage(monkeypatch)
     assert train.settings["compile_mode"] == "reduce-overhead"  # CUDA graphs by default
     assert modes[0] == (2, False, "reduce-overhead")  # the headline case
     assert (1, False, "reduce-overhead") in modes
+    assert (0, False, "reduce-overhead") in modes  # its mask per batch lies in model.FixedInputs
     assert (3, True, "reduce-overhead") in modes  # config/stage3.py's packed rows, their masks in model.FixedInputs
     assert (3, False, "reduce-overhead") in modes  # the stage-3 shape padded, as config/pathvqa.py trains
     assert (2, False, "default") in modes  # the headline case without CUDA graphs
