@@ -1,7 +1,7 @@
 """How fast we train and caption, at the paper's full sizes with random weights (nothing is downloaded), in the
 spirit of nanoGPT's bench.py. One JSON line per case as it finishes, then a table.
 
-    python bench.py                                     # every case of the speed issue, on one GPU (~5 minutes)
+    python bench.py                                     # the speed issue's cases and stage 0, on one GPU (~6 minutes)
     python bench.py --stage 2 --micro_batch 32          # one training case
     python bench.py --attention sdpa --no-compile       # every case on our plain reference path
     python bench.py --compile_mode default              # every case compiled, without CUDA graphs

@@ -589,13 +589,17 @@ class VLM(nn.Module):
         config = torch._dynamo.config  # cache_size_limit: the name for the recompile limit in every torch >= 2.5
         config.cache_size_limit = max(config.cache_size_limit, max_shapes)
         if mode in CUDA_GRAPH_MODES:
-            self.fixed_inputs = self.language.fixed_inputs = FixedInputs()
+            self.use_fixed_inputs()
         for block in self.language.layers:
             block.compile(mode=mode, dynamic=False)
         # packed micro-batches hold varying numbers of images: after the first change, the vision blocks are
         # compiled once more for any number (their one other dimension, 256 patches, never changes)
         for block in self.vision.layers:
             block.compile(mode=mode, dynamic=None)
+
+    def use_fixed_inputs(self):
+        """Hand the blocks each batch's masks and RoPE tables in memory of their own (FixedInputs)."""
+        self.fixed_inputs = self.language.fixed_inputs = FixedInputs()
 
     # --- generation ------------------------------------------------------------
 
