@@ -72,7 +72,6 @@ grad_clip = 1.0
 out_dir = "out/stage2"
 resume = False
 checkpoint_interval = 500
-log_interval = 10
 seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights stay fp32

@@ -22,7 +22,6 @@ dtype = "float32"
 global_batch = 32
 micro_batch = 32
 warmup_steps = 10
-log_interval = 25
 checkpoint_interval = 1000
 out_dir = "out/demo"
 stages = [
