@@ -24,6 +24,11 @@ def configure(settings, argv=None):
     return settings
 
 
+def command_line_keys(argv=None):
+    """The settings that `argv` (default sys.argv[1:]) sets with --key=value."""
+    return {arg[2:].partition("=")[0] for arg in (sys.argv[1:] if argv is None else argv) if arg.startswith("--")}
+
+
 def apply_file(settings, path):
     print(f"configuration from {path}")
     namespace = {}

@@ -321,9 +321,10 @@ class LlavaParquet:
         path, group, first_row = self.chunks[chunk]
         try:  # one thread: the DataLoader workers are the parallelism
             table = open_parquet(path).read_row_group(group, columns=self.columns, use_threads=False)
-        except (OSError, pa.ArrowException) as error:
+            values = table.take(rows).to_pylist()  # decodes the strings: a corrupt page may only fail here
+        except (OSError, pa.ArrowException, UnicodeDecodeError) as error:
             raise OSError(f"{path}: cannot read row group {group} (corrupt file?): {error}") from error
-        return [self.record(row, f"{path} row {first_row + i}") for i, row in zip(rows, table.take(rows).to_pylist())]
+        return [self.record(row, f"{path} row {first_row + i}") for i, row in zip(rows, values)]
 
     def record(self, row, name):
         image = row["image"]["bytes"] if row["image"] else None
@@ -362,12 +363,19 @@ class LlavaJson(IndexedSource):
         with open(json_path, encoding="utf-8") as f:
             self.entries = json.load(f)
         self.json_path, self.image_folder = json_path, image_folder
+        # an entry that is not an object is a broken file, not a text-only sample: say so before training
+        if not isinstance(self.entries, list):
+            raise ValueError(f"{json_path} holds a {type(self.entries).__name__}, expected a list of entries")
+        broken = [i for i, entry in enumerate(self.entries) if not isinstance(entry, dict)]
+        if broken:
+            raise ValueError(f"{json_path}: {len(broken)} entries are not objects {{id, image, conversations}}, "
+                             f"the first at index {broken[0]}: {self.entries[broken[0]]!r:.80}")
 
     def __len__(self):
         return len(self.entries)
 
     def record(self, row):
-        entry = self.entries[row] if isinstance(self.entries[row], dict) else {}  # malformed: skipped later
+        entry = self.entries[row]
         image = entry.get("image")
         if isinstance(image, str):
             image = os.path.join(self.image_folder, image)
@@ -724,11 +732,17 @@ class BatchStream:
         workers = WorkerBatches(self, chunk_ids[start:], row_ids[start:])
         loader = DataLoader(workers, batch_size=None, num_workers=self.num_workers,
                             pin_memory=torch.cuda.is_available())
+        yielded = False
         for item in loader:
             self.samples_consumed = min(start + (item["batch_index"] + 1) * self.batch_size, self.samples_per_epoch)
             self.add_counts(item["counts"])
             if item["batch"] is not None:
+                yielded = True
                 yield item["batch"]
+        if start == 0 and not yielded:  # else training would go through empty epochs for ever
+            raise RuntimeError(f"epoch {self.epoch} of {self.samples_per_epoch} samples gave none to train on (so far "
+                               f"{self.counts['text_only']} rows without an image, {self.counts['skipped']} bad ones: "
+                               "see the warnings)")
         self.epoch, self.samples_consumed = self.epoch + 1, 0
 
     def build_batch(self, records):

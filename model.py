@@ -687,6 +687,25 @@ class VLM(nn.Module):
 VLM_ARCHITECTURE = "siglip-projector-qwen2"
 
 
+def latest_checkpoint(out_dir):
+    """The newest complete checkpoint of a training run, which train.py names in out_dir/latest; None if none."""
+    path = os.path.join(out_dir, "latest")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return os.path.join(out_dir, f.read().strip())
+
+
+def checkpoint_folder(path):
+    """A checkpoint folder as is, or a training run's out_dir as its newest checkpoint: train.py's init_from
+    and the --checkpoint of sample.py and eval.py take either (config/stage2.py starts from "out/stage1")."""
+    folder = latest_checkpoint(path) or path
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"{path} is neither a checkpoint (config.json + model.safetensors) nor a training "
+                                "run's out_dir (a 'latest' file naming its newest checkpoint)")
+    return folder
+
+
 def positions(keep):
     """RoPE positions that skip padding: the n-th real token gets position n-1, wherever the pads are."""
     return (keep.long().cumsum(1) - 1).clamp(min=0)

@@ -24,8 +24,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import masks
-from configurator import configure, merged
-from model import ATTENTION_PATHS, CUDA_GRAPH_MODES, VLM, Qwen2Config, SigLIPConfig, VLMConfig
+from configurator import command_line_keys, configure, merged
+from model import (ATTENTION_PATHS, CUDA_GRAPH_MODES, VLM, Qwen2Config, SigLIPConfig, VLMConfig, checkpoint_folder,
+                   latest_checkpoint)
 
 # -----------------------------------------------------------------------------
 # Settings: the defaults are the paper's stage 2; config/*.py and --key=value change them.
@@ -88,6 +89,7 @@ settings = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 
 def main():
     configure(settings)
+    check_stages_keep_command_line(settings["stages"], command_line_keys())
     dist_setup()
     runs = [merged(settings, overrides, f"stages[{i}]") for i, overrides in enumerate(settings["stages"])] or [settings]
     previous = None
@@ -98,6 +100,16 @@ def main():
     if settings["eval_after"] and is_main():
         evaluate_demo(previous, runs[-1])
     dist_teardown()
+
+
+def check_stages_keep_command_line(stages, given):
+    """A stage's own settings (the `stages` list) win over the rest; one that would undo a --key=value is an
+    error, not a silent change of what the user asked for."""
+    for i, overrides in enumerate(stages):
+        undone = sorted(given & set(overrides))
+        if undone:
+            raise ValueError(f"--{undone[0]} is set again by stages[{i}] ({undone[0]}={overrides[undone[0]]!r}), which "
+                             "wins: change it in the config's stages, or train one stage (--stages=[])")
 
 
 # -----------------------------------------------------------------------------
@@ -156,11 +168,14 @@ def train_stage(cfg):
     optimizer = make_optimizer(model, cfg, device)
     stream = open_stream(cfg, tokenizer, model.n_image_tokens)
     step = 0
+    metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
     if cfg["resume"] and latest_checkpoint(cfg["out_dir"]):
         step = restore(latest_checkpoint(cfg["out_dir"]), model, optimizer, stream)
+        if is_main():
+            keep_metrics_until(metrics_path, step)
     elif is_main():
         os.makedirs(cfg["out_dir"], exist_ok=True)
-        open(os.path.join(cfg["out_dir"], "metrics.jsonl"), "w").close()  # a fresh run starts a fresh log
+        open(metrics_path, "w").close()  # a fresh run starts a fresh log
     total_steps = cfg["max_steps"] or cfg["epochs"] * len(stream)
     if total_steps <= 0:
         raise ValueError(f"nothing to train: max_steps={cfg['max_steps']} and epochs={cfg['epochs']}")
@@ -174,7 +189,6 @@ def train_stage(cfg):
     if world_size() > 1:
         runner = DDP(runner, device_ids=[device.index] if device.type == "cuda" else None)
     batches = endless(stream)
-    metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
     progress = make_progress(step, total_steps)
     while step < total_steps:
         started = time.perf_counter()
@@ -303,7 +317,8 @@ def mean_over_ranks(loss):
 def build_model(cfg):
     """The tokenizer and the VLM: our previous checkpoint, or the pretrained backbones (or random ones)."""
     if cfg["init_from"]:
-        return data.Tokenizer.from_pretrained(cfg["init_from"]), VLM.load(cfg["init_from"])  # a checkpoint holds its tokenizer
+        folder = checkpoint_folder(cfg["init_from"])  # a checkpoint, or the previous stage's out_dir: its newest one
+        return data.Tokenizer.from_pretrained(folder), VLM.load(folder)  # a checkpoint holds its tokenizer
     if cfg["vision_config"] or cfg["language_config"]:
         tokenizer = data.shapes_tokenizer() if cfg["tokenizer"] == "shapes" else data.Tokenizer.from_pretrained(cfg["tokenizer"])
         torch.manual_seed(cfg["seed"])
@@ -390,16 +405,11 @@ def save_checkpoint(cfg, model, tokenizer, optimizer, step, data_position):
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)
     write_atomically(os.path.join(out_dir, "latest"), os.path.basename(folder))
-    for old in sorted(f for f in os.listdir(out_dir) if f.startswith("step-") and not f.endswith(".partial"))[:-2]:
-        shutil.rmtree(os.path.join(out_dir, old))  # keep the two newest
-
-
-def latest_checkpoint(out_dir):
-    path = os.path.join(out_dir, "latest")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return os.path.join(out_dir, f.read().strip())
+    # keep this checkpoint and the one before it; a later step's folder is an earlier run's, not this run's to prune
+    earlier = sorted(f for f in os.listdir(out_dir)
+                     if f.startswith("step-") and not f.endswith(".partial") and f < os.path.basename(folder))
+    for old in earlier[:-1]:
+        shutil.rmtree(os.path.join(out_dir, old))
 
 
 def restore(folder, model, optimizer, stream):
@@ -478,6 +488,22 @@ def endless(stream):
 def make_progress(step, total_steps):
     from tqdm import tqdm
     return tqdm(total=total_steps, initial=step, disable=not is_main(), dynamic_ncols=True)
+
+
+def keep_metrics_until(path, step):
+    """Drop the log of the steps after `step`, the checkpoint resumed from: they are trained and logged again.
+    A line cut short by the crash goes too."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                pass
+    write_atomically(path, "".join(kept))
 
 
 def append_jsonl(path, record):

@@ -316,6 +316,30 @@ def test_truncated_parquet_file_is_an_error_naming_it(tmp_path):
         LlavaParquet(str(tmp_path))
 
 
+def test_text_that_is_not_utf8_is_an_error_naming_the_file_and_row_group(tmp_path):
+    rows = [caption_row(i) for i in range(8)]
+    table = pa.Table.from_pylist(rows, schema=LLAVA_SCHEMA)
+    broken_ids = pa.array([b"\xff not utf-8"] + [r["id"].encode() for r in rows[1:]], pa.binary()).view(pa.string())
+    pq.write_table(table.set_column(0, "id", broken_ids), tmp_path / "bad.parquet")
+    with pytest.raises(OSError, match="bad.parquet: cannot read row group 0"):
+        LlavaParquet(str(tmp_path)).read(0, [0, 1])
+
+
+def test_llava_json_entries_that_are_not_objects_are_an_error_naming_the_first(tmp_path):
+    entries = [{"id": "1", "image": "1.png", "conversations": TWO_TURNS}, "oops", None]
+    (tmp_path / "data.json").write_text(json.dumps(entries))
+    with pytest.raises(ValueError, match=r"data.json: 2 entries are not objects .* the first at index 1: 'oops'"):
+        LlavaJson(str(tmp_path / "data.json"), str(tmp_path))
+
+
+def test_an_epoch_with_nothing_to_train_on_is_an_error_not_an_endless_loop(tmp_path, tokenizer):
+    entries = [{"id": str(i), "images": f"{i}.png", "conversations": TWO_TURNS} for i in range(4)]  # "images": a typo
+    (tmp_path / "data.json").write_text(json.dumps(entries))
+    stream = make_stream(LlavaJson(str(tmp_path / "data.json"), str(tmp_path)), tokenizer)
+    with pytest.raises(RuntimeError, match="epoch 0 of 4 samples gave none to train on .*4 rows without an image"):
+        list(stream)
+
+
 def test_a_missing_folder_is_reported_not_looked_up_on_the_hub(tmp_path):
     with pytest.raises(FileNotFoundError, match="no_such_folder: no such folder"):
         LlavaParquet(str(tmp_path / "no_such_folder"))

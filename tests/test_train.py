@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train
-from configurator import merged
+from configurator import command_line_keys, merged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {  # the demo's classes at the smallest sizes that still learn
@@ -142,16 +142,16 @@ def test_a_short_run_learns(tmp_path):
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    """Stage 0 (random input noise) with DataLoader workers: an interruption after step 3 and a resume give the
-    same losses and weights as one uninterrupted run."""
+    """Stage 0 (random input noise) with DataLoader workers: an interruption after step 3's checkpoint and a
+    resume give the same losses and weights as one uninterrupted run, and the log holds each step once."""
     stage0 = dict(stage=0, mask_kind="bidirectional", noise_prob=0.2, vision_lr=1e-3, projector_lr=1e-3,
                   language_lr=0.0, max_steps=6, checkpoint_interval=3, num_workers=1, micro_batch=4)
     whole = run_train(tmp_path / "whole", **stage0)
-    # the interrupted run: only what a crash right after step 3's checkpoint leaves on disk
+    # the interrupted run: what a crash during step 5 leaves on disk, the checkpoint of step 3 and the log of 4
     os.makedirs(tmp_path / "resumed")
     shutil.copytree(tmp_path / "whole" / "step-0000003", tmp_path / "resumed" / "step-0000003")
     (tmp_path / "resumed" / "latest").write_text("step-0000003")
-    (tmp_path / "resumed" / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in whole[:3]))
+    (tmp_path / "resumed" / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in whole[:4]))
     resumed = run_train(tmp_path / "resumed", resume=True, **stage0)
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
     assert [m["loss"] for m in resumed] == [m["loss"] for m in whole]
@@ -183,6 +183,38 @@ def test_checkpoint_is_loadable_and_complete(tmp_path):
     state = torch.load(os.path.join(folder, "trainer.pt"), weights_only=True)
     assert state["step"] == 2 and state["data"]["samples_consumed"] > 0 and "rng" in state and state["optimizer"]["state"]
     assert not any(name.endswith(".partial") for name in os.listdir(tmp_path))
+
+
+def test_a_stage_starts_from_the_previous_stages_out_dir(tmp_path):
+    """config/stage2.py says init_from = "out/stage1": a run's out_dir stands for its newest checkpoint. Stage 1
+    trains the vision tower here, stage 2 freezes it: stage 2 ends with stage 1's last vision weights."""
+    run_train(tmp_path / "stage1", stage=1, max_steps=3, checkpoint_interval=1, vision_lr=1e-2, projector_lr=1e-2,
+              language_lr=0.0)
+    run_train(tmp_path / "stage2", stage=2, max_steps=1, init_from=str(tmp_path / "stage1"), vision_lr=0.0)
+    before, after = final_weights(tmp_path / "stage1"), final_weights(tmp_path / "stage2")
+    assert all(torch.equal(before[n], after[n]) for n in before if n.startswith("vision."))
+    from model import checkpoint_folder
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint .* nor a training run's out_dir"):
+        checkpoint_folder(str(tmp_path))
+
+
+def test_saving_keeps_this_checkpoint_and_the_one_before_and_not_an_earlier_runs_later_ones(tmp_path):
+    cfg, tokenizer, model, _, optimizer = tiny_setup(out_dir=str(tmp_path))
+    for stale in ("step-0001000", "step-0001500"):  # an earlier run that went further, in the same out_dir
+        os.makedirs(tmp_path / stale)
+    for step in (500, 501, 502):
+        train.save_checkpoint(cfg, model, tokenizer, optimizer, step, data_position={})
+        assert train.latest_checkpoint(str(tmp_path)) == str(tmp_path / f"step-{step:07d}")
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("step-")) == [
+        "step-0000501", "step-0000502", "step-0001000", "step-0001500"]
+
+
+def test_a_stage_may_not_undo_the_command_line():
+    """The demo's stages set max_steps each: --max_steps=5 would be silently undone, so it is an error."""
+    stages = [dict(stage=0, max_steps=30), dict(stage=1, max_steps=30)]
+    train.check_stages_keep_command_line(stages, command_line_keys(["config/demo.py", "--device=cpu"]))
+    with pytest.raises(ValueError, match=r"--max_steps is set again by stages\[0\] \(max_steps=30\)"):
+        train.check_stages_keep_command_line(stages, command_line_keys(["config/demo.py", "--max_steps=5"]))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
