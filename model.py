@@ -838,50 +838,49 @@ def greedy(step, logits, max_new_tokens, on_token=None):
 
 
 def beam_search(step, logits, max_new_tokens, num_beams, length_penalty):
-    """Keep the `num_beams` most probable continuations of each prompt; a hypothesis ends at an end token,
-    and finished ones are ranked by log-probability / length**length_penalty."""
-    batch = logits.shape[0] // num_beams
-    device = logits.device
-    scores = torch.full((batch, num_beams), float("-inf"), device=device)
+    """The `num_beams` most probable continuations of each prompt, searched as transformers' beam search does
+    with its defaults (its result is the test). Each step ranks the beams' continuations; of the best
+    `num_beams`, those that end (an end token, or the last token allowed) become finished hypotheses, scored
+    log-probability / length**length_penalty (the end token counted), and each prompt keeps its best
+    `num_beams` of them; the best continuations that do not end run on. A prompt is done once it holds
+    `num_beams` hypotheses and its best running beam, scored at its current length, cannot beat the worst."""
+    batch, vocab = logits.shape[0] // num_beams, logits.shape[1]
+    n_candidates = (1 + max(1, len(step.eos_ids))) * num_beams  # enough to leave num_beams that do not end
+    scores = torch.full((batch, num_beams), float("-inf"), device=logits.device)
     scores[:, 0] = 0.0  # all beams start identical: let only the first one expand
-    tokens_so_far = [[] for _ in range(batch * num_beams)]
-    finished = [[] for _ in range(batch)]
+    histories = [[] for _ in range(batch * num_beams)]
+    finished = [[] for _ in range(batch)]  # (score, tokens), best first, at most num_beams
+    done = [max_new_tokens == 0] * batch
     for length in range(1, max_new_tokens + 1):
-        logprobs = F.log_softmax(logits, dim=-1)
-        vocab = logprobs.shape[-1]
-        candidates = (scores.view(-1, 1) + logprobs).view(batch, -1)
-        top_scores, top_index = candidates.topk(2 * num_beams, dim=-1)
-        new_scores = torch.full_like(scores, float("-inf"))
-        source = torch.arange(batch * num_beams, device=device).view(batch, num_beams).clone()
-        new_tokens = torch.full((batch, num_beams), 0, dtype=torch.long, device=device)
-        next_so_far = list(tokens_so_far)
-        for b in range(batch):
-            if len(finished[b]) >= num_beams:
-                continue  # this prompt is done; its beams idle
+        candidates = (scores[:, :, None] + F.log_softmax(logits, dim=-1).view(batch, num_beams, vocab)).view(batch, -1)
+        top_scores, top_index = candidates.topk(n_candidates, dim=-1)
+        end_token = step.is_end(top_index % vocab)
+        top = zip(top_scores.tolist(), top_index.tolist(), end_token.tolist())
+        running = [[(float("-inf"), 0, b * num_beams)] * num_beams for b in range(batch)]  # (score, token, source beam)
+        new_histories = list(histories)
+        for b, (b_scores, b_index, b_end_token) in enumerate(top):
+            if done[b]:
+                continue  # its beams idle in place
             kept = 0
-            for score, index in zip(top_scores[b].tolist(), top_index[b].tolist()):
+            for rank, (score, index, is_end_token) in enumerate(zip(b_scores, b_index, b_end_token)):
                 beam, token = divmod(index, vocab)
-                history = tokens_so_far[b * num_beams + beam]
-                if step.is_end(torch.tensor(token, device=device)):
-                    finished[b].append((score / length ** length_penalty, history))
-                    if len(finished[b]) >= num_beams:
-                        break
-                    continue
-                slot = b * num_beams + kept
-                new_scores[b, kept], new_tokens[b, kept] = score, token
-                source[b, kept] = b * num_beams + beam
-                next_so_far[slot] = history + [token]
-                kept += 1
-                if kept == num_beams:
-                    break
-        tokens_so_far, scores = next_so_far, new_scores
-        if all(len(f) >= num_beams for f in finished) or length == max_new_tokens:
+                history = histories[b * num_beams + beam]
+                if is_end_token or length == max_new_tokens:
+                    if rank < num_beams:  # only the best num_beams continuations may finish
+                        tokens = history if is_end_token else history + [token]
+                        finished[b] = sorted(finished[b] + [(score / length ** length_penalty, tokens)],
+                                             key=lambda h: -h[0])[:num_beams]
+                elif kept < num_beams:
+                    running[b][kept] = (score, token, b * num_beams + beam)
+                    new_histories[b * num_beams + kept] = history + [token]
+                    kept += 1
+            best_running = running[b][0][0] / length ** length_penalty
+            done[b] = len(finished[b]) == num_beams and best_running <= finished[b][-1][0]
+        histories = new_histories
+        if all(done) or length == max_new_tokens:
             break
+        scores, new_tokens, source = (torch.tensor([[beam[i] for beam in row] for row in running], device=logits.device)
+                                      for i in range(3))
         step.reorder(source.view(-1))
         logits = step(new_tokens.view(-1))
-    for b in range(batch):  # unfinished beams compete with the finished ones
-        for k in range(num_beams):
-            if scores[b, k] > float("-inf"):
-                finished[b].append((scores[b, k].item() / len(tokens_so_far[b * num_beams + k]) ** length_penalty,
-                                    tokens_so_far[b * num_beams + k]))
-    return [max(f, key=lambda h: h[0])[1] if f else [] for f in finished]
+    return [f[0][1] if f else [] for f in finished]

@@ -1,5 +1,7 @@
 """Generation: the KV cache changes nothing, beam search of width 1 is greedy, padding on either side gives the
-same captions, and our greedy decoding equals transformers' `generate` on the same weights."""
+same captions, and our greedy decoding and beam search equal transformers' `generate` on the same weights."""
+import collections
+
 import pytest
 import torch
 
@@ -128,3 +130,35 @@ def test_greedy_equals_transformers_generate(model_and_reference):
                                       num_beams=1, eos_token_id=EOS, pad_token_id=EOS)
     got = model.generate(pixels, ids, text_mask, max_new_tokens=8, mask_kind="causal", eos_ids=(EOS,))
     assert got == expected.tolist()
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0, 2.0])
+def test_beam_search_equals_transformers_generate(model_and_reference, length_penalty):
+    """Beam search of width 3, with an end token that the beams do reach (the commonest token of the greedy
+    captions), against transformers' beam search with its defaults, on the same weights under the causal mask."""
+    model, reference = model_and_reference
+    hypotheses_ended = 0
+    for seed in range(12):
+        pixels, ids = prompts(batch=3, length=5, seed=seed)
+        text_mask = torch.ones_like(ids, dtype=torch.bool)
+        greedy = model.generate(pixels, ids, text_mask, max_new_tokens=10, mask_kind="causal", eos_ids=(EOS,))
+        end = collections.Counter(token for caption in greedy for token in caption[1:]).most_common(1)[0][0]
+        with torch.no_grad():
+            embeds = torch.cat([model.projector(model.vision(pixels)), model.language.embed_tokens(ids)], dim=1)
+            expected = reference.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                          max_new_tokens=8, do_sample=False, num_beams=3, length_penalty=length_penalty,
+                                          eos_token_id=end, pad_token_id=end)
+        expected = [[token for token in row if token != end] for row in expected.tolist()]  # its end and padding
+        got = model.generate(pixels, ids, text_mask, max_new_tokens=8, num_beams=3, mask_kind="causal", eos_ids=(end,),
+                             length_penalty=length_penalty)
+        assert got == expected, seed
+        hypotheses_ended += sum(len(caption) < 8 for caption in got)
+    assert hypotheses_ended >= 1  # the end token decided something
+
+
+def test_no_new_tokens_is_an_empty_answer(model_and_reference):
+    model, _ = model_and_reference
+    pixels, ids = prompts(batch=2, seed=7)
+    for num_beams in (1, 3):
+        assert model.generate(pixels, ids, torch.ones_like(ids, dtype=torch.bool), max_new_tokens=0,
+                              num_beams=num_beams, eos_ids=(EOS,)) == [[], []]
