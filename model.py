@@ -437,6 +437,7 @@ class VLMConfig:
     vision: SigLIPConfig
     language: Qwen2Config
     projector_hidden: int = 896  # the paper's Linear(1152 -> 896), GELU, Linear(896 -> 896)
+    mask_kind: str = "prefix"  # the mask the model was last trained under (paper 3.2); generation decodes under it
 
 
 class Projector(nn.Module):
@@ -605,11 +606,13 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, pixel_values, input_ids, text_mask, max_new_tokens=30, num_beams=1,
-                 eos_ids=(151645, 151643), mask_kind="prefix", length_penalty=1.0, on_token=None):
-        """Decode from [image | prompt] with a KV cache; the prompt may be left- or right-padded.
+                 eos_ids=(151645, 151643), mask_kind=None, length_penalty=1.0, on_token=None):
+        """Decode from [image | prompt] with a KV cache; the prompt may be left- or right-padded, and attends
+        under `mask_kind` (default: the model's, config.mask_kind).
 
         Returns the new tokens of each sample, without the end token. `on_token(tokens [B])` is called after
         each greedy step, for streaming."""
+        mask_kind = mask_kind or self.config.mask_kind
         image_tokens = self.projector(self.vision(pixel_values))
         text_mask = text_mask.bool()
         if num_beams > 1:
@@ -657,7 +660,8 @@ class VLM(nn.Module):
         if config.get("architecture") != VLM_ARCHITECTURE:
             raise ValueError(f"{folder} is not a checkpoint of this project (config.json architecture "
                              f"{config.get('architecture')!r}, expected {VLM_ARCHITECTURE!r})")
-        model = cls(VLMConfig(SigLIPConfig(**config["vision"]), Qwen2Config(**config["language"]), config["projector_hidden"]))
+        model = cls(VLMConfig(SigLIPConfig(**config["vision"]), Qwen2Config(**config["language"]), config["projector_hidden"],
+                              config.get("mask_kind", "prefix")))
         load_state(model, read_safetensors(folder), rename=lambda n: n, source=folder, dtype=dtype)
         return model
 

@@ -12,6 +12,7 @@ import argparse
 import torch
 
 from data import SHORT_CAPTION_PROMPT, Tokenizer, chat_prompt, load_image, preprocess_image
+from masks import MASK_KINDS
 from model import VLM, checkpoint_folder
 
 DEFAULT_VISION = "google/siglip-so400m-patch14-224"
@@ -34,6 +35,8 @@ def add_model_args(parser):
                         help="default: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--max_new_tokens", type=int, default=30)
     parser.add_argument("--num_beams", type=int, default=1, help="1 = greedy decoding, more = beam search")
+    parser.add_argument("--mask_kind", choices=MASK_KINDS, help="the attention mask to decode under; default: the "
+                        "checkpoint's, the one it was trained under (prefix without a checkpoint)")
 
 
 def load_model(args, device=None):
@@ -46,6 +49,7 @@ def load_model(args, device=None):
     else:
         model = VLM.from_pretrained(vision=args.vision, language=args.language, dtype=dtype)
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or checkpoint or args.language)
+    model.config.mask_kind = args.mask_kind or model.config.mask_kind
     return model.to(device).eval(), tokenizer
 
 

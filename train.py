@@ -162,6 +162,7 @@ def train_stage(cfg):
     if uses_cuda_graphs(cfg) and refused:
         raise ValueError(f"compile_mode={cfg['compile_mode']!r} with {refused}; set compile_mode='default'")
     tokenizer, model = build_model(cfg)
+    model.config.mask_kind = cfg["mask_kind"]  # saved with the checkpoints: sample.py and eval.py decode under it
     model.to(device)
     model.attention = cfg["attention"]
     trainable = freeze_modules(model, cfg)

@@ -64,3 +64,19 @@ def test_prompt_ends_where_the_assistant_answers():
     tokenizer = tiny_tokenizer()
     text = tokenizer.decode(sample.prompt_ids(tokenizer, "Describe it."), skip_special_tokens=False)
     assert text.endswith("<|im_start|>user\nDescribe it.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_answers_are_decoded_under_the_mask_the_checkpoint_was_trained_under(checkpoint, images, tmp_path):
+    """config.json keeps the mask a checkpoint was trained under (train.py writes it): one trained with LLaVA's
+    causal mask is decoded under the causal mask, unless --mask_kind says otherwise."""
+    from data import Tokenizer
+    from model import VLM
+    model = VLM.load(checkpoint)
+    model.config.mask_kind = "causal"
+    model.save(tmp_path / "causal", tokenizer=Tokenizer.from_pretrained(checkpoint))
+    all_images = ",".join(images)
+    causal = run(str(tmp_path / "causal"), "--image", all_images)
+    assert VLM.load(str(tmp_path / "causal")).config.mask_kind == "causal"
+    assert run(checkpoint, "--image", all_images, "--mask_kind", "causal") == causal
+    assert run(str(tmp_path / "causal"), "--image", all_images, "--mask_kind", "prefix") == run(checkpoint, "--image", all_images)
+    assert causal != run(checkpoint, "--image", all_images)  # the mask matters to this model

@@ -157,6 +157,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert [m["loss"] for m in resumed] == [m["loss"] for m in whole]
     a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "resumed")
     assert all(torch.equal(a[n], b[n]) for n in a)
+    from model import VLM
+    assert VLM.load(train.latest_checkpoint(str(tmp_path / "resumed"))).config.mask_kind == "bidirectional"
 
 
 @pytest.mark.parametrize("packing", [{}, dict(stage=3, shapes_questions=2, pack_length=152)],
