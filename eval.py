@@ -179,14 +179,18 @@ def karpathy_samples(karpathy_dir, dataset, split, image_root, prompt):
     if not os.path.exists(path):
         raise FileNotFoundError(f"no Karpathy split file {path}: get dataset_{dataset}.json (from Karpathy's "
                                 "caption_datasets.zip) and pass its folder as --karpathy_dir")
-    with open(path) as f:
-        images = json.load(f)["images"]
     wanted = KARPATHY_TEST if split == "karpathy" else split
-    chosen = [image for image in images if image["split"] == wanted]
+    try:
+        with open(path) as f:
+            images = json.load(f)["images"]
+        chosen = [image for image in images if image["split"] == wanted]
+        samples = [karpathy_sample(image, dataset, image_root, prompt) for image in chosen]
+        splits = sorted({image["split"] for image in images})
+    except (ValueError, KeyError, TypeError) as error:  # json's decoding errors are ValueErrors
+        raise ValueError(f"{path} is not laid out as Karpathy's split files ({{'images': [{{'split', 'filename', "
+                         f"'sentences': [{{'raw'}}]}}, ...]}}): {error!r}") from error
     if not chosen:
-        raise ValueError(f"{path} has no split {split!r}; its splits are "
-                         f"{sorted({image['split'] for image in images})}, and 'karpathy' means {KARPATHY_TEST!r}")
-    samples = [karpathy_sample(image, dataset, image_root, prompt) for image in chosen]
+        raise ValueError(f"{path} has no split {split!r}; its splits are {splits}, and 'karpathy' means {KARPATHY_TEST!r}")
     missing = [s["image"] for s in samples if not os.path.exists(s["image"])]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of the {len(samples)} images of {dataset} {wanted} are missing, "
@@ -217,6 +221,9 @@ def pathvqa_samples(path_or_repo, split):
     source = PathVQAParquet(path_or_repo, pattern=f"{split}-*.parquet")
     records = [record for chunk, size in enumerate(source.chunk_sizes)
                for record in source.read(chunk, list(range(size)))]
+    without_image = [r["name"] for r in records if r["image"] is None]
+    if without_image:  # found now, not after answering the rows before them
+        raise ValueError(f"{len(without_image)} PathVQA rows have no image, e.g. {without_image[:3]}")
     return [{"key": i, "image": r["image"], "name": r["name"], "prompt": r["conversations"][0]["value"],
              "answer": r["conversations"][1]["value"]} for i, r in enumerate(records)]
 

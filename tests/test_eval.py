@@ -226,6 +226,15 @@ def test_a_split_that_does_not_exist_lists_the_real_ones(karpathy_root):
         karpathy_samples(str(karpathy_root / "karpathy"), "coco", "testing", str(karpathy_root / "images"), "caption")
 
 
+@pytest.mark.parametrize("content, problem", [('{"images": [{"split": "test", "filename": "a.jpg"}]}', "KeyError.'sentences'"),
+                                              ('[{"split": "test"}]', "TypeError"),
+                                              ('{"images": [', "JSONDecodeError")])
+def test_a_file_not_laid_out_as_karpathys_is_named_with_what_is_wrong(tmp_path, content, problem):
+    (tmp_path / "dataset_coco.json").write_text(content)
+    with pytest.raises(ValueError, match=rf"dataset_coco.json is not laid out as Karpathy's split files .*{problem}"):
+        karpathy_samples(str(tmp_path), "coco", "karpathy", str(tmp_path), "caption")
+
+
 def test_karpathy_means_the_test_split_and_other_splits_work_too(karpathy_root):
     def keys(split):
         samples = karpathy_samples(str(karpathy_root / "karpathy"), "coco", split, str(karpathy_root / "images"), "p")
@@ -275,3 +284,14 @@ def test_pathvqa_task_writes_answers_and_their_metrics(evaluated, tmp_path):
 def test_missing_pathvqa_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="test.parquet"):
         eval_main(["--task", "pathvqa", "--pathvqa_parquet", str(tmp_path / "test.parquet")])
+
+
+def test_pathvqa_rows_without_an_image_are_found_before_any_answering(tmp_path):
+    write_pathvqa(tmp_path / "test-0.parquet", ["is there a nucleus?", "what organ is this?"], ["yes", "liver"])
+    table = pq.read_table(tmp_path / "test-0.parquet")
+    images = table.column("image").to_pylist()
+    images[1] = None
+    pq.write_table(table.set_column(0, "image", pa.array(images, table.schema.field("image").type)),
+                   tmp_path / "test-0.parquet")
+    with pytest.raises(ValueError, match=r"1 PathVQA rows have no image, e.g. \['.*test-0.parquet row 1'\]"):
+        eval_main(["--task", "pathvqa", "--pathvqa_parquet", str(tmp_path)])
