@@ -1,5 +1,6 @@
 """eval.py: caption scoring checked against another paper's published scores, PathVQA metrics on hand-made
 answers, the clear errors, and the captioning loop end to end on a tiny random model."""
+import gzip
 import json
 import subprocess
 import sys
@@ -17,18 +18,21 @@ from eval import main as eval_main
 from conftest import CAPTIONS, save_image, save_tiny_checkpoint
 
 REPO = Path(__file__).parents[1]
-EVALDATA = REPO.parent / "shared" / "evaldata"  # see its README.md
+PUBLISHED = Path(__file__).parent / "published"  # another paper's outputs and their references: see its README.md
+
+
+def read_json_gz(path):
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
 
 
 def read_published(name):
     """MAGIC's published predictions for the Karpathy test split of `name` and the references of exactly
     the predicted images (the authors scored 4982 of the 5000 COCO images)."""
-    if not EVALDATA.is_dir():
-        pytest.skip(f"the published reference predictions are not here: {EVALDATA}")
-    published = json.loads((EVALDATA / f"{name}_test_pred_magic.json").read_text())
+    published = read_json_gz(PUBLISHED / f"{name}_test_pred_magic.json.gz")
     predictions = {p["image_id"]: p["caption"] for p in published}
     references = defaultdict(list)
-    for annotation in json.loads((EVALDATA / f"{name}_karpathy_test_gt.json").read_text())["annotations"]:
+    for annotation in read_json_gz(PUBLISHED / f"{name}_karpathy_test_gt.json.gz")["annotations"]:
         if annotation["image_id"] in predictions:
             references[annotation["image_id"]].append(annotation["caption"])
     return predictions, dict(references)
@@ -46,8 +50,8 @@ def flickr30k_scores():
     return score(*read_published("flickr30k"))
 
 
-# The MAGIC authors' console output (evaldata/evaluation_result_mscoco_magic.png), to the places they printed:
-# Bleu_1..3 to 3 places, the rest to 4 places as recomputed with pycocoevalcap 1.2 in evaldata/README.md.
+# The MAGIC authors' console output (their evaluation_result.png), to the places they printed: Bleu_1..3 to
+# 3 places, the rest to 4 places as recomputed with pycocoevalcap 1.2 (published/README.md).
 COCO_PUBLISHED = {"Bleu_1": 0.568, "Bleu_2": 0.358, "Bleu_3": 0.214,
                   "Bleu_4": 0.1288, "METEOR": 0.1736, "ROUGE_L": 0.3988, "CIDEr": 0.4929}
 FLICKR30K_PUBLISHED = {"Bleu_1": 0.4450, "Bleu_4": 0.0643, "METEOR": 0.1308, "ROUGE_L": 0.3157, "CIDEr": 0.2037}
