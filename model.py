@@ -146,8 +146,9 @@ class SigLIP(nn.Module):
         folder = resolve(name_or_path)
         config = read_json(os.path.join(folder, "config.json"))
         model = cls(siglip_config(config, folder))
-        # the Hub's file holds the whole SigLIP (both towers); a lone vision tower is saved without the prefix
-        prefix = "vision_model." if config.get("model_type") == "siglip" else ""
+        # the Hub's file holds the whole SigLIP (both towers) under "vision_model."; a lone vision tower carries
+        # that prefix where transformers 4 saved it, not where transformers 5 did
+        prefix = "vision_model." if has_tensor(folder, "vision_model.post_layernorm.weight") else ""
         state = read_safetensors(folder, prefix=prefix, skip=(prefix + "head.",))  # the pooling head is unused
         load_state(model, {n.removeprefix(prefix): t for n, t in state.items()}, rename=siglip_name, source=folder, dtype=dtype)
         return model
@@ -419,8 +420,12 @@ def qwen2_config(config, source):
         raise ValueError(f"{source} holds a {config.get('model_type')!r} model, not Qwen2 (model_type 'qwen2')")
     if config.get("use_sliding_window"):
         raise ValueError(f"{source}: sliding-window attention is not implemented")
+    rope = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}  # old and new names
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"{source}: RoPE scaling {rope_type!r} is not implemented, only plain RoPE")
     values = dict(config)
-    values["rope_theta"] = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 1e6)
+    values["rope_theta"] = config.get("rope_theta") or rope.get("rope_theta", 10000.0)  # transformers' default
     if "tie_word_embeddings" not in config:  # a config silent on it: a checkpoint without lm_head.weight is tied
         values["tie_word_embeddings"] = not has_tensor(source, "lm_head.weight")
     head_dim = config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])

@@ -56,6 +56,18 @@ def test_siglip_hub_style_terse_config(tmp_path):
     assert diff < 1e-5, f"max abs diff {diff:.2e}"
 
 
+def test_siglip_lone_tower_saved_by_transformers_4_keeps_its_prefix(tmp_path):
+    """transformers 4 saved a lone SiglipVisionModel with "vision_model." before every tensor name; 5 does not."""
+    reference = save_siglip(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    save_file({f"vision_model.{name}": tensor for name, tensor in state.items()}, tmp_path / "model.safetensors")
+    ours = SigLIP.from_pretrained(str(tmp_path)).eval()
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        diff = max_diff(ours(pixels), reference(pixel_values=pixels).last_hidden_state)
+    assert diff < 1e-5, f"max abs diff {diff:.2e}"
+
+
 def test_siglip_other_resolution(tmp_path):
     """Image and patch size come from the config, so e.g. a 384px checkpoint loads too."""
     reference = save_siglip(tmp_path, image_size=48, patch_size=16)
@@ -120,6 +132,31 @@ def test_qwen2_hub_style_config(tmp_path):
     with torch.no_grad():
         diff = max_diff(ours(ids), reference(ids).logits)
     assert diff < 1e-4, f"max abs diff {diff:.2e}"
+
+
+def test_qwen2_config_without_rope_theta_gets_transformers_default(tmp_path):
+    reference = save_qwen2(tmp_path, rope_theta=10000.0)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("rope_parameters", None), config.pop("rope_theta", None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ours = Qwen2.from_pretrained(str(tmp_path)).eval()
+    ids = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        diff = max_diff(ours(ids), reference(ids).logits)
+    assert ours.config.rope_theta == 10000.0 and diff < 1e-4, f"max abs diff {diff:.2e}"
+
+
+@pytest.mark.parametrize("rope", [{"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}},
+                                  {"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_theta": 1e6}])
+def test_qwen2_with_rope_scaling_is_refused(tmp_path, rope):
+    """Long-context RoPE scaling (YaRN, linear) changes every position's rotation: not silently ignored."""
+    save_qwen2(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config.update(rope)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="RoPE scaling '(yarn|linear)' is not implemented"):
+        Qwen2.from_pretrained(str(tmp_path))
 
 
 def test_bf16_loading(tmp_path):
