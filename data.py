@@ -282,7 +282,8 @@ def find_files(path_or_repo, pattern):
     only those files). A single local file is returned as is."""
     if os.path.isfile(path_or_repo):
         return [path_or_repo]
-    folder = local_folder(path_or_repo, allow_patterns=pattern, repo_type="dataset")
+    # a Hub dataset keeps its shards in a folder (data/train-00000-of-00004.parquet): match there too
+    folder = local_folder(path_or_repo, allow_patterns=[pattern, f"*/{pattern}"], repo_type="dataset")
     files = sorted(glob.glob(os.path.join(folder, "**", pattern), recursive=True))
     if not files:
         raise FileNotFoundError(f"no {pattern} files in {path_or_repo}")

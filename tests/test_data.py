@@ -4,6 +4,7 @@ Parquet and JSON fixtures are written here with pyarrow and PIL, in the layouts 
 import io
 import json
 import logging
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -338,6 +339,24 @@ def test_an_epoch_with_nothing_to_train_on_is_an_error_not_an_endless_loop(tmp_p
     stream = make_stream(LlavaJson(str(tmp_path / "data.json"), str(tmp_path)), tokenizer)
     with pytest.raises(RuntimeError, match="epoch 0 of 4 samples gave none to train on .*4 rows without an image"):
         list(stream)
+
+
+def test_a_split_of_a_hub_dataset_is_fetched_from_the_repos_data_folder(tmp_path, monkeypatch):
+    """Hub datasets keep their shards as data/{split}-NNNNN-of-NNNNN.parquet; only the split's files download
+    (the Hub's own pattern matching decides which, as snapshot_download would)."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+    repo = ["README.md", "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet",
+            "data/test-00000-of-00001.parquet"]
+
+    def snapshot_download(repo_id, repo_type, allow_patterns):
+        for name in filter_repo_objects(repo, allow_patterns=allow_patterns):
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            write_llava_parquet(tmp_path / name, [caption_row(0)])
+        return str(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    source = LlavaParquet("owner/dataset", pattern="train-*.parquet")
+    assert [os.path.relpath(path, tmp_path) for path, _, _ in source.chunks] == repo[1:3]
 
 
 def test_a_missing_folder_is_reported_not_looked_up_on_the_hub(tmp_path):
