@@ -21,6 +21,7 @@ by blocks on flash-attention kernels (--attention flash; packed rows use FlexAtt
 import argparse
 import gc
 import json
+import os
 import random
 import time
 
@@ -52,7 +53,8 @@ SMALL = dict(vision=SigLIPConfig(image_size=56, patch_size=14, hidden_size=64, i
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", type=int, choices=[0, 1, 2, 3], help="one training case (default: all the issue's cases)")
+    parser.add_argument("--stage", type=int, choices=[0, 1, 2, 3], help="one training case (default: all the issue's cases, "
+                                                                       "or stage 2 when a shape option is given)")
     parser.add_argument("--micro_batch", type=int, help="default: 16, or 256 images with --generate")
     parser.add_argument("--text_len", type=int, help="text tokens after the image tokens (default: 144, or a "
                                                       "prompt of 20 with --generate)")
@@ -115,7 +117,9 @@ def cases(args):
     for option in ("attention", "compile"):
         if getattr(args, option) is not None:
             defaults[option] = getattr(args, option)
-    if args.stage is None and not args.generate:
+    one_case = args.stage is not None or args.generate or any(
+        getattr(args, option) for option in ("micro_batch", "text_len", "labelled", "packed"))
+    if not one_case:
         chosen = [dict(defaults, **case) for case in ISSUE_CASES]
     else:
         chosen = [dict(defaults, stage=2 if args.stage is None else args.stage, packed=args.packed, generate=args.generate,
@@ -206,7 +210,8 @@ def bench_training(config, case, device, peak):
 
 def stage_settings(stage, grad_ckpt):
     """train.py's settings for the stage, as `python train.py config/stage<N>.py` would read them."""
-    return merged(configure(dict(train.settings), [f"config/stage{stage}.py"]), {"gradient_checkpointing": grad_ckpt}, "bench")
+    config_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", f"stage{stage}.py")
+    return merged(configure(dict(train.settings), [config_file]), {"gradient_checkpointing": grad_ckpt}, "bench")
 
 
 def padded_batch(config, case, device):

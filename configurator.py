@@ -12,15 +12,16 @@ import sys
 
 
 def configure(settings, argv=None):
-    """Apply config files and --key=value overrides from `argv` (default sys.argv[1:]) to the dict `settings`."""
-    for arg in sys.argv[1:] if argv is None else argv:
-        if arg.startswith("--"):
-            key, sep, text = arg[2:].partition("=")
-            if not sep:
-                raise ValueError(f"override {arg!r} must look like --key=value")
-            update(settings, key, parse(text), source=arg)
-        else:
-            apply_file(settings, arg)
+    """Apply the config files, then the --key=value overrides, from `argv` (default sys.argv[1:]) to the dict
+    `settings`: an override wins wherever it stands on the command line."""
+    args = sys.argv[1:] if argv is None else argv
+    for path in [arg for arg in args if not arg.startswith("--")]:
+        apply_file(settings, path)
+    for arg in [arg for arg in args if arg.startswith("--")]:
+        key, sep, text = arg[2:].partition("=")
+        if not sep:
+            raise ValueError(f"override {arg!r} must look like --key=value")
+        update(settings, key, parse(text), source=arg)
     return settings
 
 
@@ -58,7 +59,7 @@ def update(settings, key, value, source):
     if key not in settings:
         raise KeyError(f"{source}: unknown setting {key!r}")
     default = settings[key]
-    if default is not None and value is not None and not same_kind(default, value):
+    if default is not None and (value is None or not same_kind(default, value)):
         raise TypeError(f"{source}: setting {key!r} is a {type(default).__name__}, got {value!r} ({type(value).__name__})")
     settings[key] = float(value) if isinstance(default, float) and isinstance(value, int) else value
 

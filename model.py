@@ -674,23 +674,28 @@ class VLM(nn.Module):
         return {"vision": self.vision, "projector": self.projector, "language": self.language}
 
     def training_flops(self, n_text_tokens, n_label_tokens, trainable):
-        """Matrix-multiply FLOPs of one training sample, counted as 2 per multiply-add. A trainable module costs
-        its forward pass 3 times (forward, gradients of inputs and of weights); a frozen module that gradients
-        must cross (the language model in stages 0-1) twice; a frozen one before every trainable part once.
-        Attention counts the full S x S scores, whatever the mask."""
-        v, l = self.config.vision, self.config.language
+        """Matrix-multiply FLOPs of one training sample, counted as 2 per multiply-add. A layer costs its forward
+        pass once, once more for its weights' gradients if it trains, and once more for its input's gradient
+        if anything before it trains. Attention's two products have no weights but two inputs each: where
+        gradients cross them, twice their forward (even in a frozen module: the language model in stages 0-1).
+        Attention counts the full S x S scores, whatever the mask. tests/test_model.py checks this count
+        against torch's FLOP counter."""
+        v, l, hidden = self.config.vision, self.config.language, self.config.projector_hidden
         n, d = self.n_image_tokens, v.hidden_size
-        vision = v.num_hidden_layers * (2 * n * (4 * d * d + 2 * d * v.intermediate_size) + 4 * n * n * d)
-        vision += 2 * n * v.num_channels * v.patch_size ** 2 * d
-        projector = 2 * n * (d * self.config.projector_hidden + self.config.projector_hidden * l.hidden_size)
         s, h = n + n_text_tokens, l.hidden_size
         kv = l.num_key_value_heads * h // l.num_attention_heads
-        language = l.num_hidden_layers * (2 * s * (2 * h * h + 2 * h * kv + 3 * h * l.intermediate_size) + 4 * s * s * h)
-        language += 2 * n_label_tokens * h * l.vocab_size  # logits only where there are labels
-        passes = {name: 3 if name in trainable else 1 for name in ("vision", "projector", "language")}
-        if "language" not in trainable and trainable:
-            passes["language"] = 2
-        return passes["vision"] * vision + passes["projector"] * projector + passes["language"] * language
+        vision, projector, language = (name in trainable for name in ("vision", "projector", "language"))
+        layer = lambda forward, weights_train, input_needs_gradient: forward * (1 + weights_train + input_needs_gradient)
+        attention = lambda forward, gradients_cross: forward * (3 if gradients_cross else 1)
+        return (layer(2 * n * v.num_channels * v.patch_size ** 2 * d, vision, False)  # the patch embedding
+                + layer(v.num_hidden_layers * 2 * n * (4 * d * d + 2 * d * v.intermediate_size), vision, vision)
+                + attention(v.num_hidden_layers * 4 * n * n * d, vision)
+                + layer(2 * n * d * hidden, projector, vision)
+                + layer(2 * n * hidden * h, projector, vision or projector)
+                + layer(l.num_hidden_layers * 2 * s * (2 * h * h + 2 * h * kv + 3 * h * l.intermediate_size),
+                        language, bool(trainable))
+                + attention(l.num_hidden_layers * 4 * s * s * h, bool(trainable))
+                + layer(2 * n_label_tokens * h * l.vocab_size, language, bool(trainable)))  # logits only at labels
 
 
 VLM_ARCHITECTURE = "siglip-projector-qwen2"

@@ -79,3 +79,15 @@ def test_each_case_compiles_in_the_mode_train_py_uses_for_its_stage(monkeypatch)
     assert [case["compile_mode"] for case in bench.cases(bench.parse_args())] == ["default"]  # as train.py requires
     monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cuda", "--stage", "3", "--compile_mode", "reduce-overhead"])
     assert [case["compile_mode"] for case in bench.cases(bench.parse_args())] == ["reduce-overhead"]
+
+
+def test_a_shape_option_asks_for_one_case(monkeypatch, tmp_path):
+    """--micro_batch and the other shape options make one case (stage 2 unless --stage says otherwise) rather
+    than being dropped for the issue's cases; the stage's config file is found from any directory."""
+    import bench
+    monkeypatch.chdir(tmp_path)
+    for options, stage, micro_batch in [(["--micro_batch", "32"], 2, 32), (["--packed", "--stage", "3"], 3, 16),
+                                        (["--text_len", "768"], 2, 16)]:
+        monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cuda", *options])
+        [case] = bench.cases(bench.parse_args())
+        assert (case["stage"], case["micro_batch"]) == (stage, micro_batch), options

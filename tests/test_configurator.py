@@ -13,6 +13,12 @@ def test_config_file_then_overrides(tmp_path):
     assert got == {**DEFAULTS, "stage": 3, "vision_lr": 0.0, "compile": True, "dataset": "synthetic"}
 
 
+def test_an_override_wins_wherever_it_stands(tmp_path):
+    config = tmp_path / "stage1.py"
+    config.write_text("stage = 1\n")
+    assert configure(dict(DEFAULTS), ["--stage=3", str(config)])["stage"] == 3
+
+
 def test_an_int_is_accepted_for_a_float_setting():
     got = configure(dict(DEFAULTS), ["--vision_lr=0"])
     assert got["vision_lr"] == 0.0 and isinstance(got["vision_lr"], float)
@@ -35,7 +41,8 @@ def test_unknown_key_in_a_config_file_is_named(tmp_path):
         configure(dict(DEFAULTS), [str(config)])
 
 
-@pytest.mark.parametrize("override", ["--stage=2.5", "--compile=1", "--stage=True", "--vision_lr=fast", "--stages=3"])
+@pytest.mark.parametrize("override", ["--stage=2.5", "--compile=1", "--stage=True", "--vision_lr=fast", "--stages=3",
+                                      "--stage=None"])
 def test_wrong_type_is_named(override):
     with pytest.raises(TypeError, match=override[2:].split("=")[0]):
         configure(dict(DEFAULTS), [override])

@@ -231,3 +231,31 @@ def test_full_size_qwen25_05b_matches_transformers(tmp_path):
     diff = max_diff(got, expected)
     print(f"Qwen2.5-0.5B full size: max abs diff {diff:.2e}")
     assert diff < 1e-3, f"max abs diff {diff:.2e}"
+
+
+# --- the FLOP count behind MFU ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("trainable", [["projector"], ["vision", "projector", "language"], ["projector", "language"],
+                                       ["vision"]], ids=["stages 0-1", "stages 2-3", "vision frozen", "vision only"])
+def test_training_flops_equal_torchs_flop_counter(trainable):
+    """bench.py's and train.py's MFU divide VLM.training_flops by the time: it must be the matmul work the step
+    does. torch's FlopCounterMode counts each matmul of a forward and backward pass as it runs (attention on
+    SDPA's math kernel, which it sees as matmuls); labels on the last 12 of 40 text tokens."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model import IGNORE_INDEX, Qwen2Config, SigLIPConfig, VLMConfig
+    torch.manual_seed(0)
+    model = VLM(VLMConfig(SigLIPConfig(image_size=56, patch_size=14, hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=4),
+                          Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2), projector_hidden=48))
+    for name, module in model.parameter_groups().items():
+        module.requires_grad_(name in trainable)
+    batch, text, labelled = 2, 40, 12
+    ids = torch.randint(0, 512, (batch, text))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, -labelled:] = ids[:, -labelled:]
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(torch.randn(batch, 3, 56, 56), ids, labels, torch.ones_like(ids, dtype=torch.bool)).backward()
+    assert model.training_flops(text, labelled, trainable) * batch == counter.get_total_flops()
