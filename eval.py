@@ -47,7 +47,7 @@ from pycocoevalcap.tokenizer import ptbtokenizer
 from tqdm import tqdm
 
 from data import SHORT_CAPTION_PROMPT, PathVQAParquet, load_image
-from sample import add_model_args, answer, load_model
+from sample import add_model_args, answer, at_least, load_model
 
 DATASETS = ("coco", "flickr30k", "flickr8k")
 KARPATHY_TEST = "test"  # what --split karpathy means
@@ -315,15 +315,16 @@ def parse_args(argv=None):
     parser.add_argument("--pathvqa_parquet", default="data/path-vqa/test.parquet",
                         help="a PathVQA parquet file, a folder of them, or the Hub repo flaviagiammarino/path-vqa")
     parser.add_argument("--pathvqa_split", default="test", help="in a folder or repo, the files {split}-*.parquet")
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=at_least(1), default=32)
     parser.add_argument("--spice", action="store_true", help="also score SPICE (downloads Stanford CoreNLP once)")
     parser.add_argument("--out_dir", help="default: the checkpoint folder, else out-eval")
     add_model_args(parser)
     args = parser.parse_args(argv)
     args.datasets = [name for name in args.datasets.split(",") if name]
     unknown = set(args.datasets) - set(DATASETS)
-    if unknown:
-        parser.error(f"unknown datasets {sorted(unknown)}; choose from {','.join(DATASETS)}")
+    if unknown or not args.datasets:
+        parser.error(f"unknown datasets {sorted(unknown)}; choose from {','.join(DATASETS)}" if unknown
+                     else f"--datasets names no dataset; choose from {','.join(DATASETS)}")
     args.out_dir = args.out_dir or args.checkpoint or "out-eval"
     return args
 

@@ -22,6 +22,16 @@ DEFAULT_LANGUAGE = "Qwen/Qwen2.5-0.5B-Instruct"
 # ----------------------------------------------------------------------------------------------------
 # model and prompt
 
+def at_least(minimum):
+    """An argparse type: an integer no smaller than `minimum`."""
+    def parse(text):
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
 def add_model_args(parser):
     """The arguments that choose the model; shared with eval.py."""
     parser.add_argument("--checkpoint", help="our checkpoint folder, or a training run's out_dir (its newest "
@@ -33,8 +43,8 @@ def add_model_args(parser):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 on a GPU, float32 on the CPU")
-    parser.add_argument("--max_new_tokens", type=int, default=30)
-    parser.add_argument("--num_beams", type=int, default=1, help="1 = greedy decoding, more = beam search")
+    parser.add_argument("--max_new_tokens", type=at_least(1), default=30)
+    parser.add_argument("--num_beams", type=at_least(1), default=1, help="1 = greedy decoding, more = beam search")
     parser.add_argument("--mask_kind", choices=MASK_KINDS, help="the attention mask to decode under; default: the "
                         "checkpoint's, the one it was trained under (prefix without a checkpoint)")
 

@@ -257,6 +257,16 @@ def test_unknown_dataset_is_refused(capsys):
     with pytest.raises(SystemExit):
         eval_main(["--datasets", "coco,mscoco"])
     assert "unknown datasets ['mscoco']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_main(["--datasets", ","])
+    assert "--datasets names no dataset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", [["--num_beams", "0"], ["--max_new_tokens", "-1"], ["--batch_size", "0"]])
+def test_counts_below_one_are_refused_before_anything_runs(capsys, option):
+    with pytest.raises(SystemExit):
+        eval_main(option)
+    assert f"argument {option[0]}: must be at least 1" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------
