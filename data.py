@@ -147,6 +147,15 @@ class Tokenizer:
         """Special tokens written in the text (e.g. <|im_start|>) become their single ids. No BOS is added."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def encode_text(self, text):
+        """The text as written: a special token's name in it (a caption that quotes "<|im_end|>") is encoded
+        as its characters, not as the special token. The chat format adds its markers as ids (turn_ids)."""
+        self.tokenizer.encode_special_tokens = True
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tokenizer.encode_special_tokens = False
+
     def decode(self, ids, skip_special_tokens=True):
         """Token ids (a list, or a 1-d tensor) -> text."""
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -166,13 +175,36 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 def chat_prompt(messages, add_generation_prompt=True, system_prompt=DEFAULT_SYSTEM_PROMPT):
     """[{"role", "content"}, ...] -> "<|im_start|>{role}\\n{content}<|im_end|>\\n"... ending with
     "<|im_start|>assistant\\n" when the model is to answer next. The system turn is added unless the
-    messages bring their own or system_prompt is None."""
-    if system_prompt is not None and (not messages or messages[0]["role"] != "system"):
-        messages = [{"role": "system", "content": system_prompt}] + list(messages)
+    messages bring their own or system_prompt is None. The model reads it as token ids: chat_ids."""
+    messages = with_system_turn(messages, system_prompt)
     text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
     if add_generation_prompt:
         text += "<|im_start|>assistant\n"
     return text
+
+
+def with_system_turn(messages, system_prompt):
+    if system_prompt is not None and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": system_prompt}] + list(messages)
+    return list(messages)
+
+
+def turn_ids(tokenizer, role, content):
+    """One turn, "<|im_start|>{role}\\n{content}<|im_end|>\\n", as token ids: the markers as their ids, the rest
+    encoded as text, so a content that quotes a marker cannot end its turn early."""
+    return [tokenizer.im_start_id, *tokenizer.encode_text(f"{role}\n{content}"), tokenizer.im_end_id,
+            *tokenizer.encode_text("\n")]
+
+
+def answer_header_ids(tokenizer):
+    """"<|im_start|>assistant\\n": where the prompt ends and the answer starts."""
+    return [tokenizer.im_start_id, *tokenizer.encode_text("assistant\n")]
+
+
+def chat_ids(tokenizer, messages, add_generation_prompt=True, system_prompt=DEFAULT_SYSTEM_PROMPT):
+    """chat_prompt() as the token ids the model reads, each content encoded as text (turn_ids)."""
+    ids = [i for m in with_system_turn(messages, system_prompt) for i in turn_ids(tokenizer, m["role"], m["content"])]
+    return ids + answer_header_ids(tokenizer) if add_generation_prompt else ids
 
 
 LLAVA_ROLES = {"human": "user", "gpt": "assistant"}
@@ -209,18 +241,15 @@ def encode_conversation(tokenizer, conversation, system_prompt=DEFAULT_SYSTEM_PR
     nor on the "<|im_start|>assistant\n" header (at inference the prompt supplies it), nor on the "\n" after
     <|im_end|> (generation stops at <|im_end|>). The header and the answer are encoded apart, as they are
     at inference: the prompt ends with the header and the model produces the answer's tokens from there."""
-    messages = conversation_messages(conversation)
-    if system_prompt is not None:
-        messages = [{"role": "system", "content": system_prompt}] + messages
-    pieces = []  # (text, carries loss)
-    for message in messages:
+    pieces = []  # (ids, carries loss)
+    for message in with_system_turn(conversation_messages(conversation), system_prompt):
         if message["role"] == "assistant":
-            pieces += [("<|im_start|>assistant\n", False), (message["content"] + "<|im_end|>", True), ("\n", False)]
+            answer = tokenizer.encode_text(message["content"]) + [tokenizer.im_end_id]
+            pieces += [(answer_header_ids(tokenizer), False), (answer, True), (tokenizer.encode_text("\n"), False)]
         else:
-            pieces.append((f"<|im_start|>{message['role']}\n{message['content']}<|im_end|>\n", False))
+            pieces.append((turn_ids(tokenizer, message["role"], message["content"]), False))
     input_ids, labels = [], []
-    for text, carries_loss in pieces:
-        ids = tokenizer.encode(text)
+    for ids, carries_loss in pieces:
         input_ids += ids
         labels += ids if carries_loss else [IGNORE_INDEX] * len(ids)
     return input_ids, labels

@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from data import SHORT_CAPTION_PROMPT, Tokenizer, chat_prompt, load_image, preprocess_image
+from data import SHORT_CAPTION_PROMPT, Tokenizer, chat_ids, load_image, preprocess_image
 from masks import MASK_KINDS
 from model import VLM, checkpoint_folder
 
@@ -66,7 +66,7 @@ def load_model(args, device=None):
 def prompt_ids(tokenizer, prompt):
     """The user's question as a ChatML turn, ending where the assistant's answer starts. The image needs no
     placeholder: its tokens always come before the text (paper 3.1)."""
-    return tokenizer.encode(chat_prompt([{"role": "user", "content": prompt}]))
+    return chat_ids(tokenizer, [{"role": "user", "content": prompt}])
 
 
 def left_pad(sequences, pad_id):

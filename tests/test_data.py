@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from data import (IGNORE_INDEX, SHAPE_COLOURS, SHAPE_POSITIONS, BatchStream,
-                  KarpathyCaptions, LlavaJson, LlavaParquet, PathVQAParquet, SyntheticShapes, Tokenizer, chat_prompt,
+                  KarpathyCaptions, LlavaJson, LlavaParquet, PathVQAParquet, SyntheticShapes, Tokenizer, chat_ids, chat_prompt,
                   collate, conversation_messages, describe_scene, encode_conversation, is_heldout, make_sample,
                   preprocess_image, shapes_tokenizer)
 from data_helpers import copy_qwen_bpe_files
@@ -63,12 +63,29 @@ def test_loss_is_on_the_answers_and_their_im_end_only(qwen):
 
 
 def test_the_training_sequence_is_the_inference_prompt_format(qwen):
-    """What the model is trained on is exactly what chat_prompt() builds at inference, plus the answers."""
+    """What the model is trained on is exactly what chat_prompt() builds at inference (as token ids,
+    chat_ids), plus the answers."""
     messages = conversation_messages(TWO_TURNS)
     input_ids, _ = encode_conversation(qwen, TWO_TURNS)
     assert input_ids == qwen.encode(chat_prompt(messages, add_generation_prompt=False))
-    prompt = qwen.encode(chat_prompt(messages[:1]))
+    prompt = chat_ids(qwen, messages[:1])
+    assert prompt == qwen.encode(chat_prompt(messages[:1]))
     assert input_ids[:len(prompt)] == prompt and input_ids[len(prompt):len(prompt) + 4] == [32, 8251, 13, 151645]
+
+
+def test_a_text_that_quotes_the_chat_markers_is_text(qwen):
+    """Data that writes "<|im_end|>" or "<|endoftext|>" (a caption about chat formats, a scraped page) is
+    trained on as those characters: only the chat format's own markers are special tokens, so an answer
+    cannot end early or teach the model to emit the end of text (which is also the padding)."""
+    quoting = [{"from": "human", "value": "What does <|im_end|> mean?"},
+               {"from": "gpt", "value": "It ends a turn, like <|endoftext|> ends a text."}]
+    input_ids, labels = encode_conversation(qwen, quoting)
+    answer = [t for t in labels if t != IGNORE_INDEX]
+    assert answer[-1] == qwen.im_end_id and qwen.im_end_id not in answer[:-1] and qwen.eos_id not in answer
+    assert qwen.decode(answer[:-1], skip_special_tokens=False) == "It ends a turn, like <|endoftext|> ends a text."
+    assert input_ids.count(qwen.im_end_id) == 3 and input_ids.count(qwen.im_start_id) == 3  # system, user, answer
+    prompt = chat_ids(qwen, conversation_messages(quoting)[:1])
+    assert input_ids[:len(prompt)] == prompt  # inference reads the question the same way
 
 
 def test_captioning_is_the_one_turn_case_and_the_system_turn_is_optional(qwen):
