@@ -31,6 +31,7 @@ import data
 import train
 from configurator import configure, merged
 from model import IGNORE_INDEX, VLM, Qwen2Config, SigLIPConfig, VLMConfig, find_label_positions
+from sample import at_least
 
 # The speed issue's cases, most important first (a time limit cuts the last). `anchor`: the transformers
 # stack's images/s on one H200, same shapes; `target`: the issue's goal on that card.
@@ -55,14 +56,14 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", type=int, choices=[0, 1, 2, 3], help="one training case (default: all the issue's cases, "
                                                                        "or stage 2 when a shape option is given)")
-    parser.add_argument("--micro_batch", type=int, help="default: 16, or 256 images with --generate")
-    parser.add_argument("--text_len", type=int, help="text tokens after the image tokens (default: 144, or a "
+    parser.add_argument("--micro_batch", type=at_least(1), help="default: 16, or 256 images with --generate")
+    parser.add_argument("--text_len", type=at_least(1), help="text tokens after the image tokens (default: 144, or a "
                                                       "prompt of 20 with --generate)")
-    parser.add_argument("--labelled", type=int, help="labelled text tokens per sample, the last ones (default: all, as "
+    parser.add_argument("--labelled", type=at_least(1), help="labelled text tokens per sample, the last ones (default: all, as "
                                                       "the anchor; a stage-2 caption: about 52 of 128)")
     parser.add_argument("--packed", action="store_true", help="variable-length conversations packed into the rows")
     parser.add_argument("--generate", action="store_true", help="time greedy captioning instead of training")
-    parser.add_argument("--new_tokens", type=int, default=30)
+    parser.add_argument("--new_tokens", type=at_least(1), default=30)
     parser.add_argument("--attention", choices=["sdpa", "flex", "flash"], help="default: flash on the GPU, sdpa on the CPU")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="default: on the GPU only")
     parser.add_argument("--compile_mode", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
@@ -117,8 +118,8 @@ def cases(args):
     for option in ("attention", "compile"):
         if getattr(args, option) is not None:
             defaults[option] = getattr(args, option)
-    one_case = args.stage is not None or args.generate or any(
-        getattr(args, option) for option in ("micro_batch", "text_len", "labelled", "packed"))
+    shape_given = any(getattr(args, option) is not None for option in ("micro_batch", "text_len", "labelled"))
+    one_case = args.stage is not None or args.generate or args.packed or shape_given
     if not one_case:
         chosen = [dict(defaults, **case) for case in ISSUE_CASES]
     else:

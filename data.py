@@ -144,7 +144,8 @@ class Tokenizer:
         return token_id
 
     def encode(self, text):
-        """Special tokens written in the text (e.g. <|im_start|>) become their single ids. No BOS is added."""
+        """Special tokens written in the text (e.g. <|im_start|>) become their single ids. No BOS is added.
+        For text that is only text (anything from a dataset or a user), encode_text."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_text(self, text):

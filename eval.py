@@ -47,6 +47,7 @@ from pycocoevalcap.tokenizer import ptbtokenizer
 from tqdm import tqdm
 
 from data import SHORT_CAPTION_PROMPT, PathVQAParquet, load_image
+from model import checkpoint_folder
 from sample import add_model_args, answer, at_least, load_model
 
 DATASETS = ("coco", "flickr30k", "flickr8k")
@@ -322,9 +323,12 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.datasets = [name for name in args.datasets.split(",") if name]
     unknown = set(args.datasets) - set(DATASETS)
-    if unknown or not args.datasets:
-        parser.error(f"unknown datasets {sorted(unknown)}; choose from {','.join(DATASETS)}" if unknown
-                     else f"--datasets names no dataset; choose from {','.join(DATASETS)}")
+    if unknown:
+        parser.error(f"unknown datasets {sorted(unknown)}; choose from {','.join(DATASETS)}")
+    if not args.datasets:
+        parser.error(f"--datasets names no dataset; choose from {','.join(DATASETS)}")
+    if args.checkpoint:  # a run's out_dir: its newest checkpoint, named in the scores' settings
+        args.checkpoint = checkpoint_folder(args.checkpoint)
     args.out_dir = args.out_dir or args.checkpoint or "out-eval"
     return args
 

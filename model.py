@@ -442,7 +442,7 @@ class VLMConfig:
     vision: SigLIPConfig
     language: Qwen2Config
     projector_hidden: int = 896  # the paper's Linear(1152 -> 896), GELU, Linear(896 -> 896)
-    mask_kind: str = "prefix"  # the mask the model was last trained under (paper 3.2); generation decodes under it
+    mask_kind: str = "prefix"  # the mask generation decodes under: the one training used (paper 3.2), or prefix after stage 0
 
 
 class Projector(nn.Module):
@@ -859,8 +859,9 @@ def beam_search(step, logits, max_new_tokens, num_beams, length_penalty):
     `num_beams` of them; the best continuations that do not end run on. A prompt is done once it holds
     `num_beams` hypotheses and its best running beam, scored at its current length, cannot beat the worst."""
     batch, vocab = logits.shape[0] // num_beams, logits.shape[1]
+    device = logits.device
     n_candidates = (1 + max(1, len(step.eos_ids))) * num_beams  # enough to leave num_beams that do not end
-    scores = torch.full((batch, num_beams), float("-inf"), device=logits.device)
+    scores = torch.full((batch, num_beams), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: let only the first one expand
     histories = [[] for _ in range(batch * num_beams)]
     finished = [[] for _ in range(batch)]  # (score, tokens), best first, at most num_beams
@@ -868,33 +869,39 @@ def beam_search(step, logits, max_new_tokens, num_beams, length_penalty):
     for length in range(1, max_new_tokens + 1):
         candidates = (scores[:, :, None] + F.log_softmax(logits, dim=-1).view(batch, num_beams, vocab)).view(batch, -1)
         top_scores, top_index = candidates.topk(n_candidates, dim=-1)
-        end_token = step.is_end(top_index % vocab)
-        top = zip(top_scores.tolist(), top_index.tolist(), end_token.tolist())
-        running = [[(float("-inf"), 0, b * num_beams)] * num_beams for b in range(batch)]  # (score, token, source beam)
-        new_histories = list(histories)
-        for b, (b_scores, b_index, b_end_token) in enumerate(top):
-            if done[b]:
-                continue  # its beams idle in place
-            kept = 0
-            for rank, (score, index, is_end_token) in enumerate(zip(b_scores, b_index, b_end_token)):
-                beam, token = divmod(index, vocab)
-                history = histories[b * num_beams + beam]
-                if is_end_token or length == max_new_tokens:
-                    if rank < num_beams:  # only the best num_beams continuations may finish
-                        tokens = history if is_end_token else history + [token]
-                        finished[b] = sorted(finished[b] + [(score / length ** length_penalty, tokens)],
-                                             key=lambda h: -h[0])[:num_beams]
-                elif kept < num_beams:
-                    running[b][kept] = (score, token, b * num_beams + beam)
-                    new_histories[b * num_beams + kept] = history + [token]
-                    kept += 1
-            best_running = running[b][0][0] / length ** length_penalty
-            done[b] = len(finished[b]) == num_beams and best_running <= finished[b][-1][0]
-        histories = new_histories
+        ends_with_token = step.is_end(top_index % vocab).tolist()
+        top_scores, top_index = top_scores.tolist(), top_index.tolist()
+        running = []  # (score, token, beam it extends, tokens so far) for every beam of every prompt, in order
+        for b in range(batch):
+            beams = []
+            if not done[b]:
+                ranked = [(score, b * num_beams + index // vocab, index % vocab, ends)
+                          for score, index, ends in zip(top_scores[b], top_index[b], ends_with_token[b])]
+                beams, finished[b] = beam_step(ranked, histories, finished[b], num_beams, length,
+                                               length == max_new_tokens, length_penalty)
+                best_running = beams[0][0] / length ** length_penalty if beams else float("-inf")
+                done[b] = len(finished[b]) == num_beams and best_running <= finished[b][-1][0]
+            idle = range(b * num_beams + len(beams), (b + 1) * num_beams)  # a done prompt's beams stay in place
+            running += beams + [(float("-inf"), 0, beam, []) for beam in idle]
         if all(done) or length == max_new_tokens:
             break
-        scores, new_tokens, source = (torch.tensor([[beam[i] for beam in row] for row in running], device=logits.device)
-                                      for i in range(3))
-        step.reorder(source.view(-1))
-        logits = step(new_tokens.view(-1))
+        new_scores, tokens, sources, histories = zip(*running)
+        scores = torch.tensor(new_scores, device=device).view(batch, num_beams)
+        step.reorder(torch.tensor(sources, device=device))
+        logits = step(torch.tensor(tokens, device=device))
     return [f[0][1] if f else [] for f in finished]
+
+
+def beam_step(ranked, histories, finished, num_beams, length, last, length_penalty):
+    """One prompt's step of beam search. `ranked`: its candidate continuations (score, beam, token, whether
+    the token ends), best first. Returns the beams that run on, (score, token, beam, tokens), and the
+    prompt's finished hypotheses."""
+    running = []
+    for rank, (score, beam, token, ends) in enumerate(ranked):
+        if ends or last:
+            if rank < num_beams:  # only the best num_beams continuations may finish
+                tokens = histories[beam] if ends else histories[beam] + [token]
+                finished = sorted(finished + [(score / length ** length_penalty, tokens)], key=lambda h: -h[0])[:num_beams]
+        elif len(running) < num_beams:
+            running.append((score, token, beam, histories[beam] + [token]))
+    return running, finished

@@ -12,7 +12,6 @@ import argparse
 import torch
 
 from data import SHORT_CAPTION_PROMPT, Tokenizer, chat_ids, load_image, preprocess_image
-from masks import MASK_KINDS
 from model import VLM, checkpoint_folder
 
 DEFAULT_VISION = "google/siglip-so400m-patch14-224"
@@ -45,8 +44,9 @@ def add_model_args(parser):
                         help="default: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--max_new_tokens", type=at_least(1), default=30)
     parser.add_argument("--num_beams", type=at_least(1), default=1, help="1 = greedy decoding, more = beam search")
-    parser.add_argument("--mask_kind", choices=MASK_KINDS, help="the attention mask to decode under; default: the "
-                        "checkpoint's, the one it was trained under (prefix without a checkpoint)")
+    parser.add_argument("--mask_kind", choices=["prefix", "causal"], help="the attention mask to decode under; "
+                        "default: the checkpoint's, the one it was trained under (prefix without a checkpoint, and "
+                        "after stage 0's bidirectional mask, which no decoder can follow)")
 
 
 def load_model(args, device=None):

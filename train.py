@@ -162,7 +162,9 @@ def train_stage(cfg):
     if uses_cuda_graphs(cfg) and refused:
         raise ValueError(f"compile_mode={cfg['compile_mode']!r} with {refused}; set compile_mode='default'")
     tokenizer, model = build_model(cfg)
-    model.config.mask_kind = cfg["mask_kind"]  # saved with the checkpoints: sample.py and eval.py decode under it
+    # saved with the checkpoints, the mask sample.py and eval.py decode under: the training mask, except stage 0's
+    # bidirectional one, which no decoder can follow (a new token cannot see the tokens after it, not yet made)
+    model.config.mask_kind = "prefix" if cfg["mask_kind"] == "bidirectional" else cfg["mask_kind"]
     model.to(device)
     model.attention = cfg["attention"]
     trainable = freeze_modules(model, cfg)

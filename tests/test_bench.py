@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -91,3 +93,6 @@ def test_a_shape_option_asks_for_one_case(monkeypatch, tmp_path):
         monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cuda", *options])
         [case] = bench.cases(bench.parse_args())
         assert (case["stage"], case["micro_batch"]) == (stage, micro_batch), options
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--labelled", "0"])
+    with pytest.raises(SystemExit):  # not silently dropped: a count below 1 is refused
+        bench.parse_args()

@@ -253,6 +253,16 @@ def test_image_ids_match_coco_format_reference_files():
     assert image_id({"filename": "1000268201_693b08cb0e.jpg"}) == "1000268201_693b08cb0e"  # Flickr8k
 
 
+def test_a_runs_out_dir_stands_for_its_newest_checkpoint(tmp_path):
+    """The scores and their settings name the checkpoint that was scored, not a folder that moves on."""
+    from eval import parse_args
+    (tmp_path / "step-0000500").mkdir()
+    (tmp_path / "step-0000500" / "config.json").write_text("{}")
+    (tmp_path / "latest").write_text("step-0000500")
+    args = parse_args(["--checkpoint", str(tmp_path)])
+    assert args.checkpoint == args.out_dir == str(tmp_path / "step-0000500")
+
+
 def test_unknown_dataset_is_refused(capsys):
     with pytest.raises(SystemExit):
         eval_main(["--datasets", "coco,mscoco"])

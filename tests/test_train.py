@@ -158,7 +158,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "resumed")
     assert all(torch.equal(a[n], b[n]) for n in a)
     from model import VLM
-    assert VLM.load(train.latest_checkpoint(str(tmp_path / "resumed"))).config.mask_kind == "bidirectional"
+    # stage 0's bidirectional mask cannot be decoded under: its checkpoints caption under the prefix mask
+    assert VLM.load(train.latest_checkpoint(str(tmp_path / "resumed"))).config.mask_kind == "prefix"
 
 
 @pytest.mark.parametrize("packing", [{}, dict(stage=3, shapes_questions=2, pack_length=152)],
