@@ -30,14 +30,17 @@ def test_siglip_matches_transformers(tmp_path, seed):
     assert max_diff(got, expected) < 1e-5, f"max abs diff {max_diff(got, expected):.2e}"
 
 
+def features_diff(ours, reference, size=56):
+    pixels = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        return max_diff(ours(pixels), reference(pixel_values=pixels).last_hidden_state)
+
+
 def test_siglip_file_with_text_tower_loads_only_the_vision_tower(tmp_path):
     reference = save_siglip(tmp_path, with_text_tower=True)
     names = load_file(tmp_path / "model.safetensors").keys()
     assert any(n.startswith("text_model.") for n in names) and "logit_scale" in names
-    ours = SigLIP.from_pretrained(str(tmp_path)).eval()
-    pixels = torch.randn(2, 3, 56, 56)
-    with torch.no_grad():
-        diff = max_diff(ours(pixels), reference(pixel_values=pixels).last_hidden_state)
+    diff = features_diff(SigLIP.from_pretrained(str(tmp_path)).eval(), reference)
     assert diff < 1e-5, f"max abs diff {diff:.2e}"
 
 
@@ -50,9 +53,7 @@ def test_siglip_hub_style_terse_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(terse))
     ours = SigLIP.from_pretrained(str(tmp_path)).eval()
     assert ours.config.layer_norm_eps == 1e-6
-    pixels = torch.randn(1, 3, 56, 56)
-    with torch.no_grad():
-        diff = max_diff(ours(pixels), reference(pixel_values=pixels).last_hidden_state)
+    diff = features_diff(ours, reference)
     assert diff < 1e-5, f"max abs diff {diff:.2e}"
 
 
@@ -61,10 +62,7 @@ def test_siglip_lone_tower_saved_by_transformers_4_keeps_its_prefix(tmp_path):
     reference = save_siglip(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
     save_file({f"vision_model.{name}": tensor for name, tensor in state.items()}, tmp_path / "model.safetensors")
-    ours = SigLIP.from_pretrained(str(tmp_path)).eval()
-    pixels = torch.randn(2, 3, 56, 56)
-    with torch.no_grad():
-        diff = max_diff(ours(pixels), reference(pixel_values=pixels).last_hidden_state)
+    diff = features_diff(SigLIP.from_pretrained(str(tmp_path)).eval(), reference)
     assert diff < 1e-5, f"max abs diff {diff:.2e}"
 
 
@@ -112,37 +110,41 @@ def test_qwen2_untied_and_sharded(tmp_path):
     assert (tmp_path / "model.safetensors.index.json").exists()
     ours = Qwen2.from_pretrained(str(tmp_path)).eval()
     assert ours.lm_head.weight is not ours.embed_tokens.weight
-    ids = torch.randint(0, 300, (2, 7))
-    with torch.no_grad():
-        diff = max_diff(ours(ids), reference(ids).logits)
+    diff = logits_diff(ours, reference)
     assert diff < 1e-4, f"max abs diff {diff:.2e}"
+
+
+def rewrite_config(folder, drop=(), **values):
+    """Edit a saved config.json into the shape of another one (an older Hub file, say)."""
+    config = json.loads((folder / "config.json").read_text())
+    for key in drop:
+        config.pop(key, None)
+    config.update(values)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def logits_diff(ours, reference, length=7):
+    ids = torch.randint(0, 300, (2, length))
+    with torch.no_grad():
+        return max_diff(ours(ids), reference(ids).logits)
 
 
 def test_qwen2_hub_style_config(tmp_path):
     """The Hub's Qwen2.5 config.json predates transformers 5: top-level rope_theta, torch_dtype, no sliding window."""
     reference = save_qwen2(tmp_path, rope_theta=10000.0)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config.pop("rope_parameters", None)
-    config.pop("tie_word_embeddings")  # silent: the missing lm_head.weight says it is tied
-    config.update(rope_theta=10000.0, torch_dtype="bfloat16", sliding_window=32768, use_sliding_window=False)
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    rewrite_config(tmp_path, drop=["rope_parameters", "tie_word_embeddings"],  # silent on tying: no lm_head.weight
+                   rope_theta=10000.0, torch_dtype="bfloat16", sliding_window=32768, use_sliding_window=False)
     ours = Qwen2.from_pretrained(str(tmp_path)).eval()
     assert ours.config.rope_theta == 10000.0 and ours.config.tie_word_embeddings
-    ids = torch.randint(0, 300, (2, 7))
-    with torch.no_grad():
-        diff = max_diff(ours(ids), reference(ids).logits)
+    diff = logits_diff(ours, reference)
     assert diff < 1e-4, f"max abs diff {diff:.2e}"
 
 
 def test_qwen2_config_without_rope_theta_gets_transformers_default(tmp_path):
     reference = save_qwen2(tmp_path, rope_theta=10000.0)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config.pop("rope_parameters", None), config.pop("rope_theta", None)
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    rewrite_config(tmp_path, drop=["rope_parameters", "rope_theta"])
     ours = Qwen2.from_pretrained(str(tmp_path)).eval()
-    ids = torch.randint(0, 300, (2, 40))
-    with torch.no_grad():
-        diff = max_diff(ours(ids), reference(ids).logits)
+    diff = logits_diff(ours, reference, length=40)
     assert ours.config.rope_theta == 10000.0 and diff < 1e-4, f"max abs diff {diff:.2e}"
 
 
@@ -151,10 +153,7 @@ def test_qwen2_config_without_rope_theta_gets_transformers_default(tmp_path):
 def test_qwen2_with_rope_scaling_is_refused(tmp_path, rope):
     """Long-context RoPE scaling (YaRN, linear) changes every position's rotation: not silently ignored."""
     save_qwen2(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config.pop("rope_parameters", None)
-    config.update(rope)
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    rewrite_config(tmp_path, drop=["rope_parameters"], **rope)
     with pytest.raises(ValueError, match="RoPE scaling '(yarn|linear)' is not implemented"):
         Qwen2.from_pretrained(str(tmp_path))
 
