@@ -21,11 +21,23 @@ def save_siglip(folder, seed=0, with_text_tower=False, **overrides):
     torch.manual_seed(seed)
     if with_text_tower:  # the official file holds both towers, the pooling head, logit_scale and logit_bias
         text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100)
-        full = SiglipModel(SiglipConfig(text_config=text, vision_config=sizes)).eval()
+        full = randomise_norms_and_biases(SiglipModel(SiglipConfig(text_config=text, vision_config=sizes)).eval())
         full.save_pretrained(folder)
         return full.vision_model
-    model = SiglipVisionModel(SiglipVisionConfig(**sizes)).eval()
+    model = randomise_norms_and_biases(SiglipVisionModel(SiglipVisionConfig(**sizes)).eval())
     model.save_pretrained(folder)
+    return model
+
+
+def randomise_norms_and_biases(model):
+    """transformers starts every norm at weight 1, bias 0, and most biases at 0: a loader that dropped them
+    would still match. Trained checkpoints are not like that, so neither are ours."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+            elif "norm" in name and name.endswith("weight"):
+                p.normal_(1, 0.1)
     return model
 
 
@@ -37,8 +49,8 @@ def save_qwen2(folder, seed=0, tie=True, max_shard_size=None, **overrides):
                  rms_norm_eps=1e-6, tie_word_embeddings=tie)
     sizes.update(overrides)
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(Qwen2Config(**sizes)).eval()
-    with torch.no_grad():  # random biases, so a loader that forgets the q/k/v bias fails
+    model = randomise_norms_and_biases(Qwen2ForCausalLM(Qwen2Config(**sizes)).eval())
+    with torch.no_grad():  # large q/k/v biases, as Qwen2's are
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.normal_(0, 0.5)
