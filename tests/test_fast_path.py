@@ -88,6 +88,63 @@ def test_block_mask_skips_fully_masked_blocks():
     assert computed.item() == 10
 
 
+def blocks_needed(dense, block=128):
+    """Which block x block tiles of a dense [B, 1, S, S] mask allow any entry, and which allow every one."""
+    B, _, S, _ = dense.shape
+    n = -(-S // block)
+    tiles = torch.zeros(B, n * block, n * block, dtype=torch.bool)
+    tiles[:, :S, :S] = dense[:, 0]
+    tiles = tiles.view(B, n, block, n, block).transpose(2, 3).flatten(3)
+    return tiles.any(3), tiles.all(3)
+
+
+def listed_full_blocks(block_mask):
+    B, _, n, _ = block_mask.full_kv_indices.shape
+    full = torch.zeros(B, n, n, dtype=torch.bool)
+    for b in range(B):
+        for q in range(n):
+            full[b, q, block_mask.full_kv_indices[b, 0, q, :block_mask.full_kv_num_blocks[b, 0, q].item()]] = True
+    return full
+
+
+def packed_rows(cuts, length=300):
+    """Rows of documents cut at the given places (some across 128-token blocks), the rest padding."""
+    document = torch.full((len(cuts), length), -1)
+    for row, row_cuts in enumerate(cuts):
+        for d, (start, end) in enumerate(zip(row_cuts, row_cuts[1:])):
+            document[row, start:end] = d
+    return document
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["built", "in FixedInputs"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("mask_kind", masks.MASK_KINDS)
+def test_block_lists_name_exactly_the_blocks_the_dense_mask_needs(mask_kind, packed, fixed):
+    """The compiled kernel computes only the blocks a BlockMask lists, and applies the rule only in those not
+    listed as full; eager FlexAttention (the CPU's, in the tests above) reads the rule entry by entry and
+    never looks at the lists. So the lists are checked here: a block is listed where the dense mask allows
+    something in it, and listed as full only where it allows everything. With FixedInputs the lists of a
+    second batch of the same shape land in the first one's memory and must be the second's."""
+    n_image = 20
+    if packed:
+        earlier, document = packed_rows([[0, 90, 250], [0, 40]]), packed_rows([[0, 130, 200, 290], [0, 256]])
+        keep, earlier_keep = document >= 0, earlier >= 0
+        dense = masks.document_mask(mask_kind, n_image, document)
+    else:
+        keep, earlier_keep = torch.ones(2, 300, dtype=torch.bool), torch.ones(2, 300, dtype=torch.bool)
+        keep[1, 170:], earlier_keep[0, 260:] = False, False
+        document = earlier = None
+        dense = masks.attention_mask(mask_kind, n_image, keep)
+    inputs = model_module.FixedInputs() if fixed else None
+    if fixed:
+        masks.block_mask(mask_kind, n_image, earlier_keep, earlier, fixed=inputs)
+    block_mask = masks.block_mask(mask_kind, n_image, keep, document, fixed=inputs)
+    needed, all_allowed = blocks_needed(dense)
+    assert torch.equal(block_mask.to_dense()[:, 0].bool(), needed)
+    full = listed_full_blocks(block_mask)
+    assert torch.equal(full & ~all_allowed, torch.zeros_like(full)) and full.any()
+
+
 def test_positions_restart_in_every_document():
     document = torch.tensor([[0, 0, 0, 1, 1, 1, 1, -1]])
     assert masks.document_positions(document).tolist() == [[0, 1, 2, 0, 1, 2, 3, 0]]
