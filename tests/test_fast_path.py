@@ -212,12 +212,16 @@ def test_packed_loss_and_gradients_flex_equals_sdpa(flex_backward_on_cpu):
     assert_same_loss_and_gradients(with_attention(model, "sdpa", run), with_attention(model, "flex", run))
 
 
-def test_gradient_checkpointing_changes_memory_not_results():
+def test_gradient_checkpointing_recomputes_the_blocks_and_changes_no_result(monkeypatch):
     model, batch = tiny_vlm(), padded_batch([7, 4, 9])
     run = lambda: model(**batch, mask_kind="prefix")
     plain = loss_and_gradients(model, run)
+    calls = []
+    checkpoint = model_module.checkpoint
+    monkeypatch.setattr(model_module, "checkpoint", lambda *args, **kwargs: calls.append(1) or checkpoint(*args, **kwargs))
     model.vision.gradient_checkpointing = model.language.gradient_checkpointing = True
     assert_same_loss_and_gradients(plain, loss_and_gradients(model, run))
+    assert len(calls) == 4  # each of the 2 vision and 2 language blocks ran under checkpoint
 
 
 # --- the chunked loss -------------------------------------------------------------------------------------

@@ -54,10 +54,19 @@ def test_noise_replaces_about_the_requested_share_of_text_inputs_only():
     assert len(set(random_noise[random_noise != ids].tolist())) > 50
 
 
-def test_drawing_writes_a_png(tmp_path):
+def test_drawing_shows_the_two_masks_of_figure_3(tmp_path):
+    """`python masks.py`: (a) every cell green; (b) the image block green, the text causal, no image token
+    seeing text. Four image and four text tokens, cells of 28 pixels, panels 40 pixels apart."""
     from PIL import Image
-    path = masks.draw(str(tmp_path / "masks.png"))
-    assert Image.open(path).size[0] > 100
+    image = Image.open(masks.draw(str(tmp_path / "masks.png"))).convert("RGB")
+    green, red = (60, 170, 80), (210, 60, 60)
+
+    def cell(panel, i, j):  # the colour at the middle of row i, column j
+        return image.getpixel((40 + panel * (8 * 28 + 40) + j * 28 + 13, 40 + i * 28 + 13))
+    assert all(cell(0, i, j) == green for i in range(8) for j in range(8))
+    assert cell(1, 0, 3) == green and cell(1, 0, 4) == red   # image sees image, not text
+    assert cell(1, 4, 0) == green and cell(1, 4, 5) == red   # text sees the image, not later text
+    assert cell(1, 6, 5) == green
 
 
 # --- the model honours the masks ---------------------------------------------------------------------
