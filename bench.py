@@ -54,13 +54,13 @@ SMALL = dict(vision=SigLIPConfig(image_size=56, patch_size=14, hidden_size=64, i
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", type=int, choices=[0, 1, 2, 3], help="one training case (default: all the issue's cases, "
-                                                                       "or stage 2 when a shape option is given)")
+    parser.add_argument("--stage", type=int, choices=[0, 1, 2, 3],
+                        help="one training case (default: all the issue's cases, or stage 2 when a shape option is given)")
     parser.add_argument("--micro_batch", type=at_least(1), help="default: 16, or 256 images with --generate")
-    parser.add_argument("--text_len", type=at_least(1), help="text tokens after the image tokens (default: 144, or a "
-                                                      "prompt of 20 with --generate)")
-    parser.add_argument("--labelled", type=at_least(1), help="labelled text tokens per sample, the last ones (default: all, as "
-                                                      "the anchor; a stage-2 caption: about 52 of 128)")
+    parser.add_argument("--text_len", type=at_least(1),
+                        help="text tokens after the image tokens (default: 144, or a prompt of 20 with --generate)")
+    parser.add_argument("--labelled", type=at_least(1), help="labelled text tokens per sample, the last ones (default: "
+                                                             "all, as the anchor; a stage-2 caption: about 52 of 128)")
     parser.add_argument("--packed", action="store_true", help="variable-length conversations packed into the rows")
     parser.add_argument("--generate", action="store_true", help="time greedy captioning instead of training")
     parser.add_argument("--new_tokens", type=at_least(1), default=30)

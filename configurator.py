@@ -17,17 +17,24 @@ def configure(settings, argv=None):
     args = sys.argv[1:] if argv is None else argv
     for path in [arg for arg in args if not arg.startswith("--")]:
         apply_file(settings, path)
-    for arg in [arg for arg in args if arg.startswith("--")]:
-        key, sep, text = arg[2:].partition("=")
-        if not sep:
-            raise ValueError(f"override {arg!r} must look like --key=value")
+    for arg, key, text in overrides(args):
         update(settings, key, parse(text), source=arg)
     return settings
 
 
+def overrides(args):
+    """(arg, key, value text) of each --key=value in `args`."""
+    for arg in args:
+        if arg.startswith("--"):
+            key, sep, text = arg[2:].partition("=")
+            if not sep:
+                raise ValueError(f"override {arg!r} must look like --key=value")
+            yield arg, key, text
+
+
 def command_line_keys(argv=None):
     """The settings that `argv` (default sys.argv[1:]) sets with --key=value."""
-    return {arg[2:].partition("=")[0] for arg in (sys.argv[1:] if argv is None else argv) if arg.startswith("--")}
+    return {key for _, key, _ in overrides(sys.argv[1:] if argv is None else argv)}
 
 
 def apply_file(settings, path):

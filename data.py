@@ -185,6 +185,7 @@ def chat_prompt(messages, add_generation_prompt=True, system_prompt=DEFAULT_SYST
 
 
 def with_system_turn(messages, system_prompt):
+    """The messages, led by a system turn of `system_prompt` unless they bring their own or it is None."""
     if system_prompt is not None and (not messages or messages[0]["role"] != "system"):
         return [{"role": "system", "content": system_prompt}] + list(messages)
     return list(messages)

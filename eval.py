@@ -47,7 +47,6 @@ from pycocoevalcap.tokenizer import ptbtokenizer
 from tqdm import tqdm
 
 from data import SHORT_CAPTION_PROMPT, PathVQAParquet, load_image
-from model import checkpoint_folder
 from sample import add_model_args, answer, at_least, load_model
 
 DATASETS = ("coco", "flickr30k", "flickr8k")
@@ -327,8 +326,6 @@ def parse_args(argv=None):
         parser.error(f"unknown datasets {sorted(unknown)}; choose from {','.join(DATASETS)}")
     if not args.datasets:
         parser.error(f"--datasets names no dataset; choose from {','.join(DATASETS)}")
-    if args.checkpoint:  # a run's out_dir: its newest checkpoint, named in the scores' settings
-        args.checkpoint = checkpoint_folder(args.checkpoint)
     args.out_dir = args.out_dir or args.checkpoint or "out-eval"
     return args
 

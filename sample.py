@@ -33,9 +33,9 @@ def at_least(minimum):
 
 def add_model_args(parser):
     """The arguments that choose the model; shared with eval.py."""
-    parser.add_argument("--checkpoint", help="our checkpoint folder, or a training run's out_dir (its newest "
-                        "checkpoint); without it the pretrained --vision and --language backbones are joined by an "
-                        "untrained projector")
+    parser.add_argument("--checkpoint", type=checkpoint_folder, help="our checkpoint folder, or a training run's "
+                        "out_dir (its newest checkpoint); without it the pretrained --vision and --language backbones "
+                        "are joined by an untrained projector")
     parser.add_argument("--vision", default=DEFAULT_VISION, help="SigLIP folder or Hub id (without --checkpoint)")
     parser.add_argument("--language", default=DEFAULT_LANGUAGE, help="Qwen2 folder or Hub id (without --checkpoint)")
     parser.add_argument("--tokenizer", help="tokenizer folder or Hub id; default: the checkpoint's, else --language's")
@@ -53,12 +53,11 @@ def load_model(args, device=None):
     """(model in eval mode on the device, tokenizer) as the model arguments ask."""
     device = device or args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32"))
-    checkpoint = checkpoint_folder(args.checkpoint) if args.checkpoint else None  # a run's out_dir: its newest
-    if checkpoint:
-        model = VLM.load(checkpoint, dtype=dtype)
+    if args.checkpoint:
+        model = VLM.load(args.checkpoint, dtype=dtype)
     else:
         model = VLM.from_pretrained(vision=args.vision, language=args.language, dtype=dtype)
-    tokenizer = Tokenizer.from_pretrained(args.tokenizer or checkpoint or args.language)
+    tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.checkpoint or args.language)
     model.config.mask_kind = args.mask_kind or model.config.mask_kind
     return model.to(device).eval(), tokenizer
 
