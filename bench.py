@@ -16,6 +16,7 @@ only the projector trains). The batches are synthetic, every text token labelled
 compare.
 On the GPU the default is the fast path: compiled blocks (in the stage's compile_mode), and the prefix mask run
 by blocks on flash-attention kernels (--attention flash; packed rows use FlexAttention's document masks);
+--attention varlen runs every mask, packed rows too, as runs of tokens on flash's variable-length kernel;
 --attention sdpa --no-compile gives the plain reference path with a dense mask.
 """
 import argparse
@@ -30,7 +31,7 @@ import torch
 import data
 import train
 from configurator import configure, merged
-from model import IGNORE_INDEX, VLM, Qwen2Config, SigLIPConfig, VLMConfig, find_label_positions
+from model import ATTENTION_PATHS, IGNORE_INDEX, VLM, Qwen2Config, SigLIPConfig, VLMConfig, find_label_positions
 from sample import at_least
 
 # The speed issue's cases, most important first (a time limit cuts the last). `anchor`: the transformers
@@ -64,7 +65,7 @@ def parse_args():
     parser.add_argument("--packed", action="store_true", help="variable-length conversations packed into the rows")
     parser.add_argument("--generate", action="store_true", help="time greedy captioning instead of training")
     parser.add_argument("--new_tokens", type=at_least(1), default=30)
-    parser.add_argument("--attention", choices=["sdpa", "flex", "flash"], help="default: flash on the GPU, sdpa on the CPU")
+    parser.add_argument("--attention", choices=ATTENTION_PATHS, help="default: flash on the GPU, sdpa on the CPU")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="default: on the GPU only")
     parser.add_argument("--compile_mode", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                         help="torch.compile's mode for the blocks (default: the stage's, as train.py reads it); "

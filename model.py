@@ -7,6 +7,7 @@
 The file reads top to bottom: attention shared by both towers, the SigLIP vision encoder, the Qwen2 language
 model, loading of the official safetensors, then the VLM that joins them (Algorithms 1 and 2) and generates.
 """
+import inspect
 import json
 import os
 from dataclasses import asdict, dataclass, fields
@@ -20,6 +21,12 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 import masks
+
+try:  # flash-attention's kernel for runs of tokens (attention="varlen"), in torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn
+    VARLEN_OPTIONS = set(inspect.signature(varlen_attn).parameters)
+except ImportError:
+    varlen_attn, VARLEN_OPTIONS = None, set()
 
 IGNORE_INDEX = -100  # label of a token that carries no loss (PyTorch's cross_entropy default ignore_index)
 
@@ -37,10 +44,13 @@ def attend(q, k, v, mask):
     """Scaled dot-product attention for q [B,H,Q,hd] and k, v [B,Hkv,K,hd] (Hkv divides H: GQA).
 
     `mask` is None (no mask); a boolean [B,1,Q,K] (True = may attend) for SDPA, the simple reference path;
-    a FlexAttention BlockMask (masks.block_mask); or masks.PrefixBlocks, the prefix mask run by blocks."""
+    a FlexAttention BlockMask (masks.block_mask); masks.PrefixBlocks, the prefix mask run by blocks; or
+    masks.Segments, the mask as runs of tokens."""
     gqa = k.shape[1] != q.shape[1]
     if isinstance(mask, masks.PrefixBlocks):
         return prefix_attention(q, k, v, mask, gqa)
+    if isinstance(mask, masks.Segments):
+        return segment_attention(q, k, v, mask)
     if isinstance(mask, BlockMask):
         flex = fused_flex_attention if q.is_cuda else flex_attention
         return flex(q, k, v, block_mask=mask, enable_gqa=gqa)
@@ -54,6 +64,36 @@ def prefix_attention(q, k, v, blocks, gqa):
     image = F.scaled_dot_product_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], enable_gqa=gqa)
     text = F.scaled_dot_product_attention(q[:, :, n:], k, v, attn_mask=blocks.text_causal, enable_gqa=gqa)
     return torch.cat([image, text], dim=2)
+
+
+def segment_attention(q, k, v, segments):
+    """The stage's mask as attention within runs of tokens (masks.Segments), the rows laid end to end: every
+    document attends to itself, causally or both ways; for the prefix mask the image rows come from a second
+    pass in which each image block is a run of its own, so that it sees itself whole (Fig. 3(b))."""
+    B, H, L, hd = q.shape
+    q, k, v = (t.transpose(1, 2).flatten(0, 1) for t in (q, k, v))  # [B*L, heads, hd]
+    y = attend_within(q, k, v, segments.documents, segments.max_len, causal=segments.mask_kind != "bidirectional")
+    if segments.mask_kind == "prefix":
+        image = attend_within(q, k, v, segments.parts, segments.max_len, causal=False)
+        y = torch.where(segments.image[:, None, None], image, y)
+    return y.unflatten(0, (B, L)).transpose(1, 2)
+
+
+def attend_within(q, k, v, boundaries, max_len, causal):
+    """Attention of the tokens q [N, H, hd] and k, v [N, Hkv, hd] within runs (boundaries[i] to boundaries[i+1],
+    at most max_len long): flash-attention's variable-length kernel on the GPU (16-bit only, as all flash
+    kernels), and on the CPU, which has no such kernel, the runs as a dense mask through SDPA."""
+    gqa = k.shape[1] != q.shape[1]
+    if q.is_cuda:
+        if "window_size" not in VARLEN_OPTIONS:
+            raise RuntimeError('attention="varlen" needs torch >= 2.11 (torch.nn.attention.varlen with window_size)')
+        options = {"enable_gqa": gqa} if "enable_gqa" in VARLEN_OPTIONS else {}  # 2.11 shares heads unasked
+        return varlen_attn(q, k, v, boundaries, boundaries, max_len, max_len, window_size=(-1, 0) if causal else (-1, -1),
+                           **options)
+    mask = masks.segment_mask(boundaries, q.shape[0], causal)
+    y = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+                                       enable_gqa=gqa)
+    return y.transpose(0, 1)
 
 
 def shared_input_linear(x, *layers):
@@ -477,7 +517,7 @@ class FixedInputs:
         return self.buffers[key].copy_(tensor)
 
 
-ATTENTION_PATHS = ("sdpa", "flex", "flash")  # how VLM.mask hands the stage's mask to the attention (see there)
+ATTENTION_PATHS = ("sdpa", "flex", "flash", "varlen")  # how VLM.mask hands the stage's mask to the attention (see there)
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that record CUDA graphs
 
 
@@ -489,7 +529,7 @@ class VLM(nn.Module):
         self.projector = Projector(config.vision.hidden_size, config.projector_hidden, config.language.hidden_size)
         self.language = Qwen2(config.language)
         self.n_image_tokens = self.vision.n_patches
-        self.attention = "sdpa"  # or "flex" (FlexAttention block masks) or "flash" (prefix mask by blocks): see `mask`
+        self.attention = "sdpa"  # or "flex" (FlexAttention block masks), "flash" (prefix mask by blocks), "varlen": see `mask`
         self.fixed_inputs = None  # set by compile_blocks when the blocks replay as CUDA graphs (FixedInputs)
 
     # --- training forward pass -------------------------------------------------
@@ -549,7 +589,10 @@ class VLM(nn.Module):
     def mask(self, mask_kind, keep, document=None):
         """The stage's mask (paper 3.2) in the form the attention path takes: the prefix mask by blocks
         (masks.PrefixBlocks, flash kernels, no mask tensor), a FlexAttention BlockMask (fully masked blocks are
-        skipped) or a dense boolean mask for SDPA (the simple reference)."""
+        skipped), runs of tokens for flash's variable-length kernel (masks.Segments, any mask, padded or packed)
+        or a dense boolean mask for SDPA (the simple reference)."""
+        if self.attention == "varlen":
+            return masks.Segments(mask_kind, self.n_image_tokens, keep, document, fixed=self.fixed_inputs)
         if self.attention == "flash" and mask_kind == "prefix" and document is None:
             return masks.PrefixBlocks(self.n_image_tokens, keep.shape[1])  # training batches are right-padded (data.collate)
         if self.attention in ("flex", "flash"):  # flash has no form for packed rows or padded bidirectional rows

@@ -51,11 +51,13 @@ def test_cuda_graphs_accumulate_gradients_as_eager_blocks_do():
         assert_step_gives_eager_gradients(cfg, eager, graphed, micro_batches, trainable, step)
 
 
-def test_packed_rows_replay_the_graphs_each_with_its_own_mask(monkeypatch):
-    """Every batch of packed rows has its own FlexAttention mask, built outside the blocks. model.FixedInputs
-    keeps it (and RoPE's tables) at the addresses where the graphs were recorded: after the first two steps
-    (warm-up, recording), batches of the same shape but other documents replay the graphs without recording
-    anything, and each trains under its own mask (eager blocks' gradients)."""
+@pytest.mark.parametrize("attention", ["flash", "varlen"])  # packed rows: FlexAttention's masks, or runs of tokens
+def test_packed_rows_replay_the_graphs_each_with_its_own_mask(monkeypatch, attention):
+    """Every batch of packed rows has its own mask (a FlexAttention mask, or the boundaries of its runs of
+    tokens), built outside the blocks. model.FixedInputs keeps it (and RoPE's tables) at the addresses where the
+    graphs were recorded: after the first two steps (warm-up, recording), batches of the same shape but other
+    documents replay the graphs without recording anything, and each trains under its own mask (eager blocks'
+    gradients)."""
     from torch._inductor import cudagraph_trees
     recordings = []
     record_function = cudagraph_trees.CUDAGraphTreeManager.record_function
@@ -65,7 +67,7 @@ def test_packed_rows_replay_the_graphs_each_with_its_own_mask(monkeypatch):
         return record_function(manager, *args, **kwargs)
     monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function", counted)
 
-    cfg, tokenizer, eager, trainable, _ = tiny_setup(stage=3, device="cuda", shapes_questions=2, attention="flash",
+    cfg, tokenizer, eager, trainable, _ = tiny_setup(stage=3, device="cuda", shapes_questions=2, attention=attention,
                                                      compile=True, compile_mode="reduce-overhead")
     source = data.SyntheticShapes(16, image_size=32, questions=2)
     samples = [data.make_sample(source.record(i), tokenizer, 32, 256, data.DEFAULT_SYSTEM_PROMPT)[0] for i in range(16)]

@@ -145,6 +145,51 @@ def test_block_lists_name_exactly_the_blocks_the_dense_mask_needs(mask_kind, pac
     assert torch.equal(full & ~all_allowed, torch.zeros_like(full)) and full.any()
 
 
+def segments_as_dense(segments, n_tokens):
+    """What model.segment_attention computes, as a dense [n_tokens, n_tokens] mask over the rows laid end to end."""
+    causal = segments.mask_kind != "bidirectional"
+    dense = masks.segment_mask(segments.documents, n_tokens, causal)
+    if segments.mask_kind == "prefix":
+        dense = torch.where(segments.image[:, None], masks.segment_mask(segments.parts, n_tokens, False), dense)
+    return dense
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["built", "in FixedInputs"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("mask_kind", masks.MASK_KINDS)
+def test_segments_are_the_dense_mask_for_every_real_token(mask_kind, packed, fixed):
+    """attention="varlen" hands the kernel runs of tokens that attend only within themselves (masks.Segments).
+    Laid end to end, the rows' runs give every real token the row of the dense mask: its own document's, under
+    the stage's rule. Pads see the other pads of their run (the dense mask lets them see only themselves), which
+    reaches no real token. Two batches of one shape, the second with more documents, keep one length of
+    boundaries (one CUDA graph), and with FixedInputs the second's lie in the first's memory."""
+    n_image = 20
+    if packed:
+        earlier, document = packed_rows([[0, 290], [0, 40]]), packed_rows([[0, 30, 130, 200, 290], [0, 256]])
+        keep, earlier_keep = document >= 0, earlier >= 0
+        dense = masks.document_mask(mask_kind, n_image, document)
+    else:
+        keep, earlier_keep = torch.ones(2, 300, dtype=torch.bool), torch.ones(2, 300, dtype=torch.bool)
+        keep[1, 170:] = False
+        document = earlier = None
+        dense = masks.attention_mask(mask_kind, n_image, keep)
+    inputs = model_module.FixedInputs() if fixed else None
+    first = masks.Segments(mask_kind, n_image, earlier_keep, earlier, fixed=inputs)
+    first_memory, first_shape = first.documents.data_ptr(), first.documents.shape
+    segments = masks.Segments(mask_kind, n_image, keep, document, fixed=inputs)
+    rows, seq_len = keep.shape
+    expected = torch.block_diag(*dense[:, 0])  # each row's mask on the diagonal: rows do not see each other
+    real = keep.flatten()
+    assert torch.equal(segments_as_dense(segments, rows * seq_len)[real], expected[real])
+    assert segments.documents.shape == first_shape
+    assert (segments.documents.data_ptr() == first_memory) == fixed
+
+
+def test_run_boundaries_list_each_run_then_repeat_the_end():
+    labels = torch.tensor([[0, 0, 0, 1, 1, -1], [0, 0, 0, 0, 0, 0]])  # two documents and a pad; one document
+    assert masks.run_boundaries(labels, count=6).tolist() == [0, 3, 5, 6, 12, 12, 12]
+
+
 def test_positions_restart_in_every_document():
     document = torch.tensor([[0, 0, 0, 1, 1, 1, 1, -1]])
     assert masks.document_positions(document).tolist() == [[0, 1, 2, 0, 1, 2, 3, 0]]
@@ -203,6 +248,21 @@ def test_prefix_by_blocks_with_flash_kernels_equals_the_dense_mask():
     run = lambda: model(**batch, mask_kind="prefix")
     assert_same_loss_and_gradients(with_attention(model, "sdpa", run), with_attention(model, "flash", run))
     assert isinstance(model.mask("prefix", model.keep(batch["text_mask"])), masks.PrefixBlocks)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("mask_kind", masks.MASK_KINDS)
+def test_segments_give_the_dense_masks_loss_and_gradients(mask_kind, packed):
+    """attention="varlen": the rows laid end to end, attention within runs of tokens (on the CPU the runs as a
+    dense mask: the kernel itself is checked on a GPU, test_gpu_paths.py)."""
+    model = tiny_vlm()
+    if packed:
+        batch = data.pack_documents(samples_of(padded_batch([7, 4, 9, 3, 5])), max_len=16, n_image_tokens=N_IMAGE)
+        run = lambda: model.forward_packed(**batch, mask_kind=mask_kind)
+    else:
+        batch = padded_batch([7, 4, 9])
+        run = lambda: model(**batch, mask_kind=mask_kind)
+    assert_same_loss_and_gradients(with_attention(model, "sdpa", run), with_attention(model, "varlen", run))
 
 
 def test_packed_loss_and_gradients_flex_equals_sdpa(flex_backward_on_cpu):
@@ -406,7 +466,7 @@ def test_packed_rows_give_each_sample_the_loss_it_has_alone():
 
 # --- compiled blocks ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("attention", ["flex", "sdpa"])
+@pytest.mark.parametrize("attention", ["flex", "sdpa", "varlen"])
 def test_fixed_inputs_reuse_memory_and_keep_each_batchs_values(attention, flex_backward_on_cpu):
     """With CUDA graphs (compile_blocks in a graph mode), the masks and RoPE tables built for each batch go
     through model.FixedInputs, so that batches of one shape hand the blocks the same memory. Two packed batches
@@ -424,7 +484,8 @@ def test_fixed_inputs_reuse_memory_and_keep_each_batchs_values(attention, flex_b
     for batch, reference in zip((first, second), expected):
         assert_same_loss_and_gradients(with_attention(model, attention, lambda: model.forward_packed(**batch)), reference)
     masks_built = [model.mask("prefix", b["document"] >= 0, b["document"]) for b in (first, second)]
-    memory = [m.data_ptr() if attention == "sdpa" else m.kv_indices.data_ptr() for m in masks_built]
+    held = {"sdpa": lambda m: m, "flex": lambda m: m.kv_indices, "varlen": lambda m: m.documents}[attention]
+    memory = [held(m).data_ptr() for m in masks_built]
     assert memory[0] == memory[1]
 
 

@@ -2,7 +2,8 @@
 
 test_fast_path.py checks the same rules with the CPU's kernels. On a GPU other code runs: flash-attention
 with GQA under a bottom-right causal mask (attention="flash"), FlexAttention compiled into a Triton kernel
-(alone, and inside compiled blocks as train.py runs it), and the loss's compiled softmax. Each runs in bf16
+(alone, and inside compiled blocks as train.py runs it), flash-attention's variable-length kernel over runs of
+tokens (attention="varlen"), and the loss's compiled softmax. Each runs in bf16
 autocast, as training does, and is compared with the dense mask in fp32: it must come as close as the dense
 mask in bf16 does. At Qwen2.5-0.5B's attention geometry (14 query heads of 64 over 2 key-value heads) and
 so400m's 256 image tokens, in two small layers. CI has no GPU: skipped there, run by hand (README, Tests)."""
@@ -68,18 +69,21 @@ def assert_as_close_as_the_dense_mask_in_bf16(reference_model, model, attention,
 
 # 400 tokens (256 + 144) do not fill 128-token blocks: the kernels' edge handling runs too
 @pytest.mark.parametrize("attention, mask_kind", [("flash", "prefix"), ("flex", "prefix"), ("flex", "bidirectional"),
-                                                  ("flex", "causal")])
+                                                  ("flex", "causal"), ("varlen", "prefix"), ("varlen", "bidirectional"),
+                                                  ("varlen", "causal")])
 def test_padded_rows_on_the_gpus_kernels(model, attention, mask_kind):
     assert_as_close_as_the_dense_mask_in_bf16(model, model, attention, padded_batch([144, 100, 37]), mask_kind)
 
 
-def test_packed_rows_on_compiled_flex_attention(model):
+@pytest.mark.parametrize("attention", ["flex", "varlen"])
+def test_packed_rows_on_the_gpus_kernels(model, attention):
     batch = packed_batch([300, 40, 144, 90, 12, 200], row_length=1024)
     assert batch["document"].max() >= 2  # three documents share a row
-    assert_as_close_as_the_dense_mask_in_bf16(model, model, "flex", batch, "prefix")
+    assert_as_close_as_the_dense_mask_in_bf16(model, model, attention, batch, "prefix")
 
 
-@pytest.mark.parametrize("attention, mask_kind", [("flash", "prefix"), ("flex", "bidirectional")])
+@pytest.mark.parametrize("attention, mask_kind", [("flash", "prefix"), ("flex", "bidirectional"), ("varlen", "prefix"),
+                                                  ("varlen", "bidirectional")])
 def test_compiled_blocks_as_train_py_runs_them(model, attention, mask_kind):
     compiled = copy.deepcopy(model)
     compiled.compile_blocks("default")
