@@ -160,12 +160,12 @@ class Segments:
     """The stage's mask as runs of consecutive tokens, each attending only within itself, for flash-attention's
     variable-length kernel (model.segment_attention): no mask exists, and no masked block is computed.
 
-    The rows are laid end to end. `documents` cuts them into each document (a padded row holds one) and each
-    run of padding: the causal and bidirectional masks are these runs, attended causally or both ways. The
-    prefix mask (Fig. 3(b)) is the causal one except in the image block, which sees itself whole: a second
-    pass over `parts`, where every image block is a run of its own (and every text, whose result goes
-    unused), gives the rows of `image`. Pads see the pads of their run instead of only themselves: their rows
-    reach nothing else, and carry no label.
+    The rows are laid end to end. `documents` cuts them into each document (a right-padded row, as training
+    batches come, holds one) and each run of padding: the causal and bidirectional masks are these runs,
+    attended causally or both ways. The prefix mask (Fig. 3(b)) is the causal one except in the image block,
+    which sees itself whole: a second pass over `parts`, where every image block is a run of its own (and
+    every text, whose result goes unused), gives the rows of `image`. Pads see the pads of their run instead
+    of only themselves: their rows reach nothing else, and carry no label.
 
     The boundaries (int32, cumulative, as the kernel takes them) have one length per batch shape, the unused
     ones repeating the end (empty runs), so that a CUDA graph replays every batch of a shape. A document holds
