@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 import masks
 
-try:  # flash-attention's kernel for runs of tokens (attention="varlen"), in torch >= 2.10
+try:  # flash-attention's kernel for runs of tokens (attention="varlen"), in torch >= 2.10; its options vary
     from torch.nn.attention.varlen import varlen_attn
     VARLEN_OPTIONS = set(inspect.signature(varlen_attn).parameters)
 except ImportError:
@@ -87,9 +87,12 @@ def attend_within(q, k, v, boundaries, max_len, causal):
     if q.is_cuda:
         if "window_size" not in VARLEN_OPTIONS:
             raise RuntimeError('attention="varlen" needs torch >= 2.11 (torch.nn.attention.varlen with window_size)')
-        options = {"enable_gqa": gqa} if "enable_gqa" in VARLEN_OPTIONS else {}  # 2.11 shares heads unasked
-        return varlen_attn(q, k, v, boundaries, boundaries, max_len, max_len, window_size=(-1, 0) if causal else (-1, -1),
-                           **options)
+        options = {"window_size": (-1, 0) if causal else (-1, -1)}
+        if "enable_gqa" in VARLEN_OPTIONS:
+            options["enable_gqa"] = gqa
+        elif gqa:  # torch 2.11 takes no GQA flag: each key-value head repeated for its group of query heads
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        return varlen_attn(q, k, v, boundaries, boundaries, max_len, max_len, **options)
     mask = masks.segment_mask(boundaries, q.shape[0], causal)
     y = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
                                        enable_gqa=gqa)
