@@ -10,14 +10,14 @@ mask only needs the sequence length and how many image tokens lead it:
     bidirectional  stage 0, Fig. 3(a): every token sees every token. Since the next token is then visible,
                    20% of the text inputs are replaced by noise (`add_noise`) so the model cannot copy it.
 
-The same rule comes in three forms: dense boolean matrices (`attention_mask`, for SDPA: the simple
+The same rule comes in four forms: dense boolean matrices (`attention_mask`, for SDPA: the simple
 reference), FlexAttention block masks (`block_mask`, whose kernel skips every 128x128 block that is fully
-masked), and, for the prefix mask of right-padded rows, its two blocks (`PrefixBlocks`), which the model runs
-as two flash-attention calls with no mask at all. Packed rows (data.pack_documents: several [image | text]
-documents in one row, for variable-length conversations) give each document its own mask (`document_mask`,
-or `block_mask` with `document`), as if it had a row of its own. A fourth form fits every mask and both
-layouts: runs of consecutive tokens that attend only within themselves (`Segments`, for flash-attention's
-variable-length kernel), since each document's mask is causal or bidirectional but for its image block.
+masked), for the prefix mask of right-padded rows its two blocks (`PrefixBlocks`), which the model runs as
+two flash-attention calls with no mask at all, and runs of consecutive tokens that attend only within
+themselves (`Segments`, for flash-attention's variable-length kernel: each document's mask is causal or
+bidirectional but for its image block). Packed rows (data.pack_documents: several [image | text] documents in
+one row, for variable-length conversations) give each document its own mask (`document_mask`, or
+`block_mask` with `document`, or `Segments`), as if it had a row of its own.
 
 `python masks.py` draws (a) and (b) as a PNG in the paper's green/red style.
 """
