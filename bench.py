@@ -16,8 +16,8 @@ only the projector trains). The batches are synthetic, every text token labelled
 compare.
 On the GPU the default is the fast path: compiled blocks (in the stage's compile_mode), and the prefix mask run
 by blocks on flash-attention kernels (--attention flash; packed rows use FlexAttention's document masks);
---attention varlen runs every mask, packed rows too, as runs of tokens on flash's variable-length kernel;
---attention sdpa --no-compile gives the plain reference path with a dense mask.
+--attention varlen runs what flash hands FlexAttention (packed rows, the other masks) as segments of tokens on
+flash's variable-length kernel; --attention sdpa --no-compile gives the plain reference path with a dense mask.
 """
 import argparse
 import gc

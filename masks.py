@@ -13,7 +13,7 @@ mask only needs the sequence length and how many image tokens lead it:
 The same rule comes in four forms: dense boolean matrices (`attention_mask`, for SDPA: the simple
 reference), FlexAttention block masks (`block_mask`, whose kernel skips every 128x128 block that is fully
 masked), for the prefix mask of right-padded rows its two blocks (`PrefixBlocks`), which the model runs as
-two flash-attention calls with no mask at all, and runs of consecutive tokens that attend only within
+two flash-attention calls with no mask at all, and segments of consecutive tokens that attend only within
 themselves (`Segments`, for flash-attention's variable-length kernel: each document's mask is causal or
 bidirectional but for its image block). Packed rows (data.pack_documents: several [image | text] documents in
 one row, for variable-length conversations) give each document its own mask (`document_mask`, or
@@ -157,43 +157,49 @@ def block_mask(mask_kind, n_image_tokens, keep, document=None, fixed=None):
 
 
 class Segments:
-    """The stage's mask as runs of consecutive tokens, each attending only within itself, for flash-attention's
-    variable-length kernel (model.segment_attention): no mask exists, and no masked block is computed.
+    """The stage's mask as segments of consecutive tokens, each attending only within itself, for
+    flash-attention's variable-length kernel (model.segment_attention): no mask exists, and no masked block is
+    computed.
 
     The rows are laid end to end. `documents` cuts them into each document (a right-padded row, as training
-    batches come, holds one) and each run of padding: the causal and bidirectional masks are these runs,
-    attended causally or both ways. The prefix mask (Fig. 3(b)) is the causal one except in the image block,
-    which sees itself whole: a second pass over `parts`, where every image block is a run of its own (and
-    every text, whose result goes unused), gives the rows of `image`. Pads see the pads of their run instead
-    of only themselves: their rows reach nothing else, and carry no label.
+    batches come, holds one) and each run of padding at a row's end: the causal and bidirectional masks are
+    these segments, attended causally or both ways. The prefix mask (Fig. 3(b)) is the causal one except in
+    the image block, which sees itself whole: a second pass over `parts`, where every image block is a
+    segment of its own (and every text, whose result goes unused), gives the rows marked in `image` [R*L].
+    Pads see the pads of their segment instead of only themselves: their rows reach nothing else, and carry
+    no label.
 
     The boundaries (int32, cumulative, as the kernel takes them) have one length per batch shape, the unused
-    ones repeating the end (empty runs), so that a CUDA graph replays every batch of a shape. A document holds
-    at least its image block, which bounds how many runs a row can have."""
+    ones repeating the end (empty segments), so that a CUDA graph replays every batch of a shape."""
 
     def __init__(self, mask_kind, n_image_tokens, keep, document=None, fixed=None):
         check_kind(mask_kind)
         rows, seq_len = keep.shape
         if document is None:
-            document = torch.where(keep, 0, -1)  # a right-padded row: one document, then its padding
+            document, most_documents = torch.where(keep, 0, -1), 1  # a right-padded row: one document, then pads
+        else:
+            most_documents = seq_len // n_image_tokens  # a document holds at least its image block
         image = image_slots(document, n_image_tokens)
-        most_documents = seq_len // n_image_tokens
         self.mask_kind, self.max_len = mask_kind, seq_len
-        self.documents = run_boundaries(document, rows * (most_documents + 1))
-        self.parts = run_boundaries(2 * document + ~image, rows * (2 * most_documents + 1))  # image, text apart
+        self.documents = segment_boundaries(document, rows * (most_documents + 1))
+        # document d's image labelled 2d, its text 2d + 1, padding -1: neighbours always differ
+        self.parts = segment_boundaries(2 * document + ~image, rows * (2 * most_documents + 1))
         self.image = image.flatten()
         if fixed is not None:
             self.documents, self.parts = fixed("documents", self.documents), fixed("parts", self.parts)
             self.image = fixed("image", self.image)
 
 
-def run_boundaries(labels, count):
+def segment_boundaries(labels, count):
     """Where the runs of equal labels in each row [R, L] start, the rows laid end to end, as `count` + 1 int32
-    boundaries: the starts in order, then the end, repeated for the runs that do not exist. Sorted, not
-    selected, so that nothing waits for the GPU to count them."""
+    boundaries: the starts in order, then the end, repeated for the segments that do not exist. Sorted, not
+    selected, so that nothing waits for the GPU to count them; more starts than `count` (a layout Segments
+    does not take) stop the GPU with an error rather than merge segments."""
     rows, seq_len = labels.shape
     starts = torch.ones_like(labels, dtype=torch.bool)
     starts[:, 1:] = labels[:, 1:] != labels[:, :-1]
+    torch._assert_async(starts.sum() <= count, "more segments than boundaries: masks.Segments takes right-padded "
+                                               "or packed rows")
     index = torch.arange(rows * seq_len, device=labels.device)
     end = rows * seq_len
     first = torch.where(starts.flatten(), index, end).sort().values[:min(count, end)]
@@ -201,11 +207,11 @@ def run_boundaries(labels, count):
 
 
 def segment_mask(boundaries, n_tokens, causal):
-    """The dense [n_tokens, n_tokens] mask of run boundaries (Segments): each token sees its own run (with
-    `causal`, only up to itself). What the variable-length kernel computes, for SDPA."""
+    """The dense [n_tokens, n_tokens] mask of segment boundaries (Segments): each token sees its own segment
+    (with `causal`, only up to itself). What the variable-length kernel computes, for SDPA."""
     position = torch.arange(n_tokens, dtype=boundaries.dtype, device=boundaries.device)
-    run = torch.searchsorted(boundaries, position, right=True)
-    allowed = run[:, None] == run[None, :]
+    segment = torch.searchsorted(boundaries, position, right=True)
+    allowed = segment[:, None] == segment[None, :]
     return allowed & (position[None, :] <= position[:, None]) if causal else allowed
 
 

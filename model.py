@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 import masks
 
-try:  # flash-attention's kernel for runs of tokens (attention="varlen"), in torch >= 2.10; its options vary
+try:  # flash-attention's variable-length kernel (attention="varlen" needs torch >= 2.11); its options vary
     from torch.nn.attention.varlen import varlen_attn
     VARLEN_OPTIONS = set(inspect.signature(varlen_attn).parameters)
 except ImportError:
@@ -45,7 +45,7 @@ def attend(q, k, v, mask):
 
     `mask` is None (no mask); a boolean [B,1,Q,K] (True = may attend) for SDPA, the simple reference path;
     a FlexAttention BlockMask (masks.block_mask); masks.PrefixBlocks, the prefix mask run by blocks; or
-    masks.Segments, the mask as runs of tokens."""
+    masks.Segments, the mask as segments of tokens."""
     gqa = k.shape[1] != q.shape[1]
     if isinstance(mask, masks.PrefixBlocks):
         return prefix_attention(q, k, v, mask, gqa)
@@ -67,26 +67,29 @@ def prefix_attention(q, k, v, blocks, gqa):
 
 
 def segment_attention(q, k, v, segments):
-    """The stage's mask as attention within runs of tokens (masks.Segments), the rows laid end to end: every
-    document attends to itself, causally or both ways; for the prefix mask the image rows come from a second
-    pass in which each image block is a run of its own, so that it sees itself whole (Fig. 3(b))."""
+    """The stage's mask as attention within segments of tokens (masks.Segments), the rows laid end to end:
+    every document attends to itself, causally or both ways; for the prefix mask the image rows come from a
+    second pass in which each image block is a segment of its own, so that it sees itself whole (Fig. 3(b))."""
     B, H, L, hd = q.shape
     q, k, v = (t.transpose(1, 2).flatten(0, 1) for t in (q, k, v))  # [B*L, heads, hd]
-    y = attend_within(q, k, v, segments.documents, segments.max_len, causal=segments.mask_kind != "bidirectional")
+    y = attend_in_segments(q, k, v, segments.documents, segments.max_len, causal=segments.mask_kind != "bidirectional")
     if segments.mask_kind == "prefix":
-        image = attend_within(q, k, v, segments.parts, segments.max_len, causal=False)
+        image = attend_in_segments(q, k, v, segments.parts, segments.max_len, causal=False)
         y = torch.where(segments.image[:, None, None], image, y)
     return y.unflatten(0, (B, L)).transpose(1, 2)
 
 
-def attend_within(q, k, v, boundaries, max_len, causal):
-    """Attention of the tokens q [N, H, hd] and k, v [N, Hkv, hd] within runs (boundaries[i] to boundaries[i+1],
-    at most max_len long): flash-attention's variable-length kernel on the GPU (16-bit only, as all flash
-    kernels), and on the CPU, which has no such kernel, the runs as a dense mask through SDPA."""
+def attend_in_segments(q, k, v, boundaries, max_len, causal):
+    """Attention of the tokens q [N, H, hd] and k, v [N, Hkv, hd] within segments (boundaries[i] up to
+    boundaries[i+1], at most max_len long): flash-attention's variable-length kernel on the GPU, and on the
+    CPU, which has no such kernel, the segments as a dense mask through SDPA."""
     gqa = k.shape[1] != q.shape[1]
     if q.is_cuda:
         if "window_size" not in VARLEN_OPTIONS:
             raise RuntimeError('attention="varlen" needs torch >= 2.11 (torch.nn.attention.varlen with window_size)')
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f'attention="varlen" runs flash kernels, which take 16-bit inputs, not {q.dtype}: '
+                             'train with dtype "bfloat16"')
         options = {"window_size": (-1, 0) if causal else (-1, -1)}
         if "enable_gqa" in VARLEN_OPTIONS:
             options["enable_gqa"] = gqa
@@ -592,13 +595,14 @@ class VLM(nn.Module):
     def mask(self, mask_kind, keep, document=None):
         """The stage's mask (paper 3.2) in the form the attention path takes: the prefix mask by blocks
         (masks.PrefixBlocks, flash kernels, no mask tensor), a FlexAttention BlockMask (fully masked blocks are
-        skipped), runs of tokens for flash's variable-length kernel (masks.Segments, any mask, padded or packed)
-        or a dense boolean mask for SDPA (the simple reference)."""
+        skipped), segments of tokens for flash's variable-length kernel (masks.Segments) or a dense boolean mask
+        for SDPA (the simple reference). "flash" and "varlen" differ where the prefix mask by blocks does not
+        fit: packed rows and the other masks."""
+        if self.attention in ("flash", "varlen") and mask_kind == "prefix" and document is None:
+            return masks.PrefixBlocks(self.n_image_tokens, keep.shape[1])  # training batches are right-padded (data.collate)
         if self.attention == "varlen":
             return masks.Segments(mask_kind, self.n_image_tokens, keep, document, fixed=self.fixed_inputs)
-        if self.attention == "flash" and mask_kind == "prefix" and document is None:
-            return masks.PrefixBlocks(self.n_image_tokens, keep.shape[1])  # training batches are right-padded (data.collate)
-        if self.attention in ("flex", "flash"):  # flash has no form for packed rows or padded bidirectional rows
+        if self.attention in ("flex", "flash"):
             return masks.block_mask(mask_kind, self.n_image_tokens, keep, document, fixed=self.fixed_inputs)
         if document is not None:
             dense = masks.document_mask(mask_kind, self.n_image_tokens, document)

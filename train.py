@@ -81,7 +81,7 @@ compile_mode = "reduce-overhead"  # blocks replayed as CUDA graphs, without laun
                               # gradient checkpointing needs "default" (train.cuda_graphs_refused)
 gradient_checkpointing = False
 attention = "flash" if torch.cuda.is_available() else "sdpa"  # sdpa (dense mask) | flex (FlexAttention) | flash (prefix by
-                                                              # blocks) | varlen (runs of tokens): model.VLM.mask
+                                                              # blocks) | varlen (flash + segments): model.VLM.mask
 peak_flops = 989e12           # the GPU's dense bf16 peak, for MFU (H100 and H200 SXM)
 eval_after = False            # the demo: caption the held-out images and score them at the end
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list, dict))}

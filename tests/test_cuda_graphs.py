@@ -32,10 +32,15 @@ def assert_step_gives_eager_gradients(cfg, eager, graphed, micro_batches, traina
         loss = train.train_step(model, micro_batches, {**cfg, "compile": model is graphed}, torch.device("cuda"), trainable)[0]
         results.append((loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}))
     (eager_loss, eager_grads), (graphed_loss, graphed_grads) = results
-    assert abs(graphed_loss - eager_loss) < 1e-4 * abs(eager_loss), step
+    fp32 = cfg["dtype"] == "float32"
+    assert abs(graphed_loss - eager_loss) < (1e-4 if fp32 else 2e-3) * abs(eager_loss), step
     assert eager_grads.keys() == graphed_grads.keys()
-    for name, grad in eager_grads.items():  # atol: some gradients are 0 but for rounding (a key's bias)
-        torch.testing.assert_close(graphed_grads[name], grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"{step} {name}: {m}")
+    for name, grad in eager_grads.items():
+        if fp32:  # atol: some gradients are 0 but for rounding (a key's bias)
+            torch.testing.assert_close(graphed_grads[name], grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"{step} {name}: {m}")
+        else:  # bf16: compiled and eager kernels round differently, so each gradient is compared as a whole
+            error = (graphed_grads[name] - grad).norm().item()
+            assert error <= 2e-2 * grad.norm().item() + 1e-6, f"step {step} {name}: {error} against {grad.norm().item()}"
     assert not torch._dynamo.utils.counters["inductor"]["cudagraph_skips"], "the blocks did not run as CUDA graphs"
 
 
@@ -51,10 +56,11 @@ def test_cuda_graphs_accumulate_gradients_as_eager_blocks_do():
         assert_step_gives_eager_gradients(cfg, eager, graphed, micro_batches, trainable, step)
 
 
-@pytest.mark.parametrize("attention", ["flash", "varlen"])  # packed rows: FlexAttention's masks, or runs of tokens
-def test_packed_rows_replay_the_graphs_each_with_its_own_mask(monkeypatch, attention):
-    """Every batch of packed rows has its own mask (a FlexAttention mask, or the boundaries of its runs of
-    tokens), built outside the blocks. model.FixedInputs keeps it (and RoPE's tables) at the addresses where the
+# packed rows on FlexAttention's masks, or on segments of tokens for flash's kernel, which takes 16-bit inputs only
+@pytest.mark.parametrize("attention, dtype", [("flash", "float32"), ("varlen", "bfloat16")])
+def test_packed_rows_replay_the_graphs_each_with_its_own_mask(monkeypatch, attention, dtype):
+    """Every batch of packed rows has its own mask (a FlexAttention mask, or the boundaries of its segments
+    of tokens), built outside the blocks. model.FixedInputs keeps it (and RoPE's tables) at the addresses where the
     graphs were recorded: after the first two steps (warm-up, recording), batches of the same shape but other
     documents replay the graphs without recording anything, and each trains under its own mask (eager blocks'
     gradients)."""
@@ -68,7 +74,7 @@ def test_packed_rows_replay_the_graphs_each_with_its_own_mask(monkeypatch, atten
     monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function", counted)
 
     cfg, tokenizer, eager, trainable, _ = tiny_setup(stage=3, device="cuda", shapes_questions=2, attention=attention,
-                                                     compile=True, compile_mode="reduce-overhead")
+                                                     dtype=dtype, compile=True, compile_mode="reduce-overhead")
     source = data.SyntheticShapes(16, image_size=32, questions=2)
     samples = [data.make_sample(source.record(i), tokenizer, 32, 256, data.DEFAULT_SYSTEM_PROMPT)[0] for i in range(16)]
     batches = [data.pack_documents(samples, 256, eager.n_image_tokens, rows=[[i, i + 1], [i + 2, i + 3]],

@@ -158,11 +158,12 @@ def segments_as_dense(segments, n_tokens):
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("mask_kind", masks.MASK_KINDS)
 def test_segments_are_the_dense_mask_for_every_real_token(mask_kind, packed, fixed):
-    """attention="varlen" hands the kernel runs of tokens that attend only within themselves (masks.Segments).
-    Laid end to end, the rows' runs give every real token the row of the dense mask: its own document's, under
-    the stage's rule. Pads see the other pads of their run (the dense mask lets them see only themselves), which
-    reaches no real token. Two batches of one shape, the second with more documents, keep one length of
-    boundaries (one CUDA graph), and with FixedInputs the second's lie in the first's memory."""
+    """attention="varlen" hands the kernel segments of tokens that attend only within themselves
+    (masks.Segments). Laid end to end, the rows' segments give every real token the row of the dense mask: its
+    own document's, under the stage's rule. Pads see the other pads of their segment (the dense mask lets them
+    see only themselves), which reaches no real token. Two batches of one shape, the second with more
+    documents, keep one length of boundaries (one CUDA graph), and with FixedInputs the second's lie in the
+    first's memory."""
     n_image = 20
     if packed:
         earlier, document = packed_rows([[0, 290], [0, 40]]), packed_rows([[0, 30, 130, 200, 290], [0, 256]])
@@ -185,9 +186,18 @@ def test_segments_are_the_dense_mask_for_every_real_token(mask_kind, packed, fix
     assert (segments.documents.data_ptr() == first_memory) == fixed
 
 
-def test_run_boundaries_list_each_run_then_repeat_the_end():
+def test_segment_boundaries_list_each_segment_then_repeat_the_end():
     labels = torch.tensor([[0, 0, 0, 1, 1, -1], [0, 0, 0, 0, 0, 0]])  # two documents and a pad; one document
-    assert masks.run_boundaries(labels, count=6).tolist() == [0, 3, 5, 6, 12, 12, 12]
+    assert masks.segment_boundaries(labels, count=6).tolist() == [0, 3, 5, 6, 12, 12, 12]
+
+
+def test_more_segments_than_boundaries_is_an_error_not_a_merge():
+    """Documents shorter than the image block cannot come from data.pack_documents; were they to come, the
+    boundaries would run out and the last documents would see each other. The count is checked on the device
+    (no wait for the GPU) and stops with an error."""
+    document = torch.tensor([[0, 0, 1, 1, 2, 2, -1]])  # three 2-token documents; image blocks of 4 allow one
+    with pytest.raises(RuntimeError, match="more segments than boundaries"):
+        masks.Segments("causal", 4, document >= 0, document)
 
 
 def test_positions_restart_in_every_document():
@@ -253,8 +263,9 @@ def test_prefix_by_blocks_with_flash_kernels_equals_the_dense_mask():
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("mask_kind", masks.MASK_KINDS)
 def test_segments_give_the_dense_masks_loss_and_gradients(mask_kind, packed):
-    """attention="varlen": the rows laid end to end, attention within runs of tokens (on the CPU the runs as a
-    dense mask: the kernel itself is checked on a GPU, test_gpu_paths.py)."""
+    """attention="varlen": the rows laid end to end, attention within segments of tokens (on the CPU the
+    segments as a dense mask: the kernel itself is checked on a GPU, test_gpu_paths.py). The prefix mask of
+    padded rows goes by blocks, as under "flash"."""
     model = tiny_vlm()
     if packed:
         batch = data.pack_documents(samples_of(padded_batch([7, 4, 9, 3, 5])), max_len=16, n_image_tokens=N_IMAGE)

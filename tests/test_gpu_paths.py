@@ -2,8 +2,8 @@
 
 test_fast_path.py checks the same rules with the CPU's kernels. On a GPU other code runs: flash-attention
 with GQA under a bottom-right causal mask (attention="flash"), FlexAttention compiled into a Triton kernel
-(alone, and inside compiled blocks as train.py runs it), flash-attention's variable-length kernel over runs of
-tokens (attention="varlen"), and the loss's compiled softmax. Each runs in bf16
+(alone, and inside compiled blocks as train.py runs it), flash-attention's variable-length kernel over segments
+of tokens (attention="varlen"), and the loss's compiled softmax. Each runs in bf16
 autocast, as training does, and is compared with the dense mask in fp32: it must come as close as the dense
 mask in bf16 does. At Qwen2.5-0.5B's attention geometry (14 query heads of 64 over 2 key-value heads) and
 so400m's 256 image tokens, in two small layers. CI has no GPU: skipped there, run by hand (README, Tests)."""
