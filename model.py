@@ -523,7 +523,7 @@ class FixedInputs:
         return self.buffers[key].copy_(tensor)
 
 
-ATTENTION_PATHS = ("sdpa", "flex", "flash", "varlen")  # how VLM.mask hands the stage's mask to the attention (see there)
+ATTENTION_PATHS = ("sdpa", "flex", "flash", "varlen")  # how VLM.mask hands the stage's mask to attention (see there)
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that record CUDA graphs
 
 
@@ -535,7 +535,7 @@ class VLM(nn.Module):
         self.projector = Projector(config.vision.hidden_size, config.projector_hidden, config.language.hidden_size)
         self.language = Qwen2(config.language)
         self.n_image_tokens = self.vision.n_patches
-        self.attention = "sdpa"  # or "flex" (FlexAttention block masks), "flash" (prefix mask by blocks), "varlen": see `mask`
+        self.attention = "sdpa"  # or "flex", "flash" or "varlen" (ATTENTION_PATHS): see `mask`
         self.fixed_inputs = None  # set by compile_blocks when the blocks replay as CUDA graphs (FixedInputs)
 
     # --- training forward pass -------------------------------------------------
