@@ -184,7 +184,7 @@ class SigLIP(nn.Module):
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
         x = x.flatten(2).transpose(1, 2) + self.position_embedding.weight
         for layer in self.layers:
-            x = checkpoint(layer, x, use_reentrant=False) if self.gradient_checkpointing and self.training else layer(x)
+            x = checkpoint(layer, x, use_reentrant=False) if self.gradient_checkpointing and x.requires_grad else layer(x)
         return self.post_layernorm(x)
 
     @classmethod
@@ -336,7 +336,7 @@ class Qwen2(nn.Module):
         if self.fixed_inputs is not None:
             cos, sin = self.fixed_inputs("cos", cos), self.fixed_inputs("sin", sin)
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing and x.requires_grad:  # a backward pass will run through, frozen or not
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)

@@ -349,15 +349,16 @@ def initialise(model, std=0.02):
 def freeze_modules(model, cfg):
     """A module whose learning rate is 0 is frozen (paper 3.4: stages 0-1 train the projector only).
 
-    Frozen modules get no gradients, stay out of the optimizer and in eval mode."""
+    Frozen modules get no gradients, stay out of the optimizer and in eval mode. Gradient checkpointing applies
+    to frozen modules too: the projector's gradient passes back through the frozen language model (stages 0-1)."""
     trainable = []
     for name, module in model.parameter_groups().items():
         learns = cfg[f"{name}_lr"] > 0
         module.requires_grad_(learns)
         module.train(learns)
+        module.gradient_checkpointing = cfg["gradient_checkpointing"]
         if learns:
             trainable.append(name)
-            module.gradient_checkpointing = cfg["gradient_checkpointing"]
     if not trainable:
         raise ValueError("every learning rate is 0: nothing to train")
     return trainable

@@ -66,6 +66,28 @@ def test_stages_0_and_1_train_only_the_projector(stage, mask_kind, noise_prob):
             assert p.grad is None
 
 
+def test_gradient_checkpointing_reaches_the_frozen_language_model(monkeypatch):
+    """Stages 0-1 train the projector alone, but its gradient passes back through the frozen language model, whose
+    activations are the stage's memory: with gradient_checkpointing its blocks are run again in the backward pass
+    (the same gradient). The frozen vision tower, which no gradient crosses, runs once, as it did."""
+    import model as model_module
+    gradients, checkpointed = [], []
+    checkpoint = model_module.checkpoint
+    monkeypatch.setattr(model_module, "checkpoint",
+                        lambda block, *args, **kwargs: checkpointed.append(type(block).__name__) or checkpoint(block, *args, **kwargs))
+    for gradient_checkpointing in (False, True):
+        cfg, tokenizer, model, trainable, _ = tiny_setup(stage=1, vision_lr=0.0, projector_lr=1e-2, language_lr=0.0,
+                                                         gradient_checkpointing=gradient_checkpointing)
+        assert trainable == ["projector"] and not model.language.training
+        batch = next(train.endless(train.open_stream(cfg, tokenizer, model.n_image_tokens)))
+        train.train_step(model, batch, cfg, torch.device("cpu"), trainable)
+        gradients.append([p.grad.clone() for p in model.projector.parameters()])
+    n_micro_batches = cfg["global_batch"] // cfg["micro_batch"]
+    assert checkpointed == ["Qwen2Block"] * cfg["language_config"]["num_hidden_layers"] * n_micro_batches
+    for plain, recomputed in zip(*gradients):
+        torch.testing.assert_close(recomputed, plain)
+
+
 def test_micro_batches_divide_a_batch_without_changing_its_gradient():
     """A batch's loss is the mean over all its labelled tokens (eq. 1), however micro-batches split it: each
     micro-batch's mean counts by its share of the labels. Conversations of different lengths, so a plain mean
