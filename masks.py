@@ -107,9 +107,14 @@ def add_noise(input_ids, noisy_positions, prob=0.2, noise_token_id=None, vocab_s
 def document_positions(document):
     """Each token's position inside its own document: RoPE positions restart at every document's start."""
     index = torch.arange(document.shape[1], device=document.device).expand_as(document)
-    starts = torch.ones_like(document, dtype=torch.bool)
-    starts[:, 1:] = document[:, 1:] != document[:, :-1]
-    return index - torch.where(starts, index, 0).cummax(1).values
+    return index - torch.where(run_starts(document), index, 0).cummax(1).values
+
+
+def run_starts(labels):
+    """True where a run of equal labels starts in its row [R, L] (every row's first token included)."""
+    starts = torch.ones_like(labels, dtype=torch.bool)
+    starts[:, 1:] = labels[:, 1:] != labels[:, :-1]
+    return starts
 
 
 def image_slots(document, n_image_tokens):
@@ -141,19 +146,21 @@ def block_mask(mask_kind, n_image_tokens, keep, document=None, fixed=None):
 
     `fixed(name, tensor)`, where given (model.FixedInputs, for CUDA graphs), returns the tensor's values in
     memory that every batch of its shape reuses; it takes the mask's own tensors and those its rule reads."""
-    def placed(name, tensor):
-        return tensor if fixed is None else fixed(name, tensor)
-
     if document is None:
         document = torch.zeros_like(keep, dtype=torch.long)  # one document per row
     batch, seq_len = keep.shape
-    keep, document = placed("keep", keep), placed("document", document)
-    image = placed("image", image_slots(document, n_image_tokens))
+    keep, document = placed(fixed, "keep", keep), placed(fixed, "document", document)
+    image = placed(fixed, "image", image_slots(document, n_image_tokens))
     mask = create_block_mask(mask_mod(mask_kind, image, keep, document), batch, None, seq_len, seq_len, device=keep.device)
     for name, value in vars(mask).items():  # the block lists (their names and number vary between torch versions)
         if isinstance(value, torch.Tensor):
-            setattr(mask, name, placed(name, value))
+            setattr(mask, name, placed(fixed, name, value))
     return mask
+
+
+def placed(fixed, name, tensor):
+    """The tensor, or its values in FixedInputs' memory for its name and shape where `fixed` is given."""
+    return tensor if fixed is None else fixed(name, tensor)
 
 
 class Segments:
@@ -181,13 +188,10 @@ class Segments:
             most_documents = seq_len // n_image_tokens  # a document holds at least its image block
         image = image_slots(document, n_image_tokens)
         self.mask_kind, self.max_len = mask_kind, seq_len
-        self.documents = segment_boundaries(document, rows * (most_documents + 1))
+        self.documents = placed(fixed, "documents", segment_boundaries(document, rows * (most_documents + 1)))
         # document d's image labelled 2d, its text 2d + 1, padding -1: neighbours always differ
-        self.parts = segment_boundaries(2 * document + ~image, rows * (2 * most_documents + 1))
-        self.image = image.flatten()
-        if fixed is not None:
-            self.documents, self.parts = fixed("documents", self.documents), fixed("parts", self.parts)
-            self.image = fixed("image", self.image)
+        parts = segment_boundaries(2 * document + ~image, rows * (2 * most_documents + 1))
+        self.parts, self.image = placed(fixed, "parts", parts), placed(fixed, "image", image.flatten())
 
 
 def segment_boundaries(labels, count):
@@ -195,14 +199,11 @@ def segment_boundaries(labels, count):
     boundaries: the starts in order, then the end, repeated for the segments that do not exist. Sorted, not
     selected, so that nothing waits for the GPU to count them; more starts than `count` (a layout Segments
     does not take) stop the GPU with an error rather than merge segments."""
-    rows, seq_len = labels.shape
-    starts = torch.ones_like(labels, dtype=torch.bool)
-    starts[:, 1:] = labels[:, 1:] != labels[:, :-1]
+    starts = run_starts(labels)
     torch._assert_async(starts.sum() <= count, "more segments than boundaries: masks.Segments takes right-padded "
                                                "or packed rows")
-    index = torch.arange(rows * seq_len, device=labels.device)
-    end = rows * seq_len
-    first = torch.where(starts.flatten(), index, end).sort().values[:min(count, end)]
+    end = labels.numel()
+    first = torch.where(starts.flatten(), torch.arange(end, device=labels.device), end).sort().values[:min(count, end)]
     return torch.cat([first, first.new_full((1,), end)]).int()
 
 

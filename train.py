@@ -173,8 +173,9 @@ def train_stage(cfg):
     stream = open_stream(cfg, tokenizer, model.n_image_tokens)
     step = 0
     metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
-    if cfg["resume"] and latest_checkpoint(cfg["out_dir"]):
-        step = restore(latest_checkpoint(cfg["out_dir"]), model, optimizer, stream)
+    resume_from = cfg["resume"] and latest_checkpoint(cfg["out_dir"])
+    if resume_from:
+        step = restore(resume_from, model, optimizer, stream)
         if is_main():
             keep_metrics_until(metrics_path, step)
     elif is_main():
