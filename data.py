@@ -328,8 +328,30 @@ def open_parquet(path):
         raise OSError(f"{path} is not a readable parquet file (truncated or corrupt?): {error}") from error
 
 
+def parquet_image(cell):
+    """An image cell -> encoded bytes, a file path, or None (a text-only row). Hugging Face datasets writes
+    images as {bytes, path}, the path alone where the bytes were not embedded; a plain binary column holds
+    the bytes, a string column the path."""
+    if isinstance(cell, dict):
+        return cell.get("bytes") or cell.get("path")
+    return cell
+
+
+def check_image_column(path, schema):
+    """The image column must hold what parquet_image reads: anything else is a layout we do not know."""
+    kind = schema.field("image").type
+    if pa.types.is_struct(kind):
+        known = bool({"bytes", "path"} & {field.name for field in kind})
+    else:  # null: a shard of text-only rows
+        known = any(is_kind(kind) for is_kind in (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_string,
+                                                  pa.types.is_large_string, pa.types.is_null))
+    if not known:
+        raise ValueError(f"{path}: the image column is {kind}; expected {{bytes, path}} (as Hugging Face datasets "
+                         "writes images), binary (encoded images) or string (file paths)")
+
+
 class LlavaParquet:
-    """LLaVA-ReCap 118K / 558K and LLaVA-NeXT-Data: parquet shards with columns id, image {bytes},
+    """LLaVA-ReCap 118K / 558K and LLaVA-NeXT-Data: parquet shards with columns id, image {bytes, path},
     conversations. Streamed one row group at a time (a worker holds one in memory), never loaded whole.
     `path_or_repo` is a parquet file, a folder of them, or a Hub dataset repo id; `pattern` picks the files
     (e.g. "data/train-*.parquet")."""
@@ -340,9 +362,11 @@ class LlavaParquet:
         self.chunk_sizes = []
         for path in find_files(path_or_repo, pattern):
             metadata = open_parquet(path).metadata
-            missing = set(self.columns) - set(metadata.schema.to_arrow_schema().names)
+            schema = metadata.schema.to_arrow_schema()
+            missing = set(self.columns) - set(schema.names)
             if missing:
                 raise ValueError(f"{path} lacks the columns {sorted(missing)} of the {type(self).__name__} layout")
+            check_image_column(path, schema)
             first_row = 0
             for group in range(metadata.num_row_groups):
                 self.chunks.append((path, group, first_row))
@@ -359,19 +383,18 @@ class LlavaParquet:
         return [self.record(row, f"{path} row {first_row + i}") for i, row in zip(rows, values)]
 
     def record(self, row, name):
-        image = row["image"]["bytes"] if row["image"] else None
-        return {"name": f"{name} (id {row['id']})", "image": image, "conversations": row["conversations"]}
+        return {"name": f"{name} (id {row['id']})", "image": parquet_image(row["image"]),
+                "conversations": row["conversations"]}
 
 
 class PathVQAParquet(LlavaParquet):
-    """PathVQA (flaviagiammarino/path-vqa): parquet with image {bytes}, question, answer -> one-turn
+    """PathVQA (flaviagiammarino/path-vqa): parquet with image {bytes, path}, question, answer -> one-turn
     conversations. Pick the split with `pattern`, e.g. "train-*.parquet"."""
     columns = ["image", "question", "answer"]
 
     def record(self, row, name):
-        image = row["image"]["bytes"] if row["image"] else None
         conversation = [{"from": "human", "value": row["question"]}, {"from": "gpt", "value": row["answer"]}]
-        return {"name": name, "image": image, "conversations": conversation}
+        return {"name": name, "image": parquet_image(row["image"]), "conversations": conversation}
 
 
 class IndexedSource:

@@ -205,6 +205,32 @@ def test_pathvqa_rows_become_one_turn_conversations(tmp_path):
                                        {"from": "gpt", "value": "yes"}]
 
 
+def test_parquet_images_embedded_by_path_or_in_plain_columns(tmp_path):
+    """Hugging Face datasets embeds an image's bytes or, where it did not, keeps only its path; other writers use
+    a plain binary or string column. Each reads as an image; an image that is not there is a bad sample, named."""
+    (tmp_path / "on_disk.png").write_bytes(png())
+    conversations = caption_row(0)["conversations"]
+    by_path = [{"id": "a", "image": {"bytes": None, "path": str(tmp_path / "on_disk.png")}, "conversations": conversations},
+               {"id": "b", "image": {"bytes": None, "path": str(tmp_path / "gone.png")}, "conversations": conversations}]
+    write_llava_parquet(tmp_path / "by_path.parquet", by_path)
+    plain = pa.table({"id": ["c"], "image": pa.array([png()], pa.binary()), "conversations": [conversations]})
+    pq.write_table(plain, tmp_path / "binary.parquet")
+    source = LlavaParquet(str(tmp_path))  # files in name order: binary.parquet (1 row), then by_path.parquet
+    records = source.read(0, [0]) + source.read(1, [0, 1])
+    assert [r["name"][-6:] for r in records] == ["(id c)", "(id a)", "(id b)"]
+    assert Image.open(io.BytesIO(records[0]["image"])).size == (8, 8)
+    assert preprocess_image(Image.open(records[1]["image"])).shape == (3, 224, 224)
+    with pytest.raises(ValueError, match=r"by_path.parquet row 1 \(id b\).*gone.png"):
+        make_sample(records[2], shapes_tokenizer(), 32, 64, "")
+
+
+def test_a_parquet_image_column_of_an_unknown_kind_is_an_error_naming_the_file(tmp_path):
+    table = pa.table({"id": ["a"], "image": pa.array([7]), "conversations": [caption_row(0)["conversations"]]})
+    pq.write_table(table, tmp_path / "numbers.parquet")
+    with pytest.raises(ValueError, match=r"numbers.parquet: the image column is int64; expected \{bytes, path\}"):
+        LlavaParquet(str(tmp_path))
+
+
 def test_llava_json_with_an_image_folder(tmp_path):
     (tmp_path / "images" / "coco").mkdir(parents=True)
     (tmp_path / "images" / "coco" / "1.png").write_bytes(png())
