@@ -328,6 +328,8 @@ class Qwen2(nn.Module):
         """The final-norm hidden states [B,T,D]. `mask` None means causal; `position_ids` default 0..T-1."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
+        if cache is not None and (position_ids is None or mask is None):
+            raise ValueError("with a cache, give position_ids and mask: the defaults fit a sequence without cached tokens")
         if position_ids is None:
             position_ids = torch.arange(T, device=x.device).expand(B, T)
         if mask is None:
@@ -402,11 +404,14 @@ def read_safetensors(folder, prefix="", skip=()):
 
 def load_state(model, state, rename, source, dtype):
     """Copy checkpoint tensors into `model`; any missing, unexpected or wrongly shaped tensor is an error."""
-    ours = model.state_dict()
+    ours, other_names = model.state_dict(), aliases(model)
     state = {rename(name): tensor for name, tensor in state.items()}
-    missing = [n for n in ours if n not in state and not any(alias in state for alias in aliases(model, n))]
+    missing = [n for n in ours if n not in state and not any(alias in state for alias in other_names.get(n, ()))]
     unexpected = [n for n in state if n not in ours]
     problems = [f"missing tensor {n}" for n in missing] + [f"unexpected tensor {n}" for n in unexpected]
+    problems += [f"tensors {n} and {alias} differ, but are one parameter (tied)" for n in state
+                 for alias in other_names.get(n, ())
+                 if alias in state and n < alias and not torch.equal(state[n], state[alias])]
     problems += [f"tensor {n} has shape {tuple(t.shape)}, expected {tuple(ours[n].shape)}"
                  for n, t in state.items() if n in ours and t.shape != ours[n].shape]
     if problems:
@@ -416,10 +421,12 @@ def load_state(model, state, rename, source, dtype):
     model.to(dtype)
 
 
-def aliases(model, name):
-    """Other names of the same parameter (the tied output layer is the token embedding)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    return [other for other, p in params.items() if name in params and p is params[name] and other != name]
+def aliases(model):
+    """Each tied parameter's other names (the tied output layer is the token embedding)."""
+    names = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(parameter, []).append(name)
+    return {name: [other for other in group if other != name] for group in names.values() for name in group}
 
 
 def has_tensor(folder, name):
@@ -551,6 +558,8 @@ class VLM(nn.Module):
             if noise_prob > 0:
                 raise ValueError("stage-0 noise is not implemented for packed rows")
             return self.forward_packed(pixel_values, input_ids, labels, document, mask_kind, label_positions)
+        if text_mask is None:
+            text_mask = torch.ones_like(input_ids, dtype=torch.bool)  # no padding
         image_tokens = self.projector(self.vision(pixel_values))                  # V <- projector(vision(image))
         if noise_prob > 0:                                                          # Algorithm 1: text <- add_noise(text)
             input_ids = masks.add_noise(input_ids, text_mask, noise_prob, noise_token_id, self.config.language.vocab_size,

@@ -392,6 +392,14 @@ def test_model_loss_equals_full_logits_with_shifted_labels():
         assert (a - b).abs().max() < 1e-5
 
 
+def test_a_batch_without_a_text_mask_is_one_without_padding():
+    model = tiny_vlm()
+    batch = padded_batch([6, 6])
+    assert batch["text_mask"].all()
+    without = {key: value for key, value in batch.items() if key != "text_mask"}
+    assert torch.equal(model(**without), model(**batch))
+
+
 def test_only_labelled_positions_reach_the_output_layer(monkeypatch):
     """The prompt and the padding carry no label, so their logits are never computed; data's batches bring the
     labelled positions counted on the host, and the loss is the same as when the model finds them itself."""

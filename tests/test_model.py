@@ -205,6 +205,25 @@ def test_missing_weights_file_is_named(tmp_path):
         Qwen2.from_pretrained(str(tmp_path))
 
 
+def test_a_tied_matrix_stored_twice_must_be_one_matrix(tmp_path):
+    """Our checkpoints store Qwen2.5-0.5B's tied output layer once, as the token embedding. A file that stores it
+    under both names loads only where the two are equal: two different matrices cannot be one parameter."""
+    from model import Qwen2Config, SigLIPConfig, VLMConfig
+    config = VLMConfig(SigLIPConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=1, num_attention_heads=2),
+                       Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True), 32)
+    VLM(config).save(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["language.lm_head.weight"] = state["language.embed_tokens.weight"].clone()
+    save_file(state, tmp_path / "model.safetensors")
+    assert torch.equal(VLM.load(str(tmp_path)).language.lm_head.weight, state["language.embed_tokens.weight"])
+    state["language.lm_head.weight"] = torch.zeros_like(state["language.lm_head.weight"])
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="language.embed_tokens.weight and language.lm_head.weight differ, but are one"):
+        VLM.load(str(tmp_path))
+
+
 # --- full official sizes, once ----------------------------------------------------------------------
 
 def test_full_size_siglip_so400m_matches_transformers(tmp_path):
