@@ -64,7 +64,7 @@ micro_batch = 16              # per GPU; gradient accumulation makes up the rest
                               # micro-batches hold as many tokens as this many samples of max_text_tokens)
 epochs = 1
 max_steps = 0                 # 0: as many as the epochs need
-warmup_steps = 20
+warmup_steps = 20             # linear warm-up, over at most a tenth of the stage's steps
 min_lr = 1e-8
 weight_decay = 0.01
 beta1, beta2 = 0.9, 0.999
@@ -157,6 +157,9 @@ def train_stage(cfg):
         torch.backends.cudnn.allow_tf32 = True
     grad_accum = accumulation_steps(cfg["global_batch"], cfg["micro_batch"], world_size())
     masks.check_kind(cfg["mask_kind"])
+    if cfg["dtype"] not in ("bfloat16", "float32"):
+        raise ValueError(f"dtype={cfg['dtype']!r}: train in 'bfloat16' (as the paper) or 'float32'; float16 would "
+                         "need a loss scaler, which this loop does not have")
     if cfg["attention"] not in ATTENTION_PATHS:
         raise ValueError(f"unknown attention {cfg['attention']!r}; expected one of {ATTENTION_PATHS}")
     refused = cuda_graphs_refused(cfg["gradient_checkpointing"])
@@ -175,7 +178,7 @@ def train_stage(cfg):
     metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
     resume_from = cfg["resume"] and latest_checkpoint(cfg["out_dir"])
     if resume_from:
-        step = restore(resume_from, model, optimizer, stream)
+        step = restore(resume_from, model, optimizer, stream, cfg)
         if is_main():
             keep_metrics_until(metrics_path, step)
     elif is_main():
@@ -212,7 +215,7 @@ def train_stage(cfg):
         record = {"stage": cfg["stage"], "step": step, "loss": loss, "grad_norm": grad_norm.item(),
                   "lr": {group["name"]: group["lr"] for group in optimizer.param_groups},
                   "images_per_s": n_images * world_size() / elapsed, "tokens_per_s": n_tokens * world_size() / elapsed,
-                  **stream.counts}
+                  **dict(zip(stream.counts, sum_over_ranks(list(stream.counts.values()), device)))}
         if device.type == "cuda":
             record["mfu"] = flops * world_size() / elapsed / cfg["peak_flops"]
             record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -302,12 +305,12 @@ def unwrap(runner):
 
 
 def sum_over_ranks(count, device):
-    """A host-side count summed over the ranks (one small all-reduce per step)."""
+    """A host-side count (or list of counts) summed over the ranks (one small all-reduce)."""
     if not dist.is_initialized():
         return count
     total = torch.tensor(count, device=device)
     dist.all_reduce(total)
-    return int(total.item())
+    return total.tolist()
 
 
 def mean_over_ranks(loss):
@@ -398,16 +401,33 @@ def set_learning_rates(optimizer, step, total_steps, cfg):
 # A checkpoint is written into a temporary folder and renamed; `latest` names the newest complete one.
 
 def save_checkpoint(cfg, model, tokenizer, optimizer, step, data_position):
-    if not is_main():
-        return
+    """Rank 0 writes the checkpoint, with every rank's data position and random streams (a rank that skips a
+    batch of bad samples reads ahead of the others), and every rank waits until it is complete."""
+    ranks = gather_from_ranks({"data": data_position, "rng": rng_state()})
+    if is_main():
+        write_checkpoint(cfg, model, tokenizer, optimizer, step, ranks)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather_from_ranks(value):
+    """A picklable value from every rank, in rank order."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def write_checkpoint(cfg, model, tokenizer, optimizer, step, ranks):
     out_dir = cfg["out_dir"]
     folder = os.path.join(out_dir, f"step-{step:07d}")
     partial = folder + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     model.save(partial, tokenizer=tokenizer)
-    trainer_state = {"step": step, "optimizer": optimizer.state_dict(), "data": data_position, "config": cfg,
-                     "rng": rng_state()}
+    trainer_state = {"step": step, "optimizer": optimizer.state_dict(), "ranks": ranks, "config": cfg}
     torch.save(trainer_state, os.path.join(partial, "trainer.pt"))
+    flush_to_disk(partial)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)
     write_atomically(os.path.join(out_dir, "latest"), os.path.basename(folder))
@@ -418,14 +438,30 @@ def save_checkpoint(cfg, model, tokenizer, optimizer, step, data_position):
         shutil.rmtree(os.path.join(out_dir, old))
 
 
-def restore(folder, model, optimizer, stream):
-    """Weights, optimizer, random streams and the data position of a checkpoint; returns its step."""
-    state = torch.load(os.path.join(folder, "trainer.pt"), weights_only=True)  # data, never code
+def flush_to_disk(folder):
+    """Every file of the folder on disk before `latest` names it: after a power cut, a checkpoint named is whole."""
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as f:
+            os.fsync(f.fileno())
+
+
+def restore(folder, model, optimizer, stream, cfg):
+    """Weights, optimizer, and this rank's random streams and data position from a checkpoint; returns its step.
+    The optimizer's settings (learning rates, weight decay, betas) stay this run's: a resume may change them."""
+    # data, never code; on the CPU, from where each rank's optimizer moves its state to its own device
+    state = torch.load(os.path.join(folder, "trainer.pt"), map_location="cpu", weights_only=True)
+    if len(state["ranks"]) != world_size():
+        raise ValueError(f"{folder} was saved by {len(state['ranks'])} rank(s), not {world_size()}: resume on as many, "
+                         "or the data would not continue where it stopped")
     model.load_state_dict(VLM.load(folder).state_dict())
-    optimizer.load_state_dict(state["optimizer"])
-    stream.load_state_dict(state["data"])
-    set_rng_state(state["rng"])
-    log(f"resumed from {folder} at step {state['step']}")
+    settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])  # the moments and step counts
+    for group, setting in zip(optimizer.param_groups, settings):
+        group.update(setting)
+    stream.load_state_dict(state["ranks"][rank()]["data"])
+    set_rng_state(state["ranks"][rank()]["rng"])
+    changed = sorted(key for key, value in state["config"].items() if key != "resume" and cfg.get(key, value) != value)
+    log(f"resumed from {folder} at step {state['step']}" + (f"; changed since: {', '.join(changed)}" if changed else ""))
     return state["step"]
 
 

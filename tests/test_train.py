@@ -202,12 +202,68 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_accumulation(tmp_pat
     assert worst < 1e-5, f"max weight difference {worst:.2e}"
 
 
+def test_ddp_resume_continues_each_rank_where_it_stopped(tmp_path):
+    """A rank whose whole batch is text-only (as rows of LLaVA-NeXT-Data are) takes the next one, and reads
+    ahead of the other ranks from then on. A checkpoint holds every rank's data position, so a resume under
+    torchrun gives each rank its own and repeats the uninterrupted run's losses."""
+    from PIL import Image
+    import data
+    n_entries, seed = 32, 5
+    _, row_ids = data.shuffled_order([n_entries], seed, epoch=0)
+    text_only = set(row_ids[1::2][:4].tolist())  # rank 1's first batch: 4 of its samples, every second one
+    os.makedirs(tmp_path / "images")
+    entries = []
+    for i in range(n_entries):
+        turns = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": f"Picture {i}."}]
+        entries.append({"id": str(i), "conversations": turns})
+        if i not in text_only:
+            Image.new("RGB", (32, 32), (8 * i, 100, 200 - 6 * i)).save(tmp_path / "images" / f"{i}.png")
+            entries[-1]["image"] = f"{i}.png"
+    (tmp_path / "data.json").write_text(json.dumps(entries))
+    common = dict(stage=2, max_steps=4, checkpoint_interval=2, micro_batch=1, seed=seed, data_format="llava_json",
+                  dataset=str(tmp_path / "data.json"), image_root=str(tmp_path / "images"), vision_lr=1e-3,
+                  projector_lr=1e-3, language_lr=1e-3)
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518")
+    whole = run_train(tmp_path / "whole", launcher=torchrun, **common)
+    assert whole[-1]["text_only"] == 4  # counted over both ranks
+    os.makedirs(tmp_path / "resumed")
+    shutil.copytree(tmp_path / "whole" / "step-0000002", tmp_path / "resumed" / "step-0000002")
+    (tmp_path / "resumed" / "latest").write_text("step-0000002")
+    resumed = run_train(tmp_path / "resumed", launcher=torchrun, resume=True, **common)
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in whole[2:]]
+
+
+def test_a_resume_keeps_the_optimizer_state_and_takes_this_runs_settings(tmp_path):
+    """The moments come from the checkpoint; learning rates and weight decay from the command line, so that
+    `--resume=True --projector_lr=...` (lowering a rate after a divergence, say) does what it says."""
+    cfg, tokenizer, model, _, optimizer = tiny_setup(out_dir=str(tmp_path), projector_lr=1e-3, weight_decay=0.01)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p) if p.requires_grad else None
+    optimizer.step()
+    stream = train.open_stream(cfg, tokenizer, model.n_image_tokens)
+    train.save_checkpoint(cfg, model, tokenizer, optimizer, 1, stream.state_dict())
+    cfg, _, model, _, optimizer = tiny_setup(out_dir=str(tmp_path), projector_lr=1e-5, weight_decay=0.1, resume=True)
+    assert train.restore(train.latest_checkpoint(str(tmp_path)), model, optimizer, stream, cfg) == 1
+    projector = [group for group in optimizer.param_groups if group["name"] == "projector"]
+    assert [(group["base_lr"], group["weight_decay"]) for group in projector] == [(1e-5, 0.1), (1e-5, 0.0)]
+    moments = [optimizer.state[p]["exp_avg"] for group in projector for p in group["params"]]
+    assert moments and all(torch.allclose(m, torch.full_like(m, 0.1)) for m in moments)  # (1 - beta1) x a gradient of 1
+
+
+def test_float16_without_a_loss_scaler_is_refused():
+    cfg = merged(train.settings, {**TINY, "device": "cpu", "tokenizer": "shapes", "dtype": "float16"}, "test")
+    with pytest.raises(ValueError, match="dtype='float16'.*loss scaler"):
+        train.train_stage(cfg)
+
+
 def test_checkpoint_is_loadable_and_complete(tmp_path):
     run_train(tmp_path, stage=2, max_steps=2, checkpoint_interval=1)
     folder = train.latest_checkpoint(str(tmp_path))
     assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors", "tokenizer.json", "trainer.pt"]
     state = torch.load(os.path.join(folder, "trainer.pt"), weights_only=True)
-    assert state["step"] == 2 and state["data"]["samples_consumed"] > 0 and "rng" in state and state["optimizer"]["state"]
+    [this_rank] = state["ranks"]  # each rank's data position and random streams
+    assert state["step"] == 2 and this_rank["data"]["samples_consumed"] > 0 and "rng" in this_rank
+    assert state["optimizer"]["state"]
     assert not any(name.endswith(".partial") for name in os.listdir(tmp_path))
 
 
