@@ -8,6 +8,7 @@ string). A key that is not a setting, or a value whose type differs from the def
 names it: a typo never silently trains the wrong model.
 """
 import ast
+import os
 import sys
 
 
@@ -15,9 +16,10 @@ def configure(settings, argv=None):
     """Apply the config files, then the --key=value overrides, from `argv` (default sys.argv[1:]) to the dict
     `settings`: an override wins wherever it stands on the command line."""
     args = sys.argv[1:] if argv is None else argv
+    given = list(overrides(args))  # checked first: "--max_steps 3" is a malformed override, not a config file "3"
     for path in [arg for arg in args if not arg.startswith("--")]:
         apply_file(settings, path)
-    for arg, key, text in overrides(args):
+    for arg, key, text in given:
         update(settings, key, parse(text), source=arg)
     return settings
 
@@ -28,7 +30,7 @@ def overrides(args):
         if arg.startswith("--"):
             key, sep, text = arg[2:].partition("=")
             if not sep:
-                raise ValueError(f"override {arg!r} must look like --key=value")
+                raise ValueError(f"override {arg!r} must look like --key=value (one argument, with '=')")
             yield arg, key, text
 
 
@@ -38,7 +40,8 @@ def command_line_keys(argv=None):
 
 
 def apply_file(settings, path):
-    print(f"configuration from {path}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, said once
+        print(f"configuration from {path}")
     namespace = {}
     with open(path) as f:
         exec(compile(f.read(), path, "exec"), namespace)  # a config file is code the user wrote, like nanoGPT's

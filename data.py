@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 # a label of IGNORE_INDEX carries no loss; batches list the labelled positions (find_label_positions) on the host,
 # so that the training step never waits for the GPU to count them
-from model import IGNORE_INDEX, find_label_positions
+from model import IGNORE_INDEX, find_label_positions, local_or_hub
 
 logger = logging.getLogger(__name__)
 
@@ -88,18 +88,6 @@ def qwen_tokenizer_from_vocab(vocab_path, merges_path):
     return tokenizer
 
 
-def local_folder(path_or_repo, allow_patterns, repo_type="model"):
-    """A local folder as is; a Hub repo id ("owner/name") -> the folder of a download of only the files
-    matching allow_patterns. Anything else is a local path that does not exist: say so, rather than ask
-    the Hub about it."""
-    if os.path.isdir(path_or_repo):
-        return path_or_repo
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_repo)):
-        raise FileNotFoundError(f"{path_or_repo}: no such folder (nor a Hub repo id like owner/name)")
-    from huggingface_hub import snapshot_download
-    return snapshot_download(path_or_repo, repo_type=repo_type, allow_patterns=allow_patterns)
-
-
 def train_tokenizer(texts, vocab_size):
     """A small byte-level BPE learnt from `texts`, with Qwen's pipeline and ChatML tokens: lets the offline
     demo run without Qwen's files. Any text stays encodable (all 256 bytes are in the vocabulary)."""
@@ -129,7 +117,7 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, name_or_path):
         """A folder with tokenizer.json (preferred) or vocab.json + merges.txt, or a Hub repo id."""
-        folder = local_folder(name_or_path, allow_patterns=TOKENIZER_FILES)
+        folder = local_or_hub(name_or_path, allow_patterns=TOKENIZER_FILES)
         tokenizer_json, vocab, merges = (os.path.join(folder, name) for name in TOKENIZER_FILES)
         if os.path.exists(tokenizer_json):
             return cls(RustTokenizer.from_file(tokenizer_json))
@@ -314,7 +302,7 @@ def find_files(path_or_repo, pattern):
     if os.path.isfile(path_or_repo):
         return [path_or_repo]
     # a Hub dataset keeps its shards in a folder (data/train-00000-of-00004.parquet): match there too
-    folder = local_folder(path_or_repo, allow_patterns=[pattern, f"*/{pattern}"], repo_type="dataset")
+    folder = local_or_hub(path_or_repo, allow_patterns=[pattern, f"*/{pattern}"], repo_type="dataset")
     files = sorted(glob.glob(os.path.join(folder, "**", pattern), recursive=True))
     if not files:
         raise FileNotFoundError(f"no {pattern} files in {path_or_repo}")

@@ -19,13 +19,16 @@ name of the Karpathy files (test, val, restval, train) works too. The files are 
 
 Captions are scored exactly like the COCO caption evaluation (pycocoevalcap): PTBTokenizer, then BLEU-1..4,
 METEOR, ROUGE_L and CIDEr-D, plus SPICE with --spice (it downloads Stanford CoreNLP on first use). Java is
-required. Results go to --out_dir (default: the checkpoint folder, else out-eval):
+required. Results go to --out_dir (default: eval/{checkpoint's name} beside the checkpoint, e.g.
+out/stage3/eval/step-0006089, out of the way of train.py, which prunes a run's older checkpoint folders;
+without a checkpoint, out-eval):
 
     captions_{dataset}_{split}.json   the predictions in COCO results format, [{"image_id", "caption"}];
                                       image_id: COCO's image id, or the Flickr file name
                                       without extension (a number for Flickr30k)
-    metrics_{split}.json              {"settings": ..., "scores": {dataset: {metric: fraction}}}
+    metrics_{dataset}_{split}.json    {"dataset", "settings", "scores": {metric: fraction}}
     answers_pathvqa.json, metrics_pathvqa.json   for --task pathvqa
+    (with --num_beams N > 1, each name ends in _beamsN: greedy and beam-search results stay side by side)
 
 and the scores are printed as a table like the paper's Table 6 (x100). Under torchrun every rank answers
 its share of the images and rank 0 gathers the answers, scores and writes.
@@ -277,12 +280,13 @@ def evaluate_captioning(model, tokenizer, per_dataset, args, rank, world_size):
         captions = answer_all(model, tokenizer, samples, args, rank, world_size, desc=dataset)
         if rank == 0:
             write_json([{"image_id": s["key"], "caption": captions[s["key"]]} for s in samples],
-                       os.path.join(args.out_dir, f"captions_{dataset}_{args.split}.json"))
+                       result_path(args, "captions", f"{dataset}_{args.split}"))
             scores[dataset] = score(captions, {s["key"]: s["references"] for s in samples}, spice=args.spice)
+            write_json({"dataset": dataset, "settings": settings(args), "scores": scores[dataset]},
+                       result_path(args, "metrics", f"{dataset}_{args.split}"))
     if rank != 0:
         return None
     print(format_table(scores))
-    write_json({"settings": settings(args), "scores": scores}, os.path.join(args.out_dir, f"metrics_{args.split}.json"))
     return scores
 
 
@@ -294,14 +298,22 @@ def evaluate_pathvqa(model, tokenizer, samples, args, rank, world_size):
     rows = [{"question": s["prompt"], "answer": s["answer"], "prediction": predictions[s["key"]]} for s in samples]
     metrics = pathvqa_metrics([row["prediction"] for row in rows], [row["answer"] for row in rows])
     print(json.dumps(metrics, indent=1))
-    write_json(rows, os.path.join(args.out_dir, "answers_pathvqa.json"))
-    write_json({"settings": settings(args), "scores": metrics}, os.path.join(args.out_dir, "metrics_pathvqa.json"))
+    write_json(rows, result_path(args, "answers", "pathvqa"))
+    write_json({"settings": settings(args), "scores": metrics}, result_path(args, "metrics", "pathvqa"))
     return metrics
 
 
+def result_path(args, kind, name):
+    """One file per dataset and split, and per decoding: evaluating another dataset, or with beams, never
+    overwrites an earlier result."""
+    beams = f"_beams{args.num_beams}" if args.num_beams > 1 else ""
+    return os.path.join(args.out_dir, f"{kind}_{name}{beams}.json")
+
+
 def settings(args):
-    """What produced the scores, saved beside them."""
-    return {name: value for name, value in vars(args).items() if name not in ("device", "out_dir")}
+    """What produced the scores, saved beside them (the backbones only where no checkpoint was given)."""
+    unused = ("device", "out_dir", "datasets") + (("vision", "language") if args.checkpoint else ())
+    return {name: value for name, value in vars(args).items() if name not in unused}
 
 
 def parse_args(argv=None):
@@ -317,7 +329,7 @@ def parse_args(argv=None):
     parser.add_argument("--pathvqa_split", default="test", help="in a folder or repo, the files {split}-*.parquet")
     parser.add_argument("--batch_size", type=at_least(1), default=32)
     parser.add_argument("--spice", action="store_true", help="also score SPICE (downloads Stanford CoreNLP once)")
-    parser.add_argument("--out_dir", help="default: the checkpoint folder, else out-eval")
+    parser.add_argument("--out_dir", help="default: eval/{checkpoint's name} beside the checkpoint, else out-eval")
     add_model_args(parser)
     args = parser.parse_args(argv)
     args.datasets = [name for name in args.datasets.split(",") if name]
@@ -326,8 +338,16 @@ def parse_args(argv=None):
         parser.error(f"unknown datasets {sorted(unknown)}; choose from {','.join(DATASETS)}")
     if not args.datasets:
         parser.error(f"--datasets names no dataset; choose from {','.join(DATASETS)}")
-    args.out_dir = args.out_dir or args.checkpoint or "out-eval"
+    args.out_dir = args.out_dir or default_out_dir(args.checkpoint)
     return args
+
+
+def default_out_dir(checkpoint):
+    """Beside the checkpoint, not in it: train.py deletes a run's older checkpoint folders as it goes."""
+    if not checkpoint:
+        return "out-eval"
+    checkpoint = os.path.normpath(checkpoint)
+    return os.path.join(os.path.dirname(checkpoint), "eval", os.path.basename(checkpoint))
 
 
 def main(argv=None):

@@ -10,6 +10,7 @@ model, loading of the official safetensors, then the VLM that joins them (Algori
 import inspect
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -367,13 +368,23 @@ HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json",
 
 
 def resolve(name_or_path):
-    """A local folder as is; anything else is a Hub repo id, of which only the files we read are fetched."""
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    if os.path.exists(name_or_path):
+    """A checkpoint's folder: a local folder, or a Hub repo id of which only the files we read are fetched."""
+    if os.path.isfile(name_or_path):
         raise ValueError(f"{name_or_path} is a file; pass the folder that holds config.json and the safetensors")
+    return local_or_hub(name_or_path, allow_patterns=HUB_FILES)
+
+
+def local_or_hub(path_or_repo, allow_patterns, repo_type="model"):
+    """A local folder as is; a Hub repo id ("owner/name") -> the folder of a download of only the files
+    matching allow_patterns. A path that cannot be a repo id, or whose first folder exists here (data/recap
+    where data/ReCap was meant), is a local folder that does not exist: say so, rather than ask the Hub."""
+    if os.path.isdir(path_or_repo):
+        return path_or_repo
+    path_or_repo = str(path_or_repo)
+    if not re.fullmatch(r"\w[\w.-]*/[\w.-]+", path_or_repo) or os.path.isdir(path_or_repo.split("/")[0]):
+        raise FileNotFoundError(f"{path_or_repo}: no such folder (nor a Hub repo id like owner/name)")
     from huggingface_hub import snapshot_download
-    return snapshot_download(name_or_path, allow_patterns=HUB_FILES)
+    return snapshot_download(path_or_repo, repo_type=repo_type, allow_patterns=allow_patterns)
 
 
 def read_json(path):

@@ -15,7 +15,7 @@ from data import SHORT_CAPTION_PROMPT, Tokenizer, chat_ids, load_image, preproce
 from model import VLM, checkpoint_folder
 
 DEFAULT_VISION = "google/siglip-so400m-patch14-224"
-DEFAULT_LANGUAGE = "Qwen/Qwen2.5-0.5B-Instruct"
+DEFAULT_LANGUAGE = "Qwen/Qwen2.5-0.5B"  # the paper's, as train.py's
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -128,8 +128,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    images = [load_image(path, path) for path in args.image]  # a wrong path fails before the model loads
     model, tokenizer = load_model(args)
-    images = [load_image(path, path) for path in args.image]
     stream = len(images) == 1 and args.num_beams == 1  # generate's on_token streams greedy decoding only
     printer = TokenPrinter(tokenizer) if stream else None
     answers = answer(model, tokenizer, images, [args.prompt] * len(images), args.max_new_tokens, args.num_beams,

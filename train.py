@@ -41,8 +41,7 @@ tokenizer = ""                # without init_from: a folder or Hub id ("shapes":
 # data
 dataset = "lmms-lab/LLaVA-ReCap-558K"
 data_format = "parquet"       # parquet | llava_json | pathvqa | karpathy | synthetic
-image_root = ""               # images of llava_json / karpathy data
-image_size = 224
+image_root = ""               # images of llava_json / karpathy data (preprocessed at the vision model's image_size)
 max_text_tokens = 256         # longer conversations are truncated (and counted)
 pad_to_multiple = 64          # text lengths are padded up to a multiple of this: few shapes for compiled blocks
 pack_length = 0               # > 0: pack each batch's conversations into rows of this many tokens (stage 3)
@@ -173,7 +172,7 @@ def train_stage(cfg):
     model.attention = cfg["attention"]
     trainable = freeze_modules(model, cfg)
     optimizer = make_optimizer(model, cfg, device)
-    stream = open_stream(cfg, tokenizer, model.n_image_tokens)
+    stream = open_stream(cfg, tokenizer, model)
     step = 0
     metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
     resume_from = cfg["resume"] and latest_checkpoint(cfg["out_dir"])
@@ -181,13 +180,16 @@ def train_stage(cfg):
         step = restore(resume_from, model, optimizer, stream, cfg)
         if is_main():
             keep_metrics_until(metrics_path, step)
-    elif is_main():
-        os.makedirs(cfg["out_dir"], exist_ok=True)
-        open(metrics_path, "w").close()  # a fresh run starts a fresh log
+    else:
+        if cfg["resume"]:  # a job that is restarted until it is done resumes if it can
+            log(f"resume: no checkpoint in {cfg['out_dir']} yet, so the stage starts from the beginning")
+        if is_main():
+            os.makedirs(cfg["out_dir"], exist_ok=True)
+            open(metrics_path, "w").close()  # a fresh run starts a fresh log
     total_steps = cfg["max_steps"] or cfg["epochs"] * len(stream)
     if total_steps <= 0:
         raise ValueError(f"nothing to train: max_steps={cfg['max_steps']} and epochs={cfg['epochs']}")
-    micro_batches = (f"packed into micro-batches of at most {stream.pack_rows} rows of {cfg['pack_length']} tokens"
+    micro_batches = (f"packed into micro-batches of at most {stream.pack_rows} row(s) of {cfg['pack_length']} tokens"
                      if cfg["pack_length"] else f"{grad_accum} micro-batch(es) of {cfg['micro_batch']}")
     log(f"stage {cfg['stage']}: mask {cfg['mask_kind']}, noise {cfg['noise_prob']}, trainable {trainable}, "
         f"{total_steps} steps of {cfg['global_batch']} samples; on each of {world_size()} rank(s), {micro_batches}")
@@ -206,8 +208,8 @@ def train_stage(cfg):
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg["grad_clip"])
         loss = mean_over_ranks(loss)
         if not math.isfinite(loss) or not math.isfinite(grad_norm.item()):
-            raise FloatingPointError(f"stage {cfg['stage']} step {step}: loss {loss}, gradient norm {grad_norm.item()}; "
-                                     f"stopping, the last good checkpoint in {cfg['out_dir']} is untouched")
+            raise FloatingPointError(f"stage {cfg['stage']} step {step + 1}: loss {loss}, gradient norm "
+                                     f"{grad_norm.item()}; stopping, with the checkpoints in {cfg['out_dir']} untouched")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -494,7 +496,7 @@ def write_atomically(path, text):
 # -----------------------------------------------------------------------------
 # Data and logging
 
-def open_source(cfg, split="train"):
+def open_source(cfg, image_size, split="train"):
     """Where the samples come from, by `data_format` (data.py, section 4)."""
     fmt, where = cfg["data_format"], cfg["dataset"]
     if fmt == "parquet":
@@ -506,19 +508,21 @@ def open_source(cfg, split="train"):
     if fmt == "karpathy":
         return data.KarpathyCaptions(where, cfg["image_root"], split=split)
     if fmt == "synthetic":
-        return data.SyntheticShapes(cfg["shapes_samples"], split=split, image_size=cfg["image_size"], seed=cfg["seed"],
+        return data.SyntheticShapes(cfg["shapes_samples"], split=split, image_size=image_size, seed=cfg["seed"],
                                     questions=cfg["shapes_questions"])
     raise ValueError(f"unknown data_format {fmt!r}: parquet, pathvqa, llava_json, karpathy or synthetic")
 
 
-def open_stream(cfg, tokenizer, n_image_tokens):
-    """This rank's batches: its share of the global batch per optimizer step, in micro-batches."""
-    return data.BatchStream(open_source(cfg), tokenizer, cfg["global_batch"] // world_size(), cfg["micro_batch"],
-                            image_size=cfg["image_size"],
-                            max_text_tokens=cfg["max_text_tokens"], seed=cfg["seed"], rank=rank(),
+def open_stream(cfg, tokenizer, model):
+    """This rank's batches: its share of the global batch per optimizer step, in micro-batches, with the images
+    at the size the model's vision encoder takes."""
+    image_size = model.config.vision.image_size
+    return data.BatchStream(open_source(cfg, image_size), tokenizer, cfg["global_batch"] // world_size(),
+                            cfg["micro_batch"], image_size=image_size, max_text_tokens=cfg["max_text_tokens"],
+                            seed=cfg["seed"], rank=rank(),
                             world_size=world_size(), num_workers=cfg["num_workers"],
                             max_skip_fraction=cfg["max_skip_fraction"], pad_to_multiple=cfg["pad_to_multiple"],
-                            pack_length=cfg["pack_length"], n_image_tokens=n_image_tokens)
+                            pack_length=cfg["pack_length"], n_image_tokens=model.n_image_tokens)
 
 
 def endless(stream):
@@ -584,7 +588,7 @@ def evaluate_demo(checkpoint, cfg, n_images=100):
     from sample import answer  # the same captioning path as sample.py and eval.py
     model, tokenizer = VLM.load(checkpoint).eval(), data.Tokenizer.from_pretrained(checkpoint)
     for split in ("val", "heldout"):
-        shapes = data.SyntheticShapes(n_images, split=split, image_size=cfg["image_size"], seed=cfg["seed"])
+        shapes = data.SyntheticShapes(n_images, split=split, image_size=model.config.vision.image_size, seed=cfg["seed"])
         records = [shapes.record(i) for i in range(n_images)]
         captions = answer(model, tokenizer, [r["image"] for r in records], [data.SHAPES_CAPTION_PROMPT] * n_images)
         truths = [data.describe_scene(r["scene"]) for r in records]

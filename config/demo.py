@@ -12,7 +12,6 @@ projector_hidden = 128
 tokenizer = "shapes"
 data_format = "synthetic"
 dataset = "shapes"
-image_size = 48
 shapes_samples = 40000
 max_text_tokens = 96
 pad_to_multiple = 8

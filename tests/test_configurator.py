@@ -58,3 +58,8 @@ def test_stage_overrides_are_checked_too():
     assert merged(DEFAULTS, {"stage": 0}, "stages[0]")["stage"] == 0
     with pytest.raises(KeyError, match=r"stages\[1\]: unknown setting 'lr'"):
         merged(DEFAULTS, {"lr": 1.0}, "stages[1]")
+
+
+def test_an_override_given_as_two_arguments_is_named_not_read_as_a_config_file():
+    with pytest.raises(ValueError, match=r"override '--stage' must look like --key=value"):
+        configure(dict(DEFAULTS), ["--stage", "3"])

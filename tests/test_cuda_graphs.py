@@ -59,7 +59,7 @@ def test_cuda_graphs_accumulate_gradients_as_eager_blocks_do():
                                                      attention="flash", compile=True, compile_mode="reduce-overhead")
     assert trainable == ["vision", "projector", "language"]
     graphed = graphed_copy(eager, cfg)
-    batches = train.endless(train.open_stream(cfg, tokenizer, eager.n_image_tokens))
+    batches = train.endless(train.open_stream(cfg, tokenizer, eager))
     for step in range(4):
         micro_batches = next(batches)
         assert len(micro_batches) == 3

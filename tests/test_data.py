@@ -402,9 +402,17 @@ def test_a_split_of_a_hub_dataset_is_fetched_from_the_repos_data_folder(tmp_path
     assert [os.path.relpath(path, tmp_path) for path, _, _ in source.chunks] == repo[1:3]
 
 
-def test_a_missing_folder_is_reported_not_looked_up_on_the_hub(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no_such_folder: no such folder"):
-        LlavaParquet(str(tmp_path / "no_such_folder"))
+def test_a_missing_folder_is_reported_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    """What cannot be a Hub repo id (an absolute path, ./x) or starts in a folder that exists here (data/recap,
+    a typo for data/ReCap) is a local folder that is not there; the Hub is never asked about it."""
+    from model import Qwen2
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for missing in (str(tmp_path / "no_such_folder"), "./no_such_folder", "data/recap"):
+        with pytest.raises(FileNotFoundError, match=f"{missing}: no such folder"):
+            LlavaParquet(missing)
+    with pytest.raises(FileNotFoundError, match="data/qwen: no such folder"):
+        Qwen2.from_pretrained("data/qwen")
     with pytest.raises(FileNotFoundError, match=r"no \*.parquet files"):
         LlavaParquet(str(tmp_path))
 

@@ -182,15 +182,14 @@ def test_eval_writes_coco_format_captions_of_the_test_split(evaluated):
 
 def test_eval_metrics_file_holds_score_of_the_written_captions(evaluated, karpathy_root):
     out_dir, returned, _ = evaluated
-    written = json.loads((out_dir / "metrics_karpathy.json").read_text())
-    assert written["scores"] == returned
-    assert written["settings"]["datasets"] == ["coco", "flickr8k"]
-    for dataset in ("coco", "flickr8k"):
+    for dataset in ("coco", "flickr8k"):  # a file each: evaluating one dataset later leaves the other's be
+        written = json.loads((out_dir / f"metrics_{dataset}_karpathy.json").read_text())
+        assert written["dataset"] == dataset and written["settings"]["num_beams"] == 1
         captions = json.loads((out_dir / f"captions_{dataset}_karpathy.json").read_text())
         predictions = {c["image_id"]: c["caption"] for c in captions}
         images = json.loads((karpathy_root / "karpathy" / f"dataset_{dataset}.json").read_text())["images"]
         references = {c["image_id"]: [s["raw"] for s in image["sentences"]] for c, image in zip(captions, images)}
-        assert written["scores"][dataset] == score(predictions, references)
+        assert written["scores"] == returned[dataset] == score(predictions, references)
     assert returned["coco"]["Bleu_1"] > 0  # some words of the random captions are in the references
 
 
@@ -254,13 +253,16 @@ def test_image_ids_match_coco_format_reference_files():
 
 
 def test_a_runs_out_dir_stands_for_its_newest_checkpoint(tmp_path):
-    """The scores and their settings name the checkpoint that was scored, not a folder that moves on."""
+    """The scores and their settings name the checkpoint that was scored, not a folder that moves on. They go
+    beside it, not into it: train.py deletes a run's older step-N folders as it trains on."""
     from eval import parse_args
     (tmp_path / "step-0000500").mkdir()
     (tmp_path / "step-0000500" / "config.json").write_text("{}")
     (tmp_path / "latest").write_text("step-0000500")
     args = parse_args(["--checkpoint", str(tmp_path)])
-    assert args.checkpoint == args.out_dir == str(tmp_path / "step-0000500")
+    assert args.checkpoint == str(tmp_path / "step-0000500")
+    assert args.out_dir == str(tmp_path / "eval" / "step-0000500")
+    assert parse_args([]).out_dir == "out-eval"  # the pretrained backbones, no checkpoint
 
 
 def test_unknown_dataset_is_refused(capsys):

@@ -19,7 +19,7 @@ TINY = {  # the demo's classes at the smallest sizes that still learn
                           num_attention_heads=2),
     "language_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                             num_key_value_heads=1, rope_theta=10000.0, tie_word_embeddings=True),
-    "projector_hidden": 32, "image_size": 32, "data_format": "synthetic", "dataset": "shapes", "shapes_samples": 256, "num_workers": 0, "stages": [], "eval_after": False,
+    "projector_hidden": 32, "data_format": "synthetic", "dataset": "shapes", "shapes_samples": 256, "num_workers": 0, "stages": [], "eval_after": False,
     "global_batch": 8, "micro_batch": 4, "warmup_steps": 2, "checkpoint_interval": 1000,
 }
 
@@ -54,7 +54,7 @@ def test_stages_0_and_1_train_only_the_projector(stage, mask_kind, noise_prob):
     assert trainable == ["projector"]
     assert not model.vision.training and not model.language.training  # frozen modules stay in eval mode
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    batches = train.endless(train.open_stream(cfg, tokenizer, model.n_image_tokens))
+    batches = train.endless(train.open_stream(cfg, tokenizer, model))
     train.set_learning_rates(optimizer, 0, 10, cfg)
     train.train_step(model, next(batches), cfg, torch.device("cpu"), trainable)
     optimizer.step()
@@ -79,7 +79,7 @@ def test_gradient_checkpointing_reaches_the_frozen_language_model(monkeypatch):
         cfg, tokenizer, model, trainable, _ = tiny_setup(stage=1, vision_lr=0.0, projector_lr=1e-2, language_lr=0.0,
                                                          gradient_checkpointing=gradient_checkpointing)
         assert trainable == ["projector"] and not model.language.training
-        batch = next(train.endless(train.open_stream(cfg, tokenizer, model.n_image_tokens)))
+        batch = next(train.endless(train.open_stream(cfg, tokenizer, model)))
         train.train_step(model, batch, cfg, torch.device("cpu"), trainable)
         gradients.append([p.grad.clone() for p in model.projector.parameters()])
     n_micro_batches = cfg["global_batch"] // cfg["micro_batch"]
@@ -240,7 +240,7 @@ def test_a_resume_keeps_the_optimizer_state_and_takes_this_runs_settings(tmp_pat
     for p in model.parameters():
         p.grad = torch.ones_like(p) if p.requires_grad else None
     optimizer.step()
-    stream = train.open_stream(cfg, tokenizer, model.n_image_tokens)
+    stream = train.open_stream(cfg, tokenizer, model)
     train.save_checkpoint(cfg, model, tokenizer, optimizer, 1, stream.state_dict())
     cfg, _, model, _, optimizer = tiny_setup(out_dir=str(tmp_path), projector_lr=1e-5, weight_decay=0.1, resume=True)
     assert train.restore(train.latest_checkpoint(str(tmp_path)), model, optimizer, stream, cfg) == 1
@@ -309,7 +309,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     save_file(weights, os.path.join(last, "model.safetensors"))
     with pytest.raises(subprocess.CalledProcessError) as error:
         run_train(tmp_path, stage=2, max_steps=4, checkpoint_interval=1, resume=True)
-    assert "FloatingPointError" in error.value.stderr and "step 2: loss nan" in error.value.stderr
+    assert "FloatingPointError" in error.value.stderr and "step 3: loss nan" in error.value.stderr
     assert train.latest_checkpoint(str(tmp_path)) == last
     assert sorted(f for f in os.listdir(tmp_path) if f.startswith("step-")) == ["step-0000001", "step-0000002"]
 
