@@ -72,7 +72,8 @@ def parse_args():
                              "reduce-overhead replays them as CUDA graphs")
     parser.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the trainable towers")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--small", action="store_true", help="a tiny model and batch, for the CPU")
+    parser.add_argument("--small", action="store_true", help="a tiny model, micro-batches and texts an eighth of the "
+                        "cases' (the names say what ran), for the CPU")
     parser.add_argument("--profile", action="store_true", help="after timing, print where 3 training steps spend their time")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation happens here)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps; the median is reported")

@@ -217,7 +217,7 @@ def train_stage(cfg):
         record = {"stage": cfg["stage"], "step": step, "loss": loss, "grad_norm": grad_norm.item(),
                   "lr": {group["name"]: group["lr"] for group in optimizer.param_groups},
                   "images_per_s": n_images * world_size() / elapsed, "tokens_per_s": n_tokens * world_size() / elapsed,
-                  **dict(zip(stream.counts, sum_over_ranks(list(stream.counts.values()), device)))}
+                  **dict(zip(stream.counts, sum_over_ranks(list(stream.counts.values()), device)))}  # all ranks
         if device.type == "cuda":
             record["mfu"] = flops * world_size() / elapsed / cfg["peak_flops"]
             record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -519,8 +519,7 @@ def open_stream(cfg, tokenizer, model):
     image_size = model.config.vision.image_size
     return data.BatchStream(open_source(cfg, image_size), tokenizer, cfg["global_batch"] // world_size(),
                             cfg["micro_batch"], image_size=image_size, max_text_tokens=cfg["max_text_tokens"],
-                            seed=cfg["seed"], rank=rank(),
-                            world_size=world_size(), num_workers=cfg["num_workers"],
+                            seed=cfg["seed"], rank=rank(), world_size=world_size(), num_workers=cfg["num_workers"],
                             max_skip_fraction=cfg["max_skip_fraction"], pad_to_multiple=cfg["pad_to_multiple"],
                             pack_length=cfg["pack_length"], n_image_tokens=model.n_image_tokens)
 
