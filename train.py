@@ -92,6 +92,9 @@ def main():
     check_stages_keep_command_line(settings["stages"], command_line_keys())
     dist_setup()
     runs = [merged(settings, overrides, f"stages[{i}]") for i, overrides in enumerate(settings["stages"])] or [settings]
+    out_dirs = [cfg["out_dir"] for cfg in runs]
+    if len(set(out_dirs)) < len(out_dirs):  # a later stage would overwrite an earlier one's log and checkpoints
+        raise ValueError(f"the stages share an out_dir ({out_dirs}): give each stage its own")
     previous = None
     for cfg in runs:
         if previous is not None and not cfg["init_from"]:

@@ -300,6 +300,14 @@ def test_a_stage_may_not_undo_the_command_line():
         train.check_stages_keep_command_line(stages, command_line_keys(["config/demo.py", "--max_steps=5"]))
 
 
+def test_stages_that_share_an_out_dir_are_refused(tmp_path):
+    """Each stage's log and checkpoints live in its out_dir (the next stage starts from it): two stages in one
+    folder would overwrite each other."""
+    with pytest.raises(subprocess.CalledProcessError) as error:
+        run_train(tmp_path, stages=[dict(stage=0), dict(stage=1)])
+    assert "the stages share an out_dir" in error.value.stderr
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     from safetensors.torch import load_file, save_file
     run_train(tmp_path, stage=2, max_steps=2, checkpoint_interval=1)
