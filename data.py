@@ -158,6 +158,8 @@ class Tokenizer:
 # ----------------------------------------------------------------------------------------------------------
 # 2. Chat format (ChatML, as Qwen2.5 was trained with; DESIGN.md "Tokenizer and prompts")
 
+# LLaVA-NeXT's system turn for Qwen (its preprocess_qwen); Qwen2.5's own template would write "You are Qwen,
+# created by Alibaba Cloud. You are a helpful assistant." Training and inference use the same one.
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
@@ -217,10 +219,21 @@ def conversation_messages(conversation):
                              "turns must alternate, human first")
         if not isinstance(turn.get("value"), str):
             raise ValueError(f"turn {i} has a {type(turn.get('value')).__name__} value, expected a string")
-        messages.append({"role": LLAVA_ROLES[turn["from"]], "content": turn["value"].replace("<image>", "").strip()})
+        text = turn_text(turn["value"])
+        if turn["from"] == "gpt" and not text:
+            raise ValueError(f"turn {i} is an empty answer: it would teach the model to stop at once")
+        messages.append({"role": LLAVA_ROLES[turn["from"]], "content": text})
     if len(messages) % 2:
         raise ValueError("the last turn is a question without an answer")
     return messages
+
+
+def turn_text(text):
+    """A turn as the model reads it, in training and at inference alike (sample.prompt_ids): without LLaVA's
+    <image> placeholder, since the image tokens come before all text (paper 3.1), and without the whitespace
+    around it (as LLaVA strips a turn that held the placeholder; here every turn, so that a question reads the
+    same with or without it)."""
+    return text.replace("<image>", "").strip()
 
 
 def encode_conversation(tokenizer, conversation, system_prompt=DEFAULT_SYSTEM_PROMPT):

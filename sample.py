@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from data import SHORT_CAPTION_PROMPT, Tokenizer, chat_ids, load_image, preprocess_image
+from data import SHORT_CAPTION_PROMPT, Tokenizer, chat_ids, load_image, preprocess_image, turn_text
 from model import VLM, checkpoint_folder
 
 DEFAULT_VISION = "google/siglip-so400m-patch14-224"
@@ -63,9 +63,9 @@ def load_model(args, device=None):
 
 
 def prompt_ids(tokenizer, prompt):
-    """The user's question as a ChatML turn, ending where the assistant's answer starts. The image needs no
-    placeholder: its tokens always come before the text (paper 3.1)."""
-    return chat_ids(tokenizer, [{"role": "user", "content": prompt}])
+    """The user's question as a ChatML turn, ending where the assistant's answer starts, its text cleaned as in
+    training (data.turn_text): the image needs no placeholder, its tokens always come before the text."""
+    return chat_ids(tokenizer, [{"role": "user", "content": turn_text(prompt)}])
 
 
 def left_pad(sequences, pad_id):

@@ -103,6 +103,7 @@ def test_captioning_is_the_one_turn_case_and_the_system_turn_is_optional(qwen):
     ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], "turn 1 is from 'human'"),
     ([{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}], "turn 1 must have 'from'"),
     ([{"from": "human", "value": "a"}, {"from": "gpt", "value": None}], "turn 1 has a NoneType value"),
+    ([{"from": "human", "value": "a"}, {"from": "gpt", "value": " <image>\n"}], "turn 1 is an empty answer"),
     ([{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}, {"from": "human", "value": "c"}],
      "without an answer"),
 ])

@@ -66,6 +66,17 @@ def test_prompt_ends_where_the_assistant_answers():
     assert text.endswith("<|im_start|>user\nDescribe it.<|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_a_prompt_reads_as_the_same_question_did_in_training():
+    """A question with LLaVA's <image> placeholder or stray spaces is cleaned as training cleaned it, so the
+    prompt is, token for token, the start of the training sequence."""
+    from data import encode_conversation
+    tokenizer = tiny_tokenizer()
+    for question in ("<image>\nWhat is present? ", "What is present?\n<image>", "what is present?"):
+        trained, _ = encode_conversation(tokenizer, [{"from": "human", "value": question}, {"from": "gpt", "value": "a."}])
+        prompt = sample.prompt_ids(tokenizer, question)
+        assert trained[:len(prompt)] == prompt, question
+
+
 def test_answers_are_decoded_under_the_mask_the_checkpoint_was_trained_under(checkpoint, images, tmp_path):
     """config.json keeps the mask a checkpoint was trained under (train.py writes it): one trained with LLaVA's
     causal mask is decoded under the causal mask, unless --mask_kind says otherwise."""

@@ -120,8 +120,8 @@ def test_chat_prompt_is_chatml():
 
 def test_chat_prompt_matches_qwens_chat_template(tmp_path):
     """The turns as Qwen's own template writes them. The package's template is Qwen3's, which adds no system
-    turn of its own, so the conversation brings one; Qwen2.5's adds "You are a helpful assistant." when none
-    is given, our default (test_chat_prompt_is_chatml)."""
+    turn of its own, so the conversation brings one. (Qwen2.5's adds "You are Qwen, created by Alibaba Cloud.
+    You are a helpful assistant." when none is given; ours is LLaVA-NeXT's, "You are a helpful assistant.")"""
     from transformers import Qwen2Tokenizer
     reference = Qwen2Tokenizer.from_pretrained(copy_qwen_bpe_files(tmp_path, with_config=True))
     expected = reference.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
