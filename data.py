@@ -330,11 +330,11 @@ def open_parquet(path):
 
 
 def parquet_image(cell):
-    """An image cell -> encoded bytes, a file path, or None (a text-only row). Hugging Face datasets writes
-    images as {bytes, path}, the path alone where the bytes were not embedded; a plain binary column holds
-    the bytes, a string column the path."""
+    """An image cell -> encoded bytes, a file path (relative to the working directory), or None (a text-only
+    row). Hugging Face datasets writes images as {bytes, path}, the path alone where the bytes were not
+    embedded; a plain binary column holds the bytes, a string column the path."""
     if isinstance(cell, dict):
-        return cell.get("bytes") or cell.get("path")
+        return cell["bytes"] if cell.get("bytes") is not None else cell.get("path")
     return cell
 
 

@@ -382,7 +382,8 @@ def local_or_hub(path_or_repo, allow_patterns, repo_type="model"):
         return path_or_repo
     path_or_repo = str(path_or_repo)
     if not re.fullmatch(r"\w[\w.-]*/[\w.-]+", path_or_repo) or os.path.isdir(path_or_repo.split("/")[0]):
-        raise FileNotFoundError(f"{path_or_repo}: no such folder (nor a Hub repo id like owner/name)")
+        raise FileNotFoundError(f"{path_or_repo}: no such folder (a Hub repo id is owner/name, where no folder "
+                                "owner/ is here)")
     from huggingface_hub import snapshot_download
     return snapshot_download(path_or_repo, repo_type=repo_type, allow_patterns=allow_patterns)
 

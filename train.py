@@ -92,9 +92,7 @@ def main():
     check_stages_keep_command_line(settings["stages"], command_line_keys())
     dist_setup()
     runs = [merged(settings, overrides, f"stages[{i}]") for i, overrides in enumerate(settings["stages"])] or [settings]
-    out_dirs = [cfg["out_dir"] for cfg in runs]
-    if len(set(out_dirs)) < len(out_dirs):  # a later stage would overwrite an earlier one's log and checkpoints
-        raise ValueError(f"the stages share an out_dir ({out_dirs}): give each stage its own")
+    check_runs(runs)
     previous = None
     for cfg in runs:
         if previous is not None and not cfg["init_from"]:
@@ -103,6 +101,17 @@ def main():
     if settings["eval_after"] and is_main():
         evaluate_demo(previous, runs[-1])
     dist_teardown()
+
+
+def check_runs(runs):
+    """What would stop a run of several stages part way, found before the first one trains."""
+    out_dirs = [cfg["out_dir"] for cfg in runs]
+    if len(set(out_dirs)) < len(out_dirs):  # a later stage would overwrite an earlier one's log and checkpoints
+        raise ValueError(f"the stages share an out_dir ({out_dirs}): give each stage its own")
+    for cfg in runs:
+        if cfg["dtype"] not in ("bfloat16", "float32"):
+            raise ValueError(f"dtype={cfg['dtype']!r}: train in 'bfloat16' (as the paper) or 'float32'; float16 "
+                             "would need a loss scaler, which this loop does not have")
 
 
 def check_stages_keep_command_line(stages, given):
@@ -159,9 +168,6 @@ def train_stage(cfg):
         torch.backends.cudnn.allow_tf32 = True
     grad_accum = accumulation_steps(cfg["global_batch"], cfg["micro_batch"], world_size())
     masks.check_kind(cfg["mask_kind"])
-    if cfg["dtype"] not in ("bfloat16", "float32"):
-        raise ValueError(f"dtype={cfg['dtype']!r}: train in 'bfloat16' (as the paper) or 'float32'; float16 would "
-                         "need a loss scaler, which this loop does not have")
     if cfg["attention"] not in ATTENTION_PATHS:
         raise ValueError(f"unknown attention {cfg['attention']!r}; expected one of {ATTENTION_PATHS}")
     refused = cuda_graphs_refused(cfg["gradient_checkpointing"])
@@ -444,7 +450,8 @@ def write_checkpoint(cfg, model, tokenizer, optimizer, step, ranks):
 
 
 def flush_to_disk(folder):
-    """Every file of the folder on disk before `latest` names it: after a power cut, a checkpoint named is whole."""
+    """Every file of the folder on disk before `latest` names it (a power cut may lose the newest checkpoint,
+    not leave `latest` naming files that never reached the disk)."""
     for name in os.listdir(folder):
         with open(os.path.join(folder, name), "rb") as f:
             os.fsync(f.fileno())
@@ -455,16 +462,20 @@ def restore(folder, model, optimizer, stream, cfg):
     The optimizer's settings (learning rates, weight decay, betas) stay this run's: a resume may change them."""
     # data, never code; on the CPU, from where each rank's optimizer moves its state to its own device
     state = torch.load(os.path.join(folder, "trainer.pt"), map_location="cpu", weights_only=True)
-    if len(state["ranks"]) != world_size():
-        raise ValueError(f"{folder} was saved by {len(state['ranks'])} rank(s), not {world_size()}: resume on as many, "
+    # checkpoints written before each rank's position was kept hold rank 0's, which every rank then took
+    ranks = state.get("ranks") or [{"data": state["data"], "rng": state["rng"]}] * world_size()
+    if len(ranks) != world_size():
+        raise ValueError(f"{folder} was saved by {len(ranks)} rank(s), not {world_size()}: resume on as many, "
                          "or the data would not continue where it stopped")
     model.load_state_dict(VLM.load(folder).state_dict())
-    settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state["optimizer"])  # the moments and step counts
-    for group, setting in zip(optimizer.param_groups, settings):
-        group.update(setting)
-    stream.load_state_dict(state["ranks"][rank()]["data"])
-    set_rng_state(state["ranks"][rank()]["rng"])
+    # the moments and step counts from the checkpoint, under this run's settings: learning rates, weight decay,
+    # betas, and whether AdamW is fused (which decides the device the step counts are loaded to)
+    saved = state["optimizer"]
+    saved["param_groups"] = [{**this_run, "params": group["params"]}
+                             for this_run, group in zip(optimizer.state_dict()["param_groups"], saved["param_groups"])]
+    optimizer.load_state_dict(saved)
+    stream.load_state_dict(ranks[rank()]["data"])
+    set_rng_state(ranks[rank()]["rng"])
     changed = sorted(key for key, value in state["config"].items() if key != "resume" and cfg.get(key, value) != value)
     log(f"resumed from {folder} at step {state['step']}" + (f"; changed since: {', '.join(changed)}" if changed else ""))
     return state["step"]

@@ -216,11 +216,14 @@ def test_parquet_images_embedded_by_path_or_in_plain_columns(tmp_path):
     write_llava_parquet(tmp_path / "by_path.parquet", by_path)
     plain = pa.table({"id": ["c"], "image": pa.array([png()], pa.binary()), "conversations": [conversations]})
     pq.write_table(plain, tmp_path / "binary.parquet")
-    source = LlavaParquet(str(tmp_path))  # files in name order: binary.parquet (1 row), then by_path.parquet
-    records = source.read(0, [0]) + source.read(1, [0, 1])
-    assert [r["name"][-6:] for r in records] == ["(id c)", "(id a)", "(id b)"]
+    paths = pa.table({"id": ["d"], "image": [str(tmp_path / "on_disk.png")], "conversations": [conversations]})
+    pq.write_table(paths, tmp_path / "strings.parquet")
+    source = LlavaParquet(str(tmp_path))  # files in name order: binary (1 row), by_path (2), strings (1)
+    records = source.read(0, [0]) + source.read(1, [0, 1]) + source.read(2, [0])
+    assert [r["name"][-6:] for r in records] == ["(id c)", "(id a)", "(id b)", "(id d)"]
     assert Image.open(io.BytesIO(records[0]["image"])).size == (8, 8)
-    assert preprocess_image(Image.open(records[1]["image"])).shape == (3, 224, 224)
+    assert records[1]["image"] == records[3]["image"] == str(tmp_path / "on_disk.png")
+    assert make_sample(records[3], shapes_tokenizer(), 32, 64, "")[0]["pixel_values"].shape == (3, 32, 32)
     with pytest.raises(ValueError, match=r"by_path.parquet row 1 \(id b\).*gone.png"):
         make_sample(records[2], shapes_tokenizer(), 32, 64, "")
 

@@ -2,6 +2,7 @@
 answers, the clear errors, and the captioning loop end to end on a tiny random model."""
 import gzip
 import json
+import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -263,6 +264,13 @@ def test_a_runs_out_dir_stands_for_its_newest_checkpoint(tmp_path):
     assert args.checkpoint == str(tmp_path / "step-0000500")
     assert args.out_dir == str(tmp_path / "eval" / "step-0000500")
     assert parse_args([]).out_dir == "out-eval"  # the pretrained backbones, no checkpoint
+
+
+def test_greedy_and_beam_search_results_are_kept_apart():
+    from eval import parse_args, result_path
+    greedy, beams = parse_args(["--out_dir", "o"]), parse_args(["--out_dir", "o", "--num_beams", "3"])
+    assert result_path(greedy, "metrics", "coco_test") == os.path.join("o", "metrics_coco_test.json")
+    assert result_path(beams, "metrics", "coco_test") == os.path.join("o", "metrics_coco_test_beams3.json")
 
 
 def test_unknown_dataset_is_refused(capsys):

@@ -248,12 +248,19 @@ def test_a_resume_keeps_the_optimizer_state_and_takes_this_runs_settings(tmp_pat
     assert [(group["base_lr"], group["weight_decay"]) for group in projector] == [(1e-5, 0.1), (1e-5, 0.0)]
     moments = [optimizer.state[p]["exp_avg"] for group in projector for p in group["params"]]
     assert moments and all(torch.allclose(m, torch.full_like(m, 0.1)) for m in moments)  # (1 - beta1) x a gradient of 1
+    # a checkpoint from before every rank's position was kept (one position and random state, rank 0's) resumes
+    path = os.path.join(train.latest_checkpoint(str(tmp_path)), "trainer.pt")
+    state = torch.load(path, weights_only=True)
+    state.update(state.pop("ranks")[0])
+    torch.save(state, path)
+    assert train.restore(train.latest_checkpoint(str(tmp_path)), model, optimizer, stream, cfg) == 1
 
 
-def test_float16_without_a_loss_scaler_is_refused():
-    cfg = merged(train.settings, {**TINY, "device": "cpu", "tokenizer": "shapes", "dtype": "float16"}, "test")
+def test_float16_without_a_loss_scaler_is_refused_before_any_stage_trains():
+    runs = [merged(train.settings, {**TINY, "out_dir": f"out/{i}", "dtype": dtype}, "test")
+            for i, dtype in enumerate(["float32", "float16"])]
     with pytest.raises(ValueError, match="dtype='float16'.*loss scaler"):
-        train.train_stage(cfg)
+        train.check_runs(runs)
 
 
 def test_checkpoint_is_loadable_and_complete(tmp_path):
