@@ -224,9 +224,13 @@ def pathvqa_samples(path_or_repo, split):
     source = PathVQAParquet(path_or_repo, pattern=f"{split}-*.parquet")
     records = [record for chunk, size in enumerate(source.chunk_sizes)
                for record in source.read(chunk, list(range(size)))]
+    # found now, not after answering the rows before them
     without_image = [r["name"] for r in records if r["image"] is None]
-    if without_image:  # found now, not after answering the rows before them
+    if without_image:
         raise ValueError(f"{len(without_image)} PathVQA rows have no image, e.g. {without_image[:3]}")
+    not_text = [r["name"] for r in records if not all(isinstance(turn["value"], str) for turn in r["conversations"])]
+    if not_text:
+        raise ValueError(f"{len(not_text)} PathVQA rows lack a question or answer, e.g. {not_text[:3]}")
     return [{"key": i, "image": r["image"], "name": r["name"], "prompt": r["conversations"][0]["value"],
              "answer": r["conversations"][1]["value"]} for i, r in enumerate(records)]
 

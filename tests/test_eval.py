@@ -329,3 +329,9 @@ def test_pathvqa_rows_without_an_image_are_found_before_any_answering(tmp_path):
                    tmp_path / "test-0.parquet")
     with pytest.raises(ValueError, match=r"1 PathVQA rows have no image, e.g. \['.*test-0.parquet row 1'\]"):
         eval_main(["--task", "pathvqa", "--pathvqa_parquet", str(tmp_path)])
+
+
+def test_pathvqa_rows_without_an_answer_are_found_before_any_answering(tmp_path):
+    write_pathvqa(tmp_path / "test-0.parquet", ["is there a nucleus?", "what organ is this?"], ["yes", None])
+    with pytest.raises(ValueError, match=r"1 PathVQA rows lack a question or answer, e.g. \['.*test-0.parquet row 1'\]"):
+        eval_main(["--task", "pathvqa", "--pathvqa_parquet", str(tmp_path)])
