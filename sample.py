@@ -93,7 +93,7 @@ class TokenPrinter:
         self.print_new_text(hold_incomplete=True)
 
     def print_new_text(self, hold_incomplete):
-        text = self.tokenizer.decode(self.ids)
+        text = self.tokenizer.decode(self.ids).lstrip()  # as answer() strips it
         if hold_incomplete and text.endswith("\ufffd"):  # maybe the first bytes of a character: wait for the rest
             return
         print(text[self.printed:], end="", flush=True)

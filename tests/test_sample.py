@@ -38,6 +38,10 @@ def test_token_printer_prints_each_token_but_waits_for_whole_characters(capsys):
         printed_after_each.append(capsys.readouterr().out)
     assert "".join(printed_after_each) == "a cat é"
     assert all(printed_after_each[:-2]) and printed_after_each[-2:] == ["", "é"]
+    printer = sample.TokenPrinter(tokenizer)
+    for token in tokenizer.encode(" \n a dog"):  # leading whitespace is left out, as answer() strips it
+        printer(torch.tensor([token]))
+    assert capsys.readouterr().out == "a dog"
 
 
 def test_several_images_are_answered_each_on_its_own(checkpoint, images, capsys):
