@@ -5,7 +5,8 @@
     text  -> Qwen2 token embedding -------------------------------------> text tokens --+
 
 The file reads top to bottom: attention shared by both towers, the SigLIP vision encoder, the Qwen2 language
-model, loading of the official safetensors, then the VLM that joins them (Algorithms 1 and 2) and generates.
+model, loading of the official safetensors, then the VLM that joins them (Algorithms 1 and 2), its next-token
+loss a chunk of the output layer at a time, and decoding (greedy, beam search).
 """
 import inspect
 import json
@@ -44,7 +45,8 @@ fused_flex_attention = torch.compile(flex_attention, dynamic=False)
 def attend(q, k, v, mask):
     """Scaled dot-product attention for q [B,H,Q,hd] and k, v [B,Hkv,K,hd] (Hkv divides H: GQA).
 
-    `mask` is None (no mask); a boolean [B,1,Q,K] (True = may attend) for SDPA, the simple reference path;
+    `mask` is None (every token sees every token, as in SigLIP; Qwen2.hidden_states makes its own None the
+    causal mask first); a boolean [B,1,Q,K] (True = may attend) for SDPA, the simple reference path;
     a FlexAttention BlockMask (masks.block_mask); masks.PrefixBlocks, the prefix mask run by blocks; or
     masks.Segments, the mask as segments of tokens."""
     gqa = k.shape[1] != q.shape[1]
@@ -71,16 +73,17 @@ def segment_attention(q, k, v, segments):
     """The stage's mask as attention within segments of tokens (masks.Segments), the rows laid end to end:
     every document attends to itself, causally or both ways; for the prefix mask the image rows come from a
     second pass in which each image block is a segment of its own, so that it sees itself whole (Fig. 3(b))."""
-    B, H, L, hd = q.shape
+    B, _, L, _ = q.shape
     q, k, v = (t.transpose(1, 2).flatten(0, 1) for t in (q, k, v))  # [B*L, heads, hd]
-    y = attend_in_segments(q, k, v, segments.documents, segments.max_len, causal=segments.mask_kind != "bidirectional")
+    y = attend_in_segments(q, k, v, segments.documents, segments.max_len,
+                           is_causal=segments.mask_kind != "bidirectional")
     if segments.mask_kind == "prefix":
-        image = attend_in_segments(q, k, v, segments.parts, segments.max_len, causal=False)
+        image = attend_in_segments(q, k, v, segments.parts, segments.max_len, is_causal=False)
         y = torch.where(segments.image[:, None, None], image, y)
     return y.unflatten(0, (B, L)).transpose(1, 2)
 
 
-def attend_in_segments(q, k, v, boundaries, max_len, causal):
+def attend_in_segments(q, k, v, boundaries, max_len, is_causal):
     """Attention of the tokens q [N, H, hd] and k, v [N, Hkv, hd] within segments (boundaries[i] up to
     boundaries[i+1], at most max_len long): flash-attention's variable-length kernel on the GPU, and on the
     CPU, which has no such kernel, the segments as a dense mask through SDPA."""
@@ -91,13 +94,14 @@ def attend_in_segments(q, k, v, boundaries, max_len, causal):
         if q.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f'attention="varlen" runs flash kernels, which take 16-bit inputs, not {q.dtype}: '
                              'train with dtype "bfloat16"')
-        options = {"window_size": (-1, 0) if causal else (-1, -1)}
+        # how far each query reaches (left, right) within its segment; -1 is unlimited: (-1, 0) is causal
+        options = {"window_size": (-1, 0) if is_causal else (-1, -1)}
         if "enable_gqa" in VARLEN_OPTIONS:
             options["enable_gqa"] = gqa
         elif gqa:  # torch 2.11 takes no GQA flag: each key-value head repeated for its group of query heads
             k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
         return varlen_attn(q, k, v, boundaries, boundaries, max_len, max_len, **options)
-    mask = masks.segment_mask(boundaries, q.shape[0], causal)
+    mask = masks.segment_mask(boundaries, q.shape[0], is_causal)
     y = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
                                        enable_gqa=gqa)
     return y.transpose(0, 1)
@@ -114,7 +118,7 @@ def shared_input_linear(x, *layers):
 
 
 # -----------------------------------------------------------------------------
-# SigLIP vision encoder (the so400m tower: 27 pre-LN blocks of width 1152 over 16x16 patches)
+# SigLIP vision encoder (the so400m tower: 27 pre-LN blocks of width 1152 over a 16x16 grid of 14x14-pixel patches)
 
 @dataclass
 class SigLIPConfig:
@@ -323,7 +327,7 @@ class Qwen2(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
-        self.fixed_inputs = None  # set by VLM.compile_blocks when the blocks replay as CUDA graphs (FixedInputs)
+        self.fixed_inputs = None  # set by VLM.use_fixed_inputs (compile_blocks calls it for CUDA graphs)
 
     def hidden_states(self, input_ids=None, inputs_embeds=None, mask=None, position_ids=None, cache=None):
         """The final-norm hidden states [B,T,D]. `mask` None means causal; `position_ids` default 0..T-1."""
@@ -555,7 +559,7 @@ class VLM(nn.Module):
         self.language = Qwen2(config.language)
         self.n_image_tokens = self.vision.n_patches
         self.attention = "sdpa"  # or "flex", "flash" or "varlen" (ATTENTION_PATHS): see `mask`
-        self.fixed_inputs = None  # set by compile_blocks when the blocks replay as CUDA graphs (FixedInputs)
+        self.fixed_inputs = None  # set by use_fixed_inputs (compile_blocks calls it for CUDA graphs)
 
     # --- training forward pass -------------------------------------------------
 
@@ -581,7 +585,8 @@ class VLM(nn.Module):
 
     def decode(self, image_tokens, input_ids, text_mask, mask_kind, cache=None):
         """Run the language model over [image tokens | text tokens] under the stage's mask (paper 3.1, 3.2).
-        With a `cache` (generation's prefill) the prompt may be left-padded, which only the dense mask covers."""
+        With a `cache` (generation's prefill) the prompt may be left-padded, which PrefixBlocks and Segments do
+        not cover: prefill takes the dense mask."""
         text_tokens = self.language.embed_tokens(input_ids)
         sequence = torch.cat([image_tokens.to(text_tokens.dtype), text_tokens], dim=1)  # L <- concat(V, T)
         keep = self.keep(text_mask)
@@ -598,27 +603,30 @@ class VLM(nn.Module):
         whole rows; pixel_values holds one image per document, in row order."""
         image_tokens = self.projector(self.vision(pixel_values))                  # V <- projector(vision(image))
         text_tokens = self.language.embed_tokens(input_ids)
-        # the image slots come first in this order: their number follows from the shapes, so they are found
-        # without reading a count back from the GPU (a sync). Sorted as integers: CUDA builds before torch 2.6
-        # cannot sort booleans.
+        # a stable argsort of is_text lists the image slots' flat positions first, in row order; there are
+        # n_images x n_image_tokens of them, a count known from the shapes, so nothing waits for the GPU.
+        # Sorted as integers: CUDA builds before torch 2.6 cannot sort booleans.
         is_text = ~masks.image_slots(document, self.n_image_tokens).flatten()
-        image_slots = torch.argsort(is_text.int(), stable=True)[:image_tokens.shape[0] * self.n_image_tokens]
-        sequence = text_tokens.flatten(0, 1).index_copy(0, image_slots, image_tokens.flatten(0, 1).to(text_tokens.dtype))
+        image_slot_index = torch.argsort(is_text.int(), stable=True)[:image_tokens.shape[0] * self.n_image_tokens]
+        sequence = text_tokens.flatten(0, 1).index_copy(0, image_slot_index,
+                                                        image_tokens.flatten(0, 1).to(text_tokens.dtype))
         sequence = sequence.view_as(text_tokens)                                    # each document's V, then its T
         mask = self.mask(mask_kind, document >= 0, document)                        # attn_mask <- update_attention(...)
         hidden = self.language.hidden_states(inputs_embeds=sequence, mask=mask, position_ids=masks.document_positions(document))
         if label_positions is None:
             label_positions = find_label_positions(labels)
         # the token before each labelled token predicts it (rows start with an image token: never the row above)
-        rows = hidden.flatten(0, 1)[label_positions - 1]
-        return next_token_loss(self.language.lm_head.weight, rows, labels.flatten()[label_positions])
+        before_label = label_positions - 1
+        return next_token_loss(self.language.lm_head.weight, hidden.flatten(0, 1)[before_label],
+                               labels.flatten()[label_positions])
 
     def mask(self, mask_kind, keep, document=None):
         """The stage's mask (paper 3.2) in the form the attention path takes: the prefix mask by blocks
         (masks.PrefixBlocks, flash kernels, no mask tensor), a FlexAttention BlockMask (fully masked blocks are
         skipped), segments of tokens for flash's variable-length kernel (masks.Segments) or a dense boolean mask
-        for SDPA (the simple reference). "flash" and "varlen" differ where the prefix mask by blocks does not
-        fit: packed rows and the other masks."""
+        for SDPA (the simple reference). By path: "sdpa" takes the dense mask and "flex" the BlockMask; "flash"
+        takes PrefixBlocks for the prefix mask of right-padded rows and a BlockMask otherwise (packed rows, the
+        other masks); "varlen" is "flash" with Segments in place of the BlockMask."""
         if self.attention in ("flash", "varlen") and mask_kind == "prefix" and document is None:
             return masks.PrefixBlocks(self.n_image_tokens, keep.shape[1])  # training batches are right-padded (data.collate)
         if self.attention == "varlen":
@@ -632,6 +640,7 @@ class VLM(nn.Module):
         return dense if self.fixed_inputs is None else self.fixed_inputs("mask", dense)
 
     def keep(self, text_mask):
+        """The real tokens of [image | text] [B, S]: every image token, and the text where text_mask is True."""
         image = torch.ones(text_mask.shape[0], self.n_image_tokens, dtype=torch.bool, device=text_mask.device)
         return torch.cat([image, text_mask.bool()], dim=1)
 
@@ -645,8 +654,9 @@ class VLM(nn.Module):
         # before it, row b*S + n_image_tokens + t - 1 of hidden.flatten(0, 1): the last image token predicts
         # the first text token
         sample = label_positions // labels.shape[1]
-        rows = label_positions + (sample + 1) * self.n_image_tokens - 1
-        return next_token_loss(self.language.lm_head.weight, hidden.flatten(0, 1)[rows], labels.flatten()[label_positions])
+        before_label = label_positions + (sample + 1) * self.n_image_tokens - 1
+        return next_token_loss(self.language.lm_head.weight, hidden.flatten(0, 1)[before_label],
+                               labels.flatten()[label_positions])
 
     def compile_blocks(self, mode="default", max_shapes=64):
         """torch.compile each transformer block ("regional" compilation), for training. The 27 vision and 24
@@ -684,10 +694,10 @@ class VLM(nn.Module):
     def generate(self, pixel_values, input_ids, text_mask, max_new_tokens=30, num_beams=1,
                  eos_ids=(151645, 151643), mask_kind=None, length_penalty=1.0, on_token=None):
         """Decode from [image | prompt] with a KV cache; the prompt may be left- or right-padded, and attends
-        under `mask_kind` (default: the model's, config.mask_kind).
+        under `mask_kind` (default: the model's, config.mask_kind). `eos_ids`: <|im_end|> and <|endoftext|>.
 
         Returns the new tokens of each sample, without the end token. `on_token(tokens [B])` is called after
-        each greedy step, for streaming."""
+        each greedy step, for streaming (-1 for a sample that has ended; beam search does not stream)."""
         mask_kind = mask_kind or self.config.mask_kind
         image_tokens = self.projector(self.vision(pixel_values))
         text_mask = text_mask.bool()
@@ -797,7 +807,7 @@ def positions(keep):
 
 
 def find_label_positions(labels):
-    """The entries of labels.flatten() that carry a label: the only rows whose logits the model computes. data's
+    """The entries of labels.flatten() that carry a label: logits are computed only just before them. data's
     batches bring them, counted on the host; without them the model counts them on the GPU."""
     return (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
 
@@ -861,7 +871,7 @@ def linear_cross_entropy(weight, rows, targets, chunk_size, want_weight_grad=Fal
 
 
 def softmax_cross_entropy(logits, targets):
-    """Summed cross-entropy of logits [N, V] (in fp32) against targets [N], and its gradient with respect to
+    """Summed cross-entropy of logits [N, V] (computed in fp32) against targets [N], and its gradient with respect to
     the logits, softmax - one-hot, in the logits' dtype. A target of IGNORE_INDEX adds nothing to either."""
     counted = (targets != IGNORE_INDEX)[:, None]
     targets = targets.clamp(min=0)[:, None]  # an ignored row is multiplied by 0 below
@@ -905,6 +915,7 @@ class Decoder:
 
 
 def greedy(step, logits, max_new_tokens, on_token=None):
+    """Argmax decoding: each sample's tokens up to, not including, its end token."""
     batch = logits.shape[0]
     done = torch.zeros(batch, dtype=torch.bool, device=logits.device)
     out = [[] for _ in range(batch)]
@@ -923,8 +934,8 @@ def greedy(step, logits, max_new_tokens, on_token=None):
 
 
 def beam_search(step, logits, max_new_tokens, num_beams, length_penalty):
-    """The `num_beams` most probable continuations of each prompt, searched as transformers' beam search does
-    with its defaults (its result is the test). Each step ranks the beams' continuations; of the best
+    """The most probable continuation of each prompt, searched with `num_beams` beams as transformers' beam
+    search does with its defaults (a test compares the two). Each step ranks the beams' continuations; of the best
     `num_beams`, those that end (an end token, or the last token allowed) become finished hypotheses, scored
     log-probability / length**length_penalty (the end token counted), and each prompt keeps its best
     `num_beams` of them; the best continuations that do not end run on. A prompt is done once it holds

@@ -147,8 +147,7 @@ def test_block_lists_name_exactly_the_blocks_the_dense_mask_needs(mask_kind, pac
 
 def segments_as_dense(segments, n_tokens):
     """What model.segment_attention computes, as a dense [n_tokens, n_tokens] mask over the rows laid end to end."""
-    causal = segments.mask_kind != "bidirectional"
-    dense = masks.segment_mask(segments.documents, n_tokens, causal)
+    dense = masks.segment_mask(segments.documents, n_tokens, is_causal=segments.mask_kind != "bidirectional")
     if segments.mask_kind == "prefix":
         dense = torch.where(segments.image[:, None], masks.segment_mask(segments.parts, n_tokens, False), dense)
     return dense
