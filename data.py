@@ -3,10 +3,12 @@
 Read top to bottom:
   1. Tokenizer      Qwen2.5's byte-level BPE, built with the `tokenizers` library (DESIGN.md "Tokenizer").
   2. Chat format    ChatML prompts, and LLaVA conversations turned into (input_ids, labels).
-  3. Images         decode, convert to RGB, resize to 224x224 bicubic, normalise to [-1, 1] (SigLIP's recipe).
+  3. Images         decode, convert to RGB, resize to the encoder's size (224x224) bicubic, normalise to [-1, 1]
+                    (SigLIP's recipe).
   4. Sources        where samples come from: parquet shards (LLaVA-ReCap, LLaVA-NeXT-Data, PathVQA), LLaVA's
                     JSON + image folder, Karpathy caption splits, and synthetic shapes for the offline demo.
-  5. Batches        a shuffled, sharded, resumable stream of padded batches, decoded in DataLoader workers.
+  5. Batches        a shuffled, sharded, resumable stream of padded or packed batches, decoded in DataLoader
+                    workers.
 """
 import glob
 import io
@@ -653,7 +655,7 @@ def pack_documents(samples, max_len, n_image_tokens, pad_id=0, rows=None, pad_to
     `samples` are dicts with "pixel_values" [3, H, W] and equal-length 1-D "input_ids" and "labels" (as for
     collate). Returns "pixel_values" [N, 3, H, W], one image per document in row order; "input_ids",
     "labels", "document" [rows, length] over whole rows, where a document's image slots come first (input
-    pad_id, label -100), then its text, and `document` numbers the documents of each row 0, 1, ... and marks
+    pad_id, label IGNORE_INDEX), then its text, and `document` numbers the documents of each row 0, 1, ... and marks
     padding -1; and "label_positions": the arguments of VLM.forward_packed."""
     lengths = document_lengths(samples, n_image_tokens)
     if rows is None:
@@ -676,12 +678,12 @@ def pack_documents(samples, max_len, n_image_tokens, pad_id=0, rows=None, pad_to
             "label_positions": find_label_positions(labels)}
 
 
-def pack_micro_batches(samples, max_len, n_image_tokens, rows, pad_id=0, pad_to_multiple=1):
-    """All of `samples` packed into rows (fill_rows), then cut into micro-batches of at most `rows` rows, each
-    as long as its fullest row allows (pack_documents)."""
+def pack_micro_batches(samples, max_len, n_image_tokens, pack_rows, pad_id=0, pad_to_multiple=1):
+    """All of `samples` packed into rows (fill_rows), then cut into micro-batches of at most `pack_rows` rows,
+    each as long as its fullest row allows (pack_documents)."""
     filled = fill_rows(document_lengths(samples, n_image_tokens), max_len)
-    return [pack_documents(samples, max_len, n_image_tokens, pad_id, filled[i:i + rows], pad_to_multiple)
-            for i in range(0, len(filled), rows)]
+    return [pack_documents(samples, max_len, n_image_tokens, pad_id, filled[i:i + pack_rows], pad_to_multiple)
+            for i in range(0, len(filled), pack_rows)]
 
 
 def document_lengths(samples, n_image_tokens):

@@ -27,11 +27,11 @@ without a checkpoint, out-eval):
                                       image_id: COCO's image id, or the Flickr file name
                                       without extension (a number for Flickr30k)
     metrics_{dataset}_{split}.json    {"dataset", "settings", "scores": {metric: fraction}}
-    answers_pathvqa.json, metrics_pathvqa.json   for --task pathvqa
+    answers_pathvqa_{split}.json, metrics_pathvqa_{split}.json   for --task pathvqa (--pathvqa_split)
     (with --num_beams N > 1, each name ends in _beamsN: greedy and beam-search results stay side by side)
 
 and the scores are printed as a table like the paper's Table 6 (x100). Under torchrun every rank answers
-its share of the images and rank 0 gathers the answers, scores and writes.
+its share of the images, the ranks gather each other's answers, and rank 0 scores and writes.
 """
 import argparse
 import json
@@ -144,31 +144,31 @@ def normalize_answer(text):
     return " ".join(word for word in text.split() if word not in ("a", "an", "the"))
 
 
-def is_yes_no(answer):
-    return normalize_answer(answer) in ("yes", "no")
+def is_yes_no(truth):
+    return normalize_answer(truth) in ("yes", "no")
 
 
-def is_correct(prediction, answer):
+def is_correct(prediction, truth):
     """Exact match after normalisation. A yes/no question is judged by the first word of the prediction,
     so "Yes, the tissue is inflamed." answers "yes" correctly."""
-    prediction, answer = normalize_answer(prediction), normalize_answer(answer)
-    if answer in ("yes", "no"):
-        return prediction.split()[:1] == [answer]
-    return prediction == answer
+    prediction, truth = normalize_answer(prediction), normalize_answer(truth)
+    if truth in ("yes", "no"):
+        return prediction.split()[:1] == [truth]
+    return prediction == truth
 
 
 def mean(values):
     return sum(values) / len(values) if values else None  # None (JSON null) when there is nothing to average
 
 
-def pathvqa_metrics(predictions, answers):
-    """Accuracy of predicted answers against reference answers (two aligned lists of strings), on the yes/no
-    questions, on the open questions (exact match), and on all of them."""
-    if len(predictions) != len(answers):
-        raise ValueError(f"{len(predictions)} predictions for {len(answers)} answers")
-    correct = [is_correct(p, a) for p, a in zip(predictions, answers)]
-    yes_no = [c for c, a in zip(correct, answers) if is_yes_no(a)]
-    open_ended = [c for c, a in zip(correct, answers) if not is_yes_no(a)]
+def pathvqa_metrics(predictions, truths):
+    """Accuracy of predicted answers against the reference answers (two aligned lists of strings), on the
+    yes/no questions, on the open questions (exact match), and on all of them."""
+    if len(predictions) != len(truths):
+        raise ValueError(f"{len(predictions)} predictions for {len(truths)} answers")
+    correct = [is_correct(p, t) for p, t in zip(predictions, truths)]
+    yes_no = [c for c, t in zip(correct, truths) if is_yes_no(t)]
+    open_ended = [c for c, t in zip(correct, truths) if not is_yes_no(t)]
     return {"yes_no_accuracy": mean(yes_no), "open_exact_match": mean(open_ended), "overall_accuracy": mean(correct),
             "n_yes_no": len(yes_no), "n_open": len(open_ended)}
 
@@ -254,17 +254,17 @@ def answer_all(model, tokenizer, samples, args, rank, world_size, desc):
     """{sample key: the model's answer} for every sample; each rank answers every world_size-th sample and
     all ranks get everyone's answers."""
     mine = samples[rank::world_size]
-    answers = {}
+    predictions = {}
     for start in tqdm(range(0, len(mine), args.batch_size), desc=desc, unit="batch", disable=rank != 0):
         batch = mine[start:start + args.batch_size]
         images = [load_image(sample["image"], sample["name"]) for sample in batch]
         prompts = [sample["prompt"] for sample in batch]
         texts = answer(model, tokenizer, images, prompts, args.max_new_tokens, args.num_beams)
-        answers.update(zip([sample["key"] for sample in batch], texts))
+        predictions.update(zip([sample["key"] for sample in batch], texts))
     if world_size == 1:
-        return answers
+        return predictions
     every_rank = [None] * world_size
-    dist.all_gather_object(every_rank, answers)
+    dist.all_gather_object(every_rank, predictions)
     return {key: text for part in every_rank for key, text in part.items()}
 
 
@@ -302,8 +302,9 @@ def evaluate_pathvqa(model, tokenizer, samples, args, rank, world_size):
     rows = [{"question": s["prompt"], "answer": s["answer"], "prediction": predictions[s["key"]]} for s in samples]
     metrics = pathvqa_metrics([row["prediction"] for row in rows], [row["answer"] for row in rows])
     print(json.dumps(metrics, indent=1))
-    write_json(rows, result_path(args, "answers", "pathvqa"))
-    write_json({"settings": settings(args), "scores": metrics}, result_path(args, "metrics", "pathvqa"))
+    name = f"pathvqa_{args.pathvqa_split}"
+    write_json(rows, result_path(args, "answers", name))
+    write_json({"settings": settings(args), "scores": metrics}, result_path(args, "metrics", name))
     return metrics
 
 
@@ -327,7 +328,8 @@ def parse_args(argv=None):
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated, from " + ",".join(DATASETS))
     parser.add_argument("--karpathy_dir", default="data/karpathy")
     parser.add_argument("--image_root", default="data/images")
-    parser.add_argument("--prompt", default=SHORT_CAPTION_PROMPT, help="the caption instruction (default: training's)")
+    parser.add_argument("--prompt", default=SHORT_CAPTION_PROMPT, help="the caption instruction (default: the one "
+                        "data.KarpathyCaptions trains with)")
     parser.add_argument("--pathvqa_parquet", default="data/path-vqa/test.parquet",
                         help="a PathVQA parquet file, a folder of them, or the Hub repo flaviagiammarino/path-vqa")
     parser.add_argument("--pathvqa_split", default="test", help="in a folder or repo, the files {split}-*.parquet")

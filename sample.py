@@ -119,7 +119,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", action="append", required=True,
                         help="image file; repeat the flag or give a comma-separated list for several")
-    parser.add_argument("--prompt", default=SHORT_CAPTION_PROMPT, help="default: the caption prompt of training")
+    parser.add_argument("--prompt", default=SHORT_CAPTION_PROMPT, help="default: the caption prompt that "
+                        "data.KarpathyCaptions trains with")
     add_model_args(parser)
     args = parser.parse_args(argv)
     args.image = [path for value in args.image for path in value.split(",") if path]
@@ -130,11 +131,11 @@ def main(argv=None):
     args = parse_args(argv)
     images = [load_image(path, path) for path in args.image]  # a wrong path fails before the model loads
     model, tokenizer = load_model(args)
-    stream = len(images) == 1 and args.num_beams == 1  # generate's on_token streams greedy decoding only
-    printer = TokenPrinter(tokenizer) if stream else None
+    streaming = len(images) == 1 and args.num_beams == 1  # generate's on_token streams greedy decoding only
+    printer = TokenPrinter(tokenizer) if streaming else None
     answers = answer(model, tokenizer, images, [args.prompt] * len(images), args.max_new_tokens, args.num_beams,
                      on_token=printer)
-    if stream:
+    if streaming:
         printer.finish()
     else:
         for path, text in zip(args.image, answers):

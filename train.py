@@ -29,7 +29,8 @@ from model import (ATTENTION_PATHS, CUDA_GRAPH_MODES, VLM, Qwen2Config, SigLIPCo
                    latest_checkpoint)
 
 # -----------------------------------------------------------------------------
-# Settings: the defaults are the paper's stage 2; config/*.py and --key=value change them.
+# Settings: these globals are the defaults (the paper's stage 2). config/*.py and --key=value change the dict
+# `settings` built from them below, which each stage reads as `cfg`.
 # model
 vision = "google/siglip-so400m-patch14-224"  # a Hub id or a local folder
 language = "Qwen/Qwen2.5-0.5B"
@@ -41,7 +42,7 @@ tokenizer = ""                # without init_from: a folder or Hub id ("shapes":
 # data
 dataset = "lmms-lab/LLaVA-ReCap-558K"
 data_format = "parquet"       # parquet | llava_json | pathvqa | karpathy | synthetic
-image_root = ""               # images of llava_json / karpathy data (preprocessed at the vision model's image_size)
+image_root = ""               # the image folder of llava_json / karpathy data (any size: resized on loading)
 max_text_tokens = 256         # longer conversations are truncated (and counted)
 pad_to_multiple = 64          # text lengths are padded up to a multiple of this: few shapes for compiled blocks
 pack_length = 0               # > 0: pack each batch's conversations into rows of this many tokens (stage 3)
@@ -60,7 +61,7 @@ stages = []                   # several stages in one run: a list of dicts of th
 # optimisation (paper 4.2)
 global_batch = 128
 micro_batch = 16              # per GPU; gradient accumulation makes up the rest of the global batch (packed: the
-                              # micro-batches hold as many tokens as this many samples of max_text_tokens)
+                              # micro-batches hold as many tokens as this many samples of image + max_text_tokens)
 epochs = 1
 max_steps = 0                 # 0: as many as the epochs need
 warmup_steps = 20             # linear warm-up, over at most a tenth of the stage's steps
@@ -166,6 +167,7 @@ def train_stage(cfg):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 where bf16 autocast does not reach (paper 4.2)
         torch.backends.cudnn.allow_tf32 = True
+    # the stream cuts each batch into micro-batches; this checks that the split is even, and names it in the log
     grad_accum = accumulation_steps(cfg["global_batch"], cfg["micro_batch"], world_size())
     masks.check_kind(cfg["mask_kind"])
     if cfg["attention"] not in ATTENTION_PATHS:
@@ -198,10 +200,10 @@ def train_stage(cfg):
     total_steps = cfg["max_steps"] or cfg["epochs"] * len(stream)
     if total_steps <= 0:
         raise ValueError(f"nothing to train: max_steps={cfg['max_steps']} and epochs={cfg['epochs']}")
-    micro_batches = (f"packed into micro-batches of at most {stream.pack_rows} row(s) of {cfg['pack_length']} tokens"
-                     if cfg["pack_length"] else f"{grad_accum} micro-batch(es) of {cfg['micro_batch']}")
+    micro_batch_plan = (f"packed into micro-batches of at most {stream.pack_rows} row(s) of {cfg['pack_length']} "
+                        "tokens" if cfg["pack_length"] else f"{grad_accum} micro-batch(es) of {cfg['micro_batch']}")
     log(f"stage {cfg['stage']}: mask {cfg['mask_kind']}, noise {cfg['noise_prob']}, trainable {trainable}, "
-        f"{total_steps} steps of {cfg['global_batch']} samples; on each of {world_size()} rank(s), {micro_batches}")
+        f"{total_steps} steps of {cfg['global_batch']} samples; on each of {world_size()} rank(s), {micro_batch_plan}")
     if cfg["compile"]:
         model.compile_blocks(cfg["compile_mode"])
     runner = model
@@ -212,8 +214,9 @@ def train_stage(cfg):
     while step < total_steps:
         started = time.perf_counter()
         set_learning_rates(optimizer, step, total_steps, cfg)
-        noise = torch.Generator(device).manual_seed(cfg["seed"] + 1000 * step + rank())  # per rank; the same after a resume
-        loss, n_images, n_tokens, flops = train_step(runner, next(batches), cfg, device, trainable, noise)
+        # stage 0's noise: per rank, and the same after a resume
+        noise_generator = torch.Generator(device).manual_seed(cfg["seed"] + 1000 * step + rank())
+        loss, n_images, n_tokens, flops = train_step(runner, next(batches), cfg, device, trainable, noise_generator)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg["grad_clip"])
         loss = mean_over_ranks(loss)
         if not math.isfinite(loss) or not math.isfinite(grad_norm.item()):
@@ -223,10 +226,12 @@ def train_stage(cfg):
         optimizer.zero_grad(set_to_none=True)
         step += 1
         elapsed = time.perf_counter() - started
+        # skipped, text-only and truncated samples, summed over the ranks
+        counts_all_ranks = dict(zip(stream.counts, sum_over_ranks(list(stream.counts.values()), device)))
         record = {"stage": cfg["stage"], "step": step, "loss": loss, "grad_norm": grad_norm.item(),
                   "lr": {group["name"]: group["lr"] for group in optimizer.param_groups},
                   "images_per_s": n_images * world_size() / elapsed, "tokens_per_s": n_tokens * world_size() / elapsed,
-                  **dict(zip(stream.counts, sum_over_ranks(list(stream.counts.values()), device)))}  # all ranks
+                  **counts_all_ranks}
         if device.type == "cuda":
             record["mfu"] = flops * world_size() / elapsed / cfg["peak_flops"]
             record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -250,7 +255,7 @@ def accumulation_steps(global_batch, micro_batch, n_ranks):
     return global_batch // (micro_batch * n_ranks)
 
 
-def train_step(runner, micro_batches, cfg, device, trainable, noise=None):
+def train_step(runner, micro_batches, cfg, device, trainable, noise_generator=None):
     """Forward and backward over one batch's micro-batches; gradients are only synchronised on the last. Each
     micro-batch's mean loss counts by its share of the labelled tokens of the global batch (all ranks), so
     the gradient is that of the global batch's mean loss per token (eq. 1), however micro-batches and ranks
@@ -268,7 +273,7 @@ def train_step(runner, micro_batches, cfg, device, trainable, noise=None):
         torch.compiler.cudagraph_mark_step_begin()  # compile_mode reduce-overhead: the last step's graph outputs are free
         with sync:
             with autocast:
-                loss = runner(**batch, mask_kind=cfg["mask_kind"], noise_prob=cfg["noise_prob"], generator=noise)
+                loss = runner(**batch, mask_kind=cfg["mask_kind"], noise_prob=cfg["noise_prob"], generator=noise_generator)
             share = labelled * world_size() / n_labels  # DDP averages the ranks' gradients: undo its division
             (loss * share).backward()
         if i == 0 and not last and uses_cuda_graphs(cfg):
@@ -394,7 +399,7 @@ def make_optimizer(model, cfg, device):
 
 
 def learning_rate(base_lr, step, total_steps, cfg):
-    """Linear warm-up, then cosine decay to `min_lr` (paper 4.2)."""
+    """Linear warm-up (ours: README), then cosine decay to `min_lr` (paper 4.2)."""
     warmup = min(cfg["warmup_steps"], total_steps // 10)
     if step < warmup:
         return base_lr * (step + 1) / warmup
@@ -510,19 +515,19 @@ def write_atomically(path, text):
 # -----------------------------------------------------------------------------
 # Data and logging
 
-def open_source(cfg, image_size, split="train"):
+def open_source(cfg, image_size):
     """Where the samples come from, by `data_format` (data.py, section 4)."""
     fmt, where = cfg["data_format"], cfg["dataset"]
     if fmt == "parquet":
         return data.LlavaParquet(where)
     if fmt == "pathvqa":
-        return data.PathVQAParquet(where, pattern=f"{split}-*.parquet")
+        return data.PathVQAParquet(where, pattern="train-*.parquet")
     if fmt == "llava_json":
         return data.LlavaJson(where, cfg["image_root"])
     if fmt == "karpathy":
-        return data.KarpathyCaptions(where, cfg["image_root"], split=split)
+        return data.KarpathyCaptions(where, cfg["image_root"], split="train")
     if fmt == "synthetic":
-        return data.SyntheticShapes(cfg["shapes_samples"], split=split, image_size=image_size, seed=cfg["seed"],
+        return data.SyntheticShapes(cfg["shapes_samples"], split="train", image_size=image_size, seed=cfg["seed"],
                                     questions=cfg["shapes_questions"])
     raise ValueError(f"unknown data_format {fmt!r}: parquet, pathvqa, llava_json, karpathy or synthetic")
 
@@ -597,7 +602,8 @@ def plot_losses(metrics_path, png_path):
 def evaluate_demo(checkpoint, cfg, n_images=100):
     """Caption synthetic images the model never saw: "val" scenes are drawn like the training ones, "heldout"
     scenes have two-shape captions that never occur in training (data.is_heldout), though each shape at each
-    place was seen, so only a model that composes what it sees gets them right."""
+    place was seen, so only a model that composes what it sees gets them right. After stage 3 it also asks
+    questions about the heldout images."""
     from sample import answer  # the same captioning path as sample.py and eval.py
     model, tokenizer = VLM.load(checkpoint).eval(), data.Tokenizer.from_pretrained(checkpoint)
     for split in ("val", "heldout"):
@@ -611,6 +617,7 @@ def evaluate_demo(checkpoint, cfg, n_images=100):
         log(f"{split} captions: CIDEr-D {100 * cider_d(captions, truths):.1f}, exactly right {100 * exact:.0f}% "
             f"of {n_images} images")
     if cfg["shapes_questions"]:  # stage 3 taught questions and answers (a VQA flavour, like PathVQA)
+        # `records` are the last split's: the heldout images
         asked = [(r["image"], q, a) for r in records for q, a in data.scene_questions(r["scene"])]
         replies = answer(model, tokenizer, [image for image, _, _ in asked], [q for _, q, _ in asked])
         for (_, question, truth), reply in list(zip(asked, replies))[:4]:

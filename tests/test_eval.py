@@ -308,10 +308,10 @@ def test_pathvqa_task_writes_answers_and_their_metrics(evaluated, tmp_path):
     write_pathvqa(tmp_path / "train-00000-of-00001.parquet", ["is this a train question?"], ["yes"], first_seed=3)
     metrics = eval_main(["--task", "pathvqa", "--pathvqa_parquet", str(tmp_path), "--checkpoint", str(checkpoint),
                          "--device", "cpu", "--max_new_tokens", "4", "--batch_size", "2", "--out_dir", str(tmp_path)])
-    rows = json.loads((tmp_path / "answers_pathvqa.json").read_text())
+    rows = json.loads((tmp_path / "answers_pathvqa_test.json").read_text())
     assert [(r["question"], r["answer"]) for r in rows] == list(zip(questions, answers))
     assert metrics == pathvqa_metrics([r["prediction"] for r in rows], [r["answer"] for r in rows])
-    assert json.loads((tmp_path / "metrics_pathvqa.json").read_text())["scores"] == metrics
+    assert json.loads((tmp_path / "metrics_pathvqa_test.json").read_text())["scores"] == metrics
     assert metrics["n_yes_no"] == 2 and metrics["n_open"] == 1
 
 

@@ -457,7 +457,7 @@ def test_fill_rows_places_every_document_once_within_the_rows():
 def test_pack_micro_batches_cuts_the_rows_into_micro_batches():
     samples = [{"pixel_values": torch.zeros(3, 28, 28), "input_ids": torch.arange(n), "labels": torch.arange(n)}
                for n in [6, 2, 3, 9, 1, 5, 4]]
-    micro_batches = data.pack_micro_batches(samples, max_len=14, n_image_tokens=N_IMAGE, rows=2)
+    micro_batches = data.pack_micro_batches(samples, max_len=14, n_image_tokens=N_IMAGE, pack_rows=2)
     assert [len(b["input_ids"]) for b in micro_batches[:-1]] == [2] * (len(micro_batches) - 1)
     assert sum(len(b["pixel_values"]) for b in micro_batches) == len(samples)  # every sample, once
     assert sum(int((b["document"] >= 0).sum()) for b in micro_batches) == sum(N_IMAGE + n for n in [6, 2, 3, 9, 1, 5, 4])
