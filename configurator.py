@@ -3,8 +3,8 @@
     python train.py config/stage1.py --micro_batch=16 --vision_lr=0.0
 
 Each config file is plain Python, run in a scratch namespace; every name it assigns must already be a
-setting (names starting with _, imports and functions excepted). Then each --key=value replaces one setting, the value parsed as a Python literal (a bare word is a
-string). A key that is not a setting, or a value whose type differs from the default's, is an error that
+setting (names starting with _, imports and functions excepted). Then each --key=value replaces one setting,
+the value parsed as a Python literal (a bare word is a string). A key that is not a setting, or a value whose type differs from the default's, is an error that
 names it: a typo never silently trains the wrong model.
 """
 import ast

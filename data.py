@@ -655,8 +655,8 @@ def pack_documents(samples, max_len, n_image_tokens, pad_id=0, rows=None, pad_to
     `samples` are dicts with "pixel_values" [3, H, W] and equal-length 1-D "input_ids" and "labels" (as for
     collate). Returns "pixel_values" [N, 3, H, W], one image per document in row order; "input_ids",
     "labels", "document" [rows, length] over whole rows, where a document's image slots come first (input
-    pad_id, label IGNORE_INDEX), then its text, and `document` numbers the documents of each row 0, 1, ... and marks
-    padding -1; and "label_positions": the arguments of VLM.forward_packed."""
+    pad_id, label IGNORE_INDEX), then its text, and `document` numbers the documents of each row 0, 1, ... and
+    marks padding -1; and "label_positions": the arguments of VLM.forward_packed."""
     lengths = document_lengths(samples, n_image_tokens)
     if rows is None:
         rows = fill_rows(lengths, max_len)

@@ -197,9 +197,9 @@ class Segments:
 
 def segment_boundaries(labels, count):
     """Where the runs of equal labels in each row [R, L] start, the rows laid end to end, as min(`count`, number
-    of tokens) + 1 int32 boundaries: the starts in order, then the end, repeated for the segments that do not exist. Sorted, not
-    selected, so that nothing waits for the GPU to count them; more starts than `count` (a layout Segments
-    does not take) stop the GPU with an error rather than merge segments."""
+    of tokens) + 1 int32 boundaries: the starts in order, then the end, repeated for the segments that do not
+    exist. Sorted, not selected, so that nothing waits for the GPU to count them; more starts than `count` (a
+    layout Segments does not take) stop the GPU with an error rather than merge segments."""
     starts = run_starts(labels)
     torch._assert_async(starts.sum() <= count, "more segments than boundaries: masks.Segments takes right-padded "
                                                "or packed rows")

@@ -511,7 +511,8 @@ class VLMConfig:
     vision: SigLIPConfig
     language: Qwen2Config
     projector_hidden: int = 896  # the paper's Linear(1152 -> 896), GELU, Linear(896 -> 896)
-    mask_kind: str = "prefix"  # the mask generation decodes under: the one training used (paper 3.2), or prefix after stage 0
+    # the mask generation decodes under: the one training used (paper 3.2), or prefix after stage 0
+    mask_kind: str = "prefix"
 
 
 class Projector(nn.Module):
@@ -871,8 +872,8 @@ def linear_cross_entropy(weight, rows, targets, chunk_size, want_weight_grad=Fal
 
 
 def softmax_cross_entropy(logits, targets):
-    """Summed cross-entropy of logits [N, V] (computed in fp32) against targets [N], and its gradient with respect to
-    the logits, softmax - one-hot, in the logits' dtype. A target of IGNORE_INDEX adds nothing to either."""
+    """Summed cross-entropy of logits [N, V] (computed in fp32) against targets [N], and its gradient with
+    respect to the logits, softmax - one-hot, in the logits' dtype. A target of IGNORE_INDEX adds nothing to either."""
     counted = (targets != IGNORE_INDEX)[:, None]
     targets = targets.clamp(min=0)[:, None]  # an ignored row is multiplied by 0 below
     log_probs = logits.float().log_softmax(-1)
@@ -935,8 +936,8 @@ def greedy(step, logits, max_new_tokens, on_token=None):
 
 def beam_search(step, logits, max_new_tokens, num_beams, length_penalty):
     """The most probable continuation of each prompt, searched with `num_beams` beams as transformers' beam
-    search does with its defaults (a test compares the two). Each step ranks the beams' continuations; of the best
-    `num_beams`, those that end (an end token, or the last token allowed) become finished hypotheses, scored
+    search does with its defaults (a test compares the two). Each step ranks the beams' continuations; of the
+    best `num_beams`, those that end (an end token, or the last token allowed) become finished hypotheses, scored
     log-probability / length**length_penalty (the end token counted), and each prompt keeps its best
     `num_beams` of them; the best continuations that do not end run on. A prompt is done once it holds
     `num_beams` hypotheses and its best running beam, scored at its current length, cannot beat the worst."""
