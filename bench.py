@@ -164,9 +164,8 @@ def bench_training(config, case, device, peak):
         model = train.initialise(VLM(config))
     model.attention = case["attention"]  # packed rows on "flash" take FlexAttention's document masks (VLM.mask)
     trainable = train.freeze_modules(model, stage)  # the same trainable parts and optimizer as train.py
-    optimizer = train.make_optimizer(model, stage, device)
+    optimizer = train.make_optimizer(model, stage)
     train.set_learning_rates(optimizer, stage["warmup_steps"], 10 * stage["warmup_steps"], stage)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     if case["compile"]:
         model.compile_blocks(case["compile_mode"])
     if case["packed"]:
@@ -184,7 +183,7 @@ def bench_training(config, case, device, peak):
             else:
                 loss = model(**batch, mask_kind=stage["mask_kind"], noise_prob=stage["noise_prob"])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        train.clip_gradients(optimizer, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())

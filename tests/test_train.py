@@ -43,7 +43,7 @@ def tiny_setup(**overrides):
     cfg = merged(train.settings, {**TINY, "device": "cpu", "dtype": "float32", "tokenizer": "shapes", **overrides}, "test")
     tokenizer, model = train.build_model(cfg)
     trainable = train.freeze_modules(model, cfg)
-    optimizer = train.make_optimizer(model, cfg, torch.device("cpu"))
+    optimizer = train.make_optimizer(model, cfg)
     return cfg, tokenizer, model, trainable, optimizer
 
 
@@ -145,6 +145,34 @@ def test_no_weight_decay_on_biases_and_norms():
         for p in group["params"]:
             decays = group["weight_decay"] > 0
             assert decays == (p.dim() >= 2), names[id(p)]
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])  # gradients clipped, and left as they are
+def test_clipping_inside_the_optimizer_step_equals_clip_grad_norm(max_norm):
+    """train.clip_gradients hands the clipping to fused AdamW's step (its grad_scale); the weights and moments
+    come out as after torch's own clip_grad_norm_ and a plain step."""
+    runs = []
+    for clip in ("torch", "ours"):
+        torch.manual_seed(0)
+        _, _, model, _, optimizer = tiny_setup(projector_lr=1e-2, language_lr=1e-2, vision_lr=1e-2)
+        train.set_learning_rates(optimizer, 5, 10, train.settings)
+        images, input_ids = torch.randn(2, 3, 32, 32), torch.randint(0, model.config.language.vocab_size, (2, 6))
+        model(images, input_ids, labels=input_ids, mask_kind="prefix").backward()
+        params = [p for p in model.parameters() if p.requires_grad]
+        if clip == "torch":
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        else:
+            norm = train.clip_gradients(optimizer, max_norm)
+        optimizer.step()
+        runs.append((norm, [p.detach().clone() for p in params], optimizer.state_dict()["state"]))
+    (norm_torch, weights_torch, state_torch), (norm_ours, weights_ours, state_ours) = runs
+    assert norm_ours == pytest.approx(norm_torch.item(), rel=1e-6)
+    assert (norm_torch.item() > max_norm) == (max_norm == 1e-3)
+    for a, b in zip(weights_torch, weights_ours):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for i in state_torch:
+        torch.testing.assert_close(state_torch[i]["exp_avg"], state_ours[i]["exp_avg"])
+        torch.testing.assert_close(state_torch[i]["exp_avg_sq"], state_ours[i]["exp_avg_sq"])
 
 
 def test_global_batch_must_split_evenly():
