@@ -208,17 +208,25 @@ def conversation_messages(conversation):
     """LLaVA turns [{"from": "human"|"gpt", "value": str}, ...] -> ChatML messages [{"role", "content"}].
 
     The `<image>` placeholder is dropped: the model puts the image tokens in front of the whole sequence
-    (paper 3.1). Raises ValueError, saying what is wrong, unless the turns alternate human, gpt, human, gpt..."""
+    (paper 3.1). Answers before the first question are dropped too, as LLaVA's preprocessing drops them: with
+    no question they teach nothing a prompt would ask for. Raises ValueError, saying what is wrong, unless the
+    turns from there alternate human, gpt, human, gpt..."""
     if not isinstance(conversation, list) or not conversation:
         raise ValueError(f"a conversation must be a non-empty list of turns, got {conversation!r:.80}")
+    first_question = 0
+    while first_question < len(conversation) and isinstance(conversation[first_question], dict) \
+            and conversation[first_question].get("from") == "gpt":
+        first_question += 1
+    if first_question == len(conversation):
+        raise ValueError("every turn is from 'gpt': there is no question to answer")
     messages = []
-    for i, turn in enumerate(conversation):
+    for i, turn in enumerate(conversation[first_question:], start=first_question):
         if not isinstance(turn, dict) or turn.get("from") not in LLAVA_ROLES:
             raise ValueError(f"turn {i} must have 'from' = 'human' or 'gpt', got {turn!r:.80}")
-        expected = "human" if i % 2 == 0 else "gpt"
+        expected = "human" if (i - first_question) % 2 == 0 else "gpt"
         if turn["from"] != expected:
             raise ValueError(f"turn {i} is from {turn['from']!r}, expected {expected!r}: "
-                             "turns must alternate, human first")
+                             "turns must alternate, a question first")
         if not isinstance(turn.get("value"), str):
             raise ValueError(f"turn {i} has a {type(turn.get('value')).__name__} value, expected a string")
         text = turn_text(turn["value"])

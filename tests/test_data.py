@@ -96,10 +96,21 @@ def test_captioning_is_the_one_turn_case_and_the_system_turn_is_optional(qwen):
     assert [t for t in labels if t != IGNORE_INDEX] == qwen.encode("A cat on a mat.<|im_end|>")
 
 
+def test_answers_before_the_first_question_are_dropped_as_llava_drops_them(tokenizer):
+    """Some LLaVA rows open with a gpt turn; LLaVA's preprocessing drops it, and so does ours, keeping the row."""
+    opening_answer = {"from": "gpt", "value": "An answer nobody asked for."}
+    assert conversation_messages([opening_answer, *TWO_TURNS]) == conversation_messages(TWO_TURNS)
+    assert encode_conversation(tokenizer, [opening_answer, *TWO_TURNS]) == encode_conversation(tokenizer, TWO_TURNS)
+    misplaced = [opening_answer, TWO_TURNS[0], TWO_TURNS[0]]
+    with pytest.raises(ValueError, match="turn 2 is from 'human', expected 'gpt'"):  # counted as in the row
+        conversation_messages(misplaced)
+
+
 @pytest.mark.parametrize("conversation, problem", [
     ([], "non-empty list"),
     ("just a string", "non-empty list"),
-    ([{"from": "gpt", "value": "An answer first."}, {"from": "human", "value": "?"}], "turn 0 is from 'gpt'"),
+    ([{"from": "gpt", "value": "An answer."}, {"from": "gpt", "value": "Another."}], "every turn is from 'gpt'"),
+    ([{"from": "gpt", "value": "An answer first."}, {"from": "human", "value": "?"}], "without an answer"),
     ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], "turn 1 is from 'human'"),
     ([{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}], "turn 1 must have 'from'"),
     ([{"from": "human", "value": "a"}, {"from": "gpt", "value": None}], "turn 1 has a NoneType value"),
@@ -334,7 +345,7 @@ def test_bad_rows_are_skipped_named_and_counted(tmp_path, tokenizer, caplog):
         numbers = stream_numbers(stream, tokenizer)
     assert sorted(numbers) == [i for i in range(16) if i not in (3, 5, 9)]
     assert "shard.parquet row 3 (id 000000000003)" in caplog.text and "cannot read image" in caplog.text
-    assert "shard.parquet row 5 (id 000000000005): turn 0 is from 'gpt'" in caplog.text
+    assert "shard.parquet row 5 (id 000000000005): every turn is from 'gpt'" in caplog.text
     assert stream.state_dict()["counts"] == {"skipped": 2, "text_only": 1, "truncated": 0}
 
 
