@@ -458,6 +458,7 @@ def write_checkpoint(cfg, model, tokenizer, optimizer, step, ranks):
     flush_to_disk(partial)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)
+    flush_entries(out_dir)  # the rename itself on disk before `latest` names the folder
     write_atomically(os.path.join(out_dir, "latest"), os.path.basename(folder))
     # keep this checkpoint and the one before it; a later step's folder is an earlier run's, not this run's to prune
     earlier = sorted(f for f in os.listdir(out_dir)
@@ -467,11 +468,21 @@ def write_checkpoint(cfg, model, tokenizer, optimizer, step, ranks):
 
 
 def flush_to_disk(folder):
-    """Every file of the folder on disk before `latest` names it (a power cut may lose the newest checkpoint,
-    not leave `latest` naming files that never reached the disk)."""
+    """Every file of the folder, and the folder's list of them, on disk before `latest` names it (a power cut
+    may lose the newest checkpoint, not leave `latest` naming files that never reached the disk)."""
     for name in os.listdir(folder):
         with open(os.path.join(folder, name), "rb") as f:
             os.fsync(f.fileno())
+    flush_entries(folder)
+
+
+def flush_entries(folder):
+    """The folder's own entries (files created or renamed in it) on disk: a file's fsync does not carry them."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def restore(folder, model, optimizer, stream, cfg):
@@ -523,6 +534,7 @@ def write_atomically(path, text):
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
+    flush_entries(os.path.dirname(path) or ".")
 
 
 # -----------------------------------------------------------------------------

@@ -302,6 +302,33 @@ def test_checkpoint_is_loadable_and_complete(tmp_path):
     assert not any(name.endswith(".partial") for name in os.listdir(tmp_path))
 
 
+def test_a_checkpoint_is_on_disk_before_latest_names_it(tmp_path, monkeypatch):
+    """Against a power cut: the files, the folder's entries, and its rename into out_dir reach the disk (fsync)
+    before `latest` is replaced to name it; then that rename too."""
+    cfg, tokenizer, model, _, optimizer = tiny_setup(out_dir=str(tmp_path))
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(descriptor):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        fsync(descriptor)
+
+    def recorded_replace(source, target):
+        events.append(("replace", str(target)))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    train.write_checkpoint(cfg, model, tokenizer, optimizer, 7, [{"data": {}, "rng": train.rng_state()}])
+    out_dir = os.path.realpath(tmp_path)
+    folder = os.path.join(out_dir, "step-0000007")
+    assert events[-6:] == [("fsync", folder + ".partial"), ("replace", folder), ("fsync", out_dir),
+                           ("fsync", os.path.join(out_dir, "latest.tmp")), ("replace", os.path.join(out_dir, "latest")),
+                           ("fsync", out_dir)]
+    synced_files = {path for kind, path in events[:-6] if kind == "fsync"}
+    assert synced_files >= {os.path.join(folder + ".partial", name) for name in os.listdir(folder)}
+
+
 def test_a_stage_starts_from_the_previous_stages_out_dir(tmp_path):
     """config/stage2.py says init_from = "out/stage1": a run's out_dir stands for its newest checkpoint, every
     weight of it (stage 1 trains the vision tower and the projector here)."""
