@@ -500,6 +500,12 @@ def restore(folder, model, optimizer, stream, cfg):
     # betas, and whether AdamW is fused (which decides the device the step counts are loaded to: checkpoints
     # written before AdamW was fused on the CPU too hold the unfused form)
     saved = state["optimizer"]
+    trained, training = (list(dict.fromkeys(group["name"] for group in groups))  # the modules, each once
+                         for groups in (saved["param_groups"], optimizer.param_groups))
+    if trained != training:
+        raise ValueError(f"{folder} trained {', '.join(trained)}, this run would train {', '.join(training)}: a resume "
+                         "continues the same modules (a learning rate of 0 freezes one); to change which train, start "
+                         f"a new out_dir with --init_from={folder}")
     saved["param_groups"] = [{**this_run, "params": group["params"]}
                              for this_run, group in zip(optimizer.state_dict()["param_groups"], saved["param_groups"])]
     optimizer.load_state_dict(saved)
