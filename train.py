@@ -395,15 +395,15 @@ def make_optimizer(model, cfg):
         no_decay = [p for p in params if p.dim() < 2]
         groups.append({"name": name, "params": decay, "weight_decay": cfg["weight_decay"], "base_lr": cfg[f"{name}_lr"]})
         groups.append({"name": name, "params": no_decay, "weight_decay": 0.0, "base_lr": cfg[f"{name}_lr"]})
-    # fused: one kernel per step for all tensors, which can also clip the gradients (clip_gradients)
+    # fused: each tensor read and written once per step, by kernels that can also clip (clip_gradients)
     return torch.optim.AdamW(groups, lr=0.0, betas=(cfg["beta1"], cfg["beta2"]), fused=True)
 
 
 def clip_gradients(optimizer, max_norm):
     """Gradient clipping to a total norm of `max_norm`, done by the next optimizer step; returns the norm before.
     Clipping scales every gradient by max_norm / norm where the norm is larger: a pass that reads and writes all
-    of them (1.5 ms of a stage-2 step on an H200). Fused AdamW divides each gradient by `grad_scale` as it reads
-    it (the hook through which torch's GradScaler unscales), so that division clips at no cost."""
+    of them (2.0 ms of an 83 ms stage-2 step on an H200). Fused AdamW divides each gradient by `grad_scale` as it
+    reads it (the hook through which torch's GradScaler unscales), so that division clips at no cost."""
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads)
     optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)  # the epsilon of clip_grad_norm_
