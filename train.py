@@ -478,6 +478,8 @@ def flush_to_disk(folder):
 
 def flush_entries(folder):
     """The folder's own entries (files created or renamed in it) on disk: a file's fsync does not carry them."""
+    if os.name == "nt":  # Windows cannot open a folder to fsync it (NTFS journals renames itself)
+        return
     descriptor = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(descriptor)
