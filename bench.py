@@ -183,8 +183,7 @@ def bench_training(config, case, device, peak):
             else:
                 loss = model(**batch, mask_kind=stage["mask_kind"], noise_prob=stage["noise_prob"])
         loss.backward()
-        train.clip_gradients(optimizer, 1.0)
-        optimizer.step()
+        train.clipped_step(optimizer, train.gradient_norm(optimizer), 1.0)
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
 

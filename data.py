@@ -208,9 +208,9 @@ def conversation_messages(conversation):
     """LLaVA turns [{"from": "human"|"gpt", "value": str}, ...] -> ChatML messages [{"role", "content"}].
 
     The `<image>` placeholder is dropped: the model puts the image tokens in front of the whole sequence
-    (paper 3.1). Answers before the first question are dropped too, as LLaVA's preprocessing drops them: with
-    no question they teach nothing a prompt would ask for. Raises ValueError, saying what is wrong, unless the
-    turns from there alternate human, gpt, human, gpt..."""
+    (paper 3.1). Answers before the first question are dropped too (LLaVA's preprocessing drops one such turn):
+    with no question they teach nothing a prompt would ask for. Raises ValueError, saying what is wrong, unless
+    the turns from there alternate human, gpt, human, gpt..."""
     if not isinstance(conversation, list) or not conversation:
         raise ValueError(f"a conversation must be a non-empty list of turns, got {conversation!r:.80}")
     first_question = 0

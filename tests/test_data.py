@@ -96,7 +96,7 @@ def test_captioning_is_the_one_turn_case_and_the_system_turn_is_optional(qwen):
     assert [t for t in labels if t != IGNORE_INDEX] == qwen.encode("A cat on a mat.<|im_end|>")
 
 
-def test_answers_before_the_first_question_are_dropped_as_llava_drops_them(tokenizer):
+def test_answers_before_the_first_question_are_dropped_and_the_row_kept(tokenizer):
     """Some LLaVA rows open with a gpt turn; LLaVA's preprocessing drops it, and so does ours, keeping the row."""
     opening_answer = {"from": "gpt", "value": "An answer nobody asked for."}
     assert conversation_messages([opening_answer, *TWO_TURNS]) == conversation_messages(TWO_TURNS)
