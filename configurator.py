@@ -4,8 +4,8 @@
 
 Each config file is plain Python, run in a scratch namespace; every name it assigns must already be a
 setting (names starting with _, imports and functions excepted). Then each --key=value replaces one setting,
-the value parsed as a Python literal (a bare word is a string). A key that is not a setting, or a value whose type differs from the default's, is an error that
-names it: a typo never silently trains the wrong model.
+the value parsed as a Python literal (a bare word is a string). A key that is not a setting, or a value whose
+type differs from the default's, is an error that names it: a typo never silently trains the wrong model.
 """
 import ast
 import os
