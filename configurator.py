@@ -3,9 +3,9 @@
     python train.py config/stage1.py --micro_batch=16 --vision_lr=0.0
 
 Each config file is plain Python, run in a scratch namespace; every name it assigns must already be a
-setting (names starting with _, imports and functions excepted). Then each --key=value replaces one setting,
-the value parsed as a Python literal (a bare word is a string). A key that is not a setting, or a value whose
-type differs from the default's, is an error that names it: a typo never silently trains the wrong model.
+setting (names starting with _, imported names and functions excepted). Then each --key=value replaces one
+setting, the value parsed as a Python literal (a bare word is a string). A key that is not a setting, or a value
+whose type differs from the default's, is an error that names it: a typo never silently trains the wrong model.
 """
 import ast
 import os
@@ -44,10 +44,19 @@ def apply_file(settings, path):
         print(f"configuration from {path}")
     namespace = {}
     with open(path) as f:
-        exec(compile(f.read(), path, "exec"), namespace)  # a config file is code the user wrote, like nanoGPT's
+        source = f.read()
+    exec(compile(source, path, "exec"), namespace)  # a config file is code the user wrote, like nanoGPT's
+    imported = imported_names(ast.parse(source, path))
     for key, value in namespace.items():
-        if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
-            update(settings, key, value, source=path)
+        if key.startswith("_") or callable(value) or (key in imported and key not in settings):
+            continue  # the file's own helpers (math, from math import pi, a function), not settings
+        update(settings, key, value, source=path)
+
+
+def imported_names(tree):
+    """The names that import statements bind in a parsed file ("import os.path" binds "os")."""
+    return {alias.asname or alias.name.split(".")[0]
+            for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
 
 
 def merged(settings, overrides, source):

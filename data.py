@@ -221,7 +221,7 @@ def conversation_messages(conversation):
         raise ValueError("every turn is from 'gpt': there is no question to answer")
     messages = []
     for i, turn in enumerate(conversation[first_question:], start=first_question):
-        if not isinstance(turn, dict) or turn.get("from") not in LLAVA_ROLES:
+        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or turn["from"] not in LLAVA_ROLES:
             raise ValueError(f"turn {i} must have 'from' = 'human' or 'gpt', got {turn!r:.80}")
         expected = "human" if (i - first_question) % 2 == 0 else "gpt"
         if turn["from"] != expected:
@@ -291,14 +291,14 @@ def load_image(source, name):
 
     A missing or undecodable image raises ValueError naming `name` (a file, or a dataset row), so the
     dataset can skip it and say which one."""
-    if isinstance(source, Image.Image):
-        return to_rgb(source)
     try:
-        image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-        image.load()  # decode now: PIL opens lazily, and a truncated file only fails here
+        image = source
+        if not isinstance(source, Image.Image):
+            image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+            image.load()  # decode now: PIL opens lazily, and a truncated file only fails here
+        return to_rgb(image)
     except Exception as error:  # PIL raises many types (OSError, SyntaxError, struct.error...) on bad bytes
         raise ValueError(f"cannot read image {name}: {error}") from error
-    return to_rgb(image)
 
 
 def preprocess_image(image, image_size=224):

@@ -570,7 +570,9 @@ class VLM(nn.Module):
         mask_kind is 'bidirectional' and noise_prob > 0 (stage 0; `generator` draws the noise). A batch of
         packed rows (with `document`, from data.pack_documents) goes to forward_packed. `label_positions`, the
         entries of labels.flatten() that carry a label, come with data's batches, counted on the host; without
-        them they are found here, which makes the host wait for the GPU."""
+        them they are found here, which makes the host wait for the GPU. `text_mask` marks the real text tokens
+        of right-padded rows, as data.collate pads them: the "flash" and "varlen" paths take right padding
+        for granted (masks.PrefixBlocks), where left padding would let the text see the pads before it."""
         if document is not None:
             if noise_prob > 0:
                 raise ValueError("stage-0 noise is not implemented for packed rows")
@@ -579,7 +581,7 @@ class VLM(nn.Module):
             text_mask = torch.ones_like(input_ids, dtype=torch.bool)  # no padding
         image_tokens = self.projector(self.vision(pixel_values))                  # V <- projector(vision(image))
         if noise_prob > 0:                                                          # Algorithm 1: text <- add_noise(text)
-            input_ids = masks.add_noise(input_ids, text_mask, noise_prob, noise_token_id, self.config.language.vocab_size,
+            input_ids = masks.add_noise(input_ids, text_mask.bool(), noise_prob, noise_token_id, self.config.language.vocab_size,
                                         generator)
         hidden = self.decode(image_tokens, input_ids, text_mask, mask_kind)
         return self.text_loss(hidden, labels, label_positions)

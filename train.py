@@ -69,7 +69,7 @@ warmup_steps = 20             # linear warm-up, over at most a tenth of the stag
 min_lr = 1e-8
 weight_decay = 0.01
 beta1, beta2 = 0.9, 0.999
-grad_clip = 1.0
+grad_clip = 1.0                # the gradients' total norm is clipped to this; 0: no clipping
 # system
 out_dir = "out/stage2"
 resume = False
@@ -94,15 +94,23 @@ def main():
     check_stages_keep_command_line(settings["stages"], command_line_keys())
     dist_setup()
     runs = [merged(settings, overrides, f"stages[{i}]") for i, overrides in enumerate(settings["stages"])] or [settings]
+    chain_stages(runs, settings["stages"])
     check_runs(runs)
     previous = None
     for cfg in runs:
-        if previous is not None and not cfg["init_from"]:
-            cfg["init_from"] = previous  # each stage starts from the previous stage's checkpoint (paper 3.4)
         previous = train_stage(cfg)
     if settings["eval_after"] and is_main():
         evaluate_demo(previous, runs[-1])
     dist_teardown()
+
+
+def chain_stages(runs, stages):
+    """Each stage starts from the one before it (paper 3.4), through that stage's out_dir, which stands for its
+    newest checkpoint, unless the stage names an init_from of its own. A global init_from is where the first
+    stage starts."""
+    for before, cfg, overrides in zip(runs, runs[1:], stages[1:]):
+        if "init_from" not in overrides:
+            cfg["init_from"] = before["out_dir"]
 
 
 def check_runs(runs):
@@ -111,6 +119,9 @@ def check_runs(runs):
     if len(set(out_dirs)) < len(out_dirs):  # a later stage would overwrite an earlier one's log and checkpoints
         raise ValueError(f"the stages share an out_dir ({out_dirs}): give each stage its own")
     for cfg in runs:
+        if cfg["pad_to_multiple"] < 1:
+            raise ValueError(f"pad_to_multiple={cfg['pad_to_multiple']}: text lengths are rounded up to a multiple of it, "
+                             "so it must be at least 1 (1: no rounding)")
         if cfg["dtype"] not in ("bfloat16", "float32"):
             raise ValueError(f"dtype={cfg['dtype']!r}: train in 'bfloat16' (as the paper) or 'float32'; float16 "
                              "would need a loss scaler, which this loop does not have")
@@ -345,7 +356,8 @@ def build_model(cfg):
         folder = checkpoint_folder(cfg["init_from"])  # a checkpoint, or the previous stage's out_dir: its newest one
         return data.Tokenizer.from_pretrained(folder), VLM.load(folder)  # a checkpoint holds its tokenizer
     if cfg["vision_config"] or cfg["language_config"]:
-        tokenizer = data.shapes_tokenizer() if cfg["tokenizer"] == "shapes" else data.Tokenizer.from_pretrained(cfg["tokenizer"])
+        tokenizer = (data.shapes_tokenizer() if cfg["tokenizer"] == "shapes"
+                     else data.Tokenizer.from_pretrained(cfg["tokenizer"] or cfg["language"]))
         torch.manual_seed(cfg["seed"])
         language_config = Qwen2Config(**{"vocab_size": tokenizer.vocab_size, **cfg["language_config"]})
         if language_config.vocab_size < tokenizer.vocab_size:
@@ -413,7 +425,10 @@ def clipped_step(optimizer, norm, max_norm):
     AdamW divides each gradient by `grad_scale` as it reads it (the hook through which torch's GradScaler
     unscales; float16, which would need a GradScaler, is refused: check_runs), so that division clips inside
     the step. The step then writes the clipped gradients back: what is saved is one read of every gradient
-    and the pass's own kernel launches (about 1 ms of the 2.0, by the memory traffic)."""
+    and the pass's own kernel launches (about 1 ms of the 2.0, by the memory traffic). A max_norm of 0 or less
+    turns clipping off, as in nanoGPT."""
+    if max_norm <= 0:
+        return optimizer.step()
     if norm.device.type not in ("cpu", "cuda"):  # MPS's fused AdamW ignores grad_scale: a pass of its own there
         torch.nn.utils.clip_grads_with_norm_([p for group in optimizer.param_groups for p in group["params"]],
                                              max_norm, norm)
@@ -629,8 +644,12 @@ def append_jsonl(path, record):
 def plot_losses(metrics_path, png_path):
     """The loss curve as a PNG, drawn with pillow so training needs no plotting library."""
     from PIL import Image, ImageDraw
-    with open(metrics_path) as f:
-        losses = [json.loads(line)["loss"] for line in f]
+    losses = []
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            losses = [json.loads(line)["loss"] for line in f]
+    if not losses:  # a finished stage resumed after its log was lost: nothing to draw
+        return
     width, height, margin = 640, 360, 40
     canvas = Image.new("RGB", (width, height), "white")
     pen = ImageDraw.Draw(canvas)

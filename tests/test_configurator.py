@@ -29,6 +29,16 @@ def test_literals_are_parsed():
     assert got["stages"] == [{"stage": 0}, {"stage": 1}]
 
 
+def test_a_config_file_may_import_and_compute(tmp_path):
+    """Names bound by imports (a module, a constant) are the file's helpers, not settings: no error."""
+    config = tmp_path / "stage1.py"
+    config.write_text("import os.path\nfrom math import pi\nvision_lr = pi * 1e-6\n"
+                      "dataset = os.path.join('data', 'recap')\n")
+    settings = configure(dict(DEFAULTS), [str(config)])
+    assert settings["vision_lr"] == pytest.approx(3.14159e-6) and settings["dataset"] == "data/recap"
+    assert "pi" not in settings and "os" not in settings
+
+
 def test_unknown_key_is_named():
     with pytest.raises(KeyError, match="unknown setting 'visoin_lr'"):
         configure(dict(DEFAULTS), ["--visoin_lr=1e-5"])

@@ -113,6 +113,7 @@ def test_answers_before_the_first_question_are_dropped_and_the_row_kept(tokenize
     ([{"from": "gpt", "value": "An answer first."}, {"from": "human", "value": "?"}], "without an answer"),
     ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], "turn 1 is from 'human'"),
     ([{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}], "turn 1 must have 'from'"),
+    ([{"from": ["human"], "value": "a"}, {"from": "gpt", "value": "b"}], "turn 0 must have 'from'"),  # JSON's list
     ([{"from": "human", "value": "a"}, {"from": "gpt", "value": None}], "turn 1 has a NoneType value"),
     ([{"from": "human", "value": "a"}, {"from": "gpt", "value": " <image>\n"}], "turn 1 is an empty answer"),
     ([{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}, {"from": "human", "value": "c"}],

@@ -147,10 +147,11 @@ def test_no_weight_decay_on_biases_and_norms():
             assert decays == (p.dim() >= 2), names[id(p)]
 
 
-@pytest.mark.parametrize("max_norm", [1e-3, 1e3])  # gradients clipped, and left as they are
-def test_clipping_inside_the_optimizer_step_equals_clip_grad_norm(max_norm):
+@pytest.mark.parametrize("max_norm, clipped", [(1e-3, True), (1e3, False), (0.0, False)])  # 0: clipping is off
+def test_clipping_inside_the_optimizer_step_equals_clip_grad_norm(max_norm, clipped):
     """train.clipped_step hands the clipping to fused AdamW's step (its grad_scale); the weights and moments
-    come out as after torch's own clip_grad_norm_ and a plain step, and the next step is not scaled."""
+    come out as after torch's own clip_grad_norm_ and a plain step, and the next step is not scaled.
+    grad_clip = 0 means no clipping, as in nanoGPT (not gradients divided by infinity)."""
     runs = []
     for clip in ("torch", "ours"):
         torch.manual_seed(0)
@@ -160,7 +161,7 @@ def test_clipping_inside_the_optimizer_step_equals_clip_grad_norm(max_norm):
         model(images, input_ids, labels=input_ids, mask_kind="prefix").backward()
         params = [p for p in model.parameters() if p.requires_grad]
         if clip == "torch":
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
             optimizer.step()
         else:
             norm = train.gradient_norm(optimizer)
@@ -169,12 +170,21 @@ def test_clipping_inside_the_optimizer_step_equals_clip_grad_norm(max_norm):
         runs.append((norm, [p.detach().clone() for p in params], optimizer.state_dict()["state"]))
     (norm_torch, weights_torch, state_torch), (norm_ours, weights_ours, state_ours) = runs
     assert norm_ours == pytest.approx(norm_torch.item(), rel=1e-6)
-    assert (norm_torch.item() > max_norm) == (max_norm == 1e-3)
+    assert (max_norm < norm_torch.item() and max_norm > 0) == clipped
     for a, b in zip(weights_torch, weights_ours):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     for i in state_torch:
         torch.testing.assert_close(state_torch[i]["exp_avg"], state_ours[i]["exp_avg"])
         torch.testing.assert_close(state_torch[i]["exp_avg_sq"], state_ours[i]["exp_avg_sq"])
+
+
+def test_random_backbones_take_the_language_models_tokenizer_when_none_is_named(tmp_path):
+    """language_config makes a random Qwen2 of the given sizes; its vocabulary still comes from `language`."""
+    import data
+    data.shapes_tokenizer().tokenizer.save(str(tmp_path / "tokenizer.json"))
+    cfg = merged(train.settings, {**TINY, "tokenizer": "", "language": str(tmp_path)}, "test")
+    tokenizer, model = train.build_model(cfg)
+    assert model.config.language.vocab_size == tokenizer.vocab_size == data.shapes_tokenizer().vocab_size
 
 
 def test_global_batch_must_split_evenly():
@@ -362,12 +372,36 @@ def test_saving_keeps_this_checkpoint_and_the_one_before_and_not_an_earlier_runs
         "step-0000501", "step-0000502", "step-0001000", "step-0001500"]
 
 
+def test_each_stage_starts_from_the_one_before_and_a_global_init_from_from_the_first():
+    """--init_from with the demo's stages starts stage 0 there; stages 1-3 still start from the stage before
+    (its out_dir stands for its newest checkpoint), unless a stage names its own starting point."""
+    stages = [dict(stage=0, out_dir="out/s0"), dict(stage=1, out_dir="out/s1"), dict(stage=2, out_dir="out/s2"),
+              dict(stage=3, out_dir="out/s3", init_from="")]
+    runs = [merged({**train.settings, "init_from": "out/pretrained"}, stage, "test") for stage in stages]
+    train.chain_stages(runs, stages)
+    assert [cfg["init_from"] for cfg in runs] == ["out/pretrained", "out/s0", "out/s1", ""]
+
+
 def test_a_stage_may_not_undo_the_command_line():
     """The demo's stages set max_steps each: --max_steps=5 would be silently undone, so it is an error."""
     stages = [dict(stage=0, max_steps=30), dict(stage=1, max_steps=30)]
     train.check_stages_keep_command_line(stages, command_line_keys(["config/demo.py", "--device=cpu"]))
     with pytest.raises(ValueError, match=r"--max_steps is set again by stages\[0\] \(max_steps=30\)"):
         train.check_stages_keep_command_line(stages, command_line_keys(["config/demo.py", "--max_steps=5"]))
+
+
+def test_a_text_length_multiple_below_one_is_refused_before_training():
+    with pytest.raises(ValueError, match="pad_to_multiple=0: .* at least 1"):
+        train.check_runs([merged(train.settings, {"pad_to_multiple": 0}, "test")])
+
+
+def test_the_loss_curve_is_drawn_from_the_log_and_skipped_without_one(tmp_path):
+    """A finished stage resumed after its metrics.jsonl was lost has nothing to draw, and is not an error."""
+    train.plot_losses(str(tmp_path / "metrics.jsonl"), str(tmp_path / "loss.png"))
+    assert not os.path.exists(tmp_path / "loss.png")
+    train.append_jsonl(str(tmp_path / "metrics.jsonl"), {"step": 1, "loss": 2.5})
+    train.plot_losses(str(tmp_path / "metrics.jsonl"), str(tmp_path / "loss.png"))
+    assert os.path.exists(tmp_path / "loss.png")
 
 
 def test_stages_that_share_an_out_dir_are_refused(tmp_path):
