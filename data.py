@@ -1,7 +1,7 @@
 """Data: the tokenizer, the chat format, image preprocessing, datasets and batching.
 
 Read top to bottom:
-  1. Tokenizer      Qwen2.5's byte-level BPE, built with the `tokenizers` library (DESIGN.md "Tokenizer").
+  1. Tokenizer      Qwen2.5's byte-level BPE, built with the `tokenizers` library.
   2. Chat format    ChatML prompts, and LLaVA conversations turned into (input_ids, labels).
   3. Images         decode, convert to RGB, resize to the encoder's size (224x224) bicubic, normalise to [-1, 1]
                     (SigLIP's recipe).
@@ -140,7 +140,8 @@ class Tokenizer:
 
     def encode_text(self, text):
         """The text as written: a special token's name in it (a caption that quotes "<|im_end|>") is encoded
-        as its characters, not as the special token. The chat format adds its markers as ids (turn_ids)."""
+        as its characters, not as the special token. The chat format adds its markers as ids (turn_ids). Added
+        tokens that are not special (Qwen's "<tool_call>") are still matched, as transformers matches them."""
         self.tokenizer.encode_special_tokens = True
         try:
             return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -158,7 +159,7 @@ class Tokenizer:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. Chat format (ChatML, as Qwen2.5 was trained with; DESIGN.md "Tokenizer and prompts")
+# 2. Chat format (ChatML, as Qwen2.5 was trained with)
 
 # LLaVA-NeXT's system turn for Qwen (its preprocess_qwen); Qwen2.5's own template would write "You are Qwen,
 # created by Alibaba Cloud. You are a helpful assistant." Training and inference use the same one.
@@ -269,7 +270,7 @@ def encode_conversation(tokenizer, conversation, system_prompt=DEFAULT_SYSTEM_PR
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. Images (DESIGN.md "Preprocessing"; the same steps as transformers' SiglipImageProcessor)
+# 3. Images (the same steps as transformers' SiglipImageProcessor)
 
 IMAGE_MEAN = 0.5  # SigLIP normalises every channel with mean = std = 0.5, so pixels land in [-1, 1]
 IMAGE_STD = 0.5

@@ -37,8 +37,8 @@ vision = "google/siglip-so400m-patch14-224"  # a Hub id or a local folder
 language = "Qwen/Qwen2.5-0.5B"
 init_from = ""                # our checkpoint to start from (the previous stage); empty: the pretrained backbones
 projector_hidden = 896
-vision_config = {}            # non-empty: a randomly initialised SigLIP of these sizes instead of `vision` (the demo)
-language_config = {}          # likewise for Qwen2; vocab_size defaults to the tokenizer's
+vision_config = {}            # either one non-empty: both towers randomly initialised, SigLIP of these sizes and
+language_config = {}          # Qwen2 of those (vocab_size: the tokenizer's), instead of `vision` and `language` (the demo)
 tokenizer = ""                # without init_from: a folder or Hub id ("shapes": the demo's own); empty: the language model's
 # data
 dataset = "lmms-lab/LLaVA-ReCap-558K"
@@ -84,7 +84,7 @@ gradient_checkpointing = False
 attention = "flash" if torch.cuda.is_available() else "sdpa"  # sdpa (dense mask) | flex (FlexAttention) | flash (prefix by
                                                               # blocks) | varlen (flash + segments): model.VLM.mask
 peak_flops = 989e12           # the GPU's dense bf16 peak, for MFU (H100 and H200 SXM)
-eval_after = False            # the demo: caption the held-out images and score them at the end
+eval_after = False            # the demo: caption new images ("val" and "heldout") and score them at the end
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list, dict))}
 # -----------------------------------------------------------------------------
 

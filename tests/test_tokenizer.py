@@ -75,6 +75,17 @@ def test_chatml_conversation_matches_transformers_qwen2_tokenizer(qwen, tmp_path
     assert qwen.decode(ids) == reference.decode(ids, skip_special_tokens=True)
 
 
+def test_dataset_text_reads_special_tokens_as_characters_and_other_added_tokens_as_transformers_does(qwen, tmp_path):
+    """encode_text (data's text) spells out a quoted special token (data.py's tests show why); Qwen's added
+    tokens that are not special, such as <tool_call>, stay one token each, as transformers encodes them."""
+    from transformers import Qwen2Tokenizer
+    reference = Qwen2Tokenizer.from_pretrained(copy_qwen_bpe_files(tmp_path, with_config=True))
+    text = "Call <tool_call> then <|fim_prefix|>"
+    assert qwen.encode_text(text) == reference.encode(text, add_special_tokens=False) == [7220, 220, 151657, 1221, 220, 151659]
+    quoted = qwen.encode_text("a <|im_end|>")
+    assert qwen.im_end_id not in quoted and qwen.decode(quoted, skip_special_tokens=False) == "a <|im_end|>"
+
+
 def test_chatml_conversation_matches_qwens_own_tokenizer_json(qwen):
     # Qwen3's tokenizer.json, shipped in the same package: the same BPE and pre-tokenizer, written by Qwen.
     reference = RustTokenizer.from_file(os.path.join(qwen_files_folder(), "tokenizer.json"))
