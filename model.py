@@ -196,7 +196,7 @@ class SigLIP(nn.Module):
     def from_pretrained(cls, name_or_path, dtype=torch.float32):
         folder = resolve(name_or_path)
         config = read_json(os.path.join(folder, "config.json"))
-        model = cls(siglip_config(config, folder))
+        model = unloaded(cls, siglip_config(config, folder))
         # the Hub's file holds the whole SigLIP (both towers) under "vision_model."; a lone vision tower carries
         # that prefix where transformers 4 saved it, not where transformers 5 did
         prefix = "vision_model." if has_tensor(folder, "vision_model.post_layernorm.weight") else ""
@@ -356,7 +356,7 @@ class Qwen2(nn.Module):
     def from_pretrained(cls, name_or_path, dtype=torch.float32):
         folder = resolve(name_or_path)
         cfg = qwen2_config(read_json(os.path.join(folder, "config.json")), folder)
-        model = cls(cfg)
+        model = unloaded(cls, cfg)
         state = read_safetensors(folder)
         if cfg.tie_word_embeddings:
             state.pop("lm_head.weight", None)  # some tied checkpoints still store the shared matrix twice
@@ -418,8 +418,16 @@ def read_safetensors(folder, prefix="", skip=()):
     return state
 
 
+def unloaded(cls, *args):
+    """`cls(*args)` with its tensors on the meta device: shapes only, no memory and no random initialisation
+    (seconds at full size), for load_state to fill with the checkpoint's tensors."""
+    with torch.device("meta"):
+        return cls(*args)
+
+
 def load_state(model, state, rename, source, dtype):
-    """Copy checkpoint tensors into `model`; any missing, unexpected or wrongly shaped tensor is an error."""
+    """Put checkpoint tensors into `model` (built by `unloaded`, or an initialised one); any missing, unexpected
+    or wrongly shaped tensor is an error."""
     ours, other_names = model.state_dict(), aliases(model)
     state = {rename(name): tensor for name, tensor in state.items()}
     missing = [n for n in ours if n not in state and not any(alias in state for alias in other_names.get(n, ()))]
@@ -433,7 +441,11 @@ def load_state(model, state, rename, source, dtype):
     if problems:
         raise ValueError(f"cannot load {source} into {type(model).__name__}: " + "; ".join(problems[:10])
                          + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""))
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state, strict=False, assign=True)  # the loaded tensors become the parameters
+    for name in state:  # which replaced one name of a tied parameter: its other names take the loaded tensor too
+        for other in other_names.get(name, ()):
+            module, _, leaf = other.rpartition(".")
+            setattr(model.get_submodule(module), leaf, model.get_parameter(name))
     model.to(dtype)
 
 
@@ -723,8 +735,9 @@ class VLM(nn.Module):
         """The paper's starting point: pretrained SigLIP and Qwen2 joined by a freshly initialised projector."""
         vision_model = SigLIP.from_pretrained(vision, dtype)
         language_model = Qwen2.from_pretrained(language, dtype)
-        model = cls(VLMConfig(vision_model.config, language_model.config, projector_hidden))
+        model = unloaded(cls, VLMConfig(vision_model.config, language_model.config, projector_hidden))
         model.vision, model.language = vision_model, language_model
+        model.projector = Projector(vision_model.config.hidden_size, projector_hidden, language_model.config.hidden_size)
         return model.to(dtype)
 
     def save(self, folder, tokenizer=None):
@@ -749,8 +762,8 @@ class VLM(nn.Module):
         if config.get("architecture") != VLM_ARCHITECTURE:
             raise ValueError(f"{folder} is not a checkpoint of this project (config.json architecture "
                              f"{config.get('architecture')!r}, expected {VLM_ARCHITECTURE!r})")
-        model = cls(VLMConfig(SigLIPConfig(**config["vision"]), Qwen2Config(**config["language"]), config["projector_hidden"],
-                              config.get("mask_kind", "prefix")))
+        model = unloaded(cls, VLMConfig(SigLIPConfig(**config["vision"]), Qwen2Config(**config["language"]),
+                                        config["projector_hidden"], config.get("mask_kind", "prefix")))
         load_state(model, read_safetensors(folder), rename=lambda n: n, source=folder, dtype=dtype)
         return model
 

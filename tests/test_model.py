@@ -83,6 +83,7 @@ def test_siglip_other_resolution(tmp_path):
 def test_qwen2_logits_match_transformers(tmp_path, seed):
     reference = save_qwen2(tmp_path, seed=seed)
     ours = Qwen2.from_pretrained(str(tmp_path)).eval()
+    assert ours.lm_head.weight is ours.embed_tokens.weight  # tied, as stored: one matrix, loaded once
     ids = torch.randint(0, 300, (3, 11))
     with torch.no_grad():
         diff = max_diff(ours(ids), reference(ids).logits)
