@@ -69,7 +69,7 @@ warmup_steps = 20             # linear warm-up, over at most a tenth of the stag
 min_lr = 1e-8
 weight_decay = 0.01
 beta1, beta2 = 0.9, 0.999
-grad_clip = 1.0                # the gradients' total norm is clipped to this; 0: no clipping
+grad_clip = 1.0               # the gradients' total norm is clipped to this; 0: no clipping
 # system
 out_dir = "out/stage2"
 resume = False
@@ -96,11 +96,10 @@ def main():
     runs = [merged(settings, overrides, f"stages[{i}]") for i, overrides in enumerate(settings["stages"])] or [settings]
     chain_stages(runs, settings["stages"])
     check_runs(runs)
-    previous = None
     for cfg in runs:
-        previous = train_stage(cfg)
+        final_checkpoint = train_stage(cfg)
     if settings["eval_after"] and is_main():
-        evaluate_demo(previous, runs[-1])
+        evaluate_demo(final_checkpoint, runs[-1])
     dist_teardown()
 
 
@@ -257,7 +256,7 @@ def train_stage(cfg):
     progress.close()
     if is_main():
         plot_losses(metrics_path, os.path.join(cfg["out_dir"], "loss.png"))
-    return latest_checkpoint(cfg["out_dir"])  # the stage's result, which the next stage starts from
+    return latest_checkpoint(cfg["out_dir"])  # the stage's result: its newest checkpoint
 
 
 def accumulation_steps(global_batch, micro_batch, n_ranks):
