@@ -27,9 +27,17 @@ def test_every_case_runs_on_the_cpu():
     for result in training:
         assert math.isfinite(result["loss"]) and 0 < result["mfu"] < 1, result
         assert result["images_per_s"] > 0 and result["tokens_per_s"] > result["images_per_s"]
-    # the same seed gives every path the same first batch and weights: the same first loss, whatever the options
+    # the same seed gives every case of a shape the same first batch and weights, so the same first loss; on the
+    # CPU the three stage-2 cases of micro-batch 2 run one path (SDPA, eager), so compiled blocks with gradient
+    # checkpointing are run beside them
     stage2_b2 = {r["first_loss"] for r in training if r["stage"] == 2 and r["micro_batch"] == 2}
     assert len(stage2_b2) == 1
+    other_path = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--small", "--stage", "2", "--micro_batch",
+                                 "16", "--compile", "--grad_ckpt", "--compile_mode", "default", "--warmup", "1", "--steps",
+                                 "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert other_path.returncode == 0, other_path.stderr[-2000:]
+    compiled = json.loads(next(line for line in other_path.stdout.splitlines() if line.startswith('{"case"')))
+    assert compiled["case"].endswith("compile_ckpt") and math.isclose(compiled["first_loss"], stage2_b2.pop(), rel_tol=1e-5)
     packed = next(r for r in training if r["case"].endswith("packed_sdpa"))
     assert packed["padding_packed"] < packed["padding_if_padded_to_longest"]
     generation = next(r for r in results if r["case"].startswith("generate"))

@@ -4,6 +4,7 @@ Parquet and JSON fixtures are written here with pyarrow and PIL, in the layouts 
 import io
 import json
 import logging
+import math
 import os
 
 import numpy as np
@@ -464,6 +465,13 @@ def test_captions_say_what_is_drawn_where():
             assert f"a {colour} {kind} in the {position}" in sample["conversations"][1]["value"]
             x, y = (int(c * 64) for c in SHAPE_POSITIONS[position])
             assert tuple(pixels[y, x]) == SHAPE_COLOURS[colour], (i, colour, kind, position)
+            # the kind, by how much of its bounding box the shape fills: a square all, a circle pi/4, a triangle half
+            corner = pixels[y - 16:y + 16, x - 16:x + 16]
+            filled = (corner == SHAPE_COLOURS[colour]).all(-1)
+            rows, cols = filled.any(1).nonzero()[0], filled.any(0).nonzero()[0]
+            fill = filled.sum() / ((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1))
+            expected_fill = {"square": 1.0, "circle": math.pi / 4, "triangle": 0.5}[kind]
+            assert abs(fill - expected_fill) < 0.1, (i, kind, fill)
         for position in set(SHAPE_POSITIONS) - drawn:
             x, y = (int(c * 64) for c in SHAPE_POSITIONS[position])
             assert tuple(pixels[y, x]) == (255, 255, 255)

@@ -534,6 +534,11 @@ def test_compiled_blocks_give_the_same_loss_and_gradients():
     batches = [padded_batch([7, 4, 9]), padded_batch([5, 3], seed=1)]  # another number of images, as packing gives
     eager = [loss_and_gradients(model, lambda: model(**batch)) for batch in batches]
     model.compile_blocks()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     compiled = [loss_and_gradients(model, lambda: model(**batch)) for batch in batches]
     for a, b in zip(eager, compiled):
         assert_same_loss_and_gradients(a, b)
+    # compiled indeed: a graph per block type and batch shape (the vision blocks' second one for any number of
+    # images), each block whole (graph_break would count the breaks)
+    assert counters["stats"]["unique_graphs"] >= 3 and not counters["graph_break"], dict(counters)

@@ -141,9 +141,8 @@ def test_greedy_equals_transformers_generate(model_and_reference):
     assert len(got[0]) <= 3  # the end token was reached
 
 
-# a length penalty of 2 favours long captions: none of these ends before the last token allowed
-@pytest.mark.parametrize("length_penalty, ended_early", [(1.0, 1), (0.0, 1), (2.0, 0)])
-def test_beam_search_equals_transformers_generate(model_and_reference, length_penalty, ended_early):
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0, 2.0])  # 2 favours long captions, 0 short ones
+def test_beam_search_equals_transformers_generate(model_and_reference, length_penalty):
     """Beam search of width 3, with an end token that the beams do reach (the commonest token of the greedy
     captions), against transformers' beam search with its defaults, on the same weights under the causal mask."""
     model, reference = model_and_reference
@@ -163,7 +162,7 @@ def test_beam_search_equals_transformers_generate(model_and_reference, length_pe
                              length_penalty=length_penalty)
         assert got == expected, seed
         hypotheses_ended += sum(len(caption) < 8 for caption in got)
-    assert hypotheses_ended >= ended_early  # the end token decided something
+    assert hypotheses_ended > 0  # the end token decided something
 
 
 def test_no_new_tokens_is_an_empty_answer(model_and_reference):

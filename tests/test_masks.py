@@ -23,7 +23,8 @@ def test_prefix_image_block_is_bidirectional_and_blind_to_text():
 
 
 def test_bidirectional():
-    assert masks.bidirectional(3).all()
+    # Fig. 3(a): every token, image or text, sees every other
+    assert masks.bidirectional(3).tolist() == [[T, T, T]] * 3
 
 
 def test_padding_keys_are_hidden_but_rows_never_empty():
@@ -52,6 +53,26 @@ def test_noise_replaces_about_the_requested_share_of_text_inputs_only():
     assert set(noisy[replaced].tolist()) == {3}
     random_noise = masks.add_noise(ids, eligible, prob=0.5, vocab_size=100, generator=generator)
     assert len(set(random_noise[random_noise != ids].tolist())) > 50
+
+
+def test_stage_0_reads_noised_inputs_and_predicts_the_clean_text(tiny_backbones):
+    """Algorithm 1 inside VLM.forward: with noise_prob, the loss is that of the same batch whose inputs went
+    through add_noise (the same generator seed), against the clean ids as labels; padding gets no noise."""
+    from model import IGNORE_INDEX
+    model = VLM.from_pretrained(*map(str, tiny_backbones), projector_hidden=32).eval()
+    pixels, ids = torch.randn(2, 3, 56, 56), torch.randint(0, 300, (2, 12))
+    text_mask = torch.ones_like(ids, dtype=torch.bool)
+    text_mask[1, 9:] = False
+    labels = ids.masked_fill(~text_mask, IGNORE_INDEX)
+    vocab_size = model.config.language.vocab_size
+    with torch.no_grad():
+        noised = model(pixels, ids, labels, text_mask, mask_kind="bidirectional", noise_prob=0.2,
+                       generator=torch.Generator().manual_seed(3))
+        noised_ids = masks.add_noise(ids, text_mask, 0.2, None, vocab_size, torch.Generator().manual_seed(3))
+        assert (noised_ids != ids).any()
+        expected = model(pixels, noised_ids, labels, text_mask, mask_kind="bidirectional")
+        clean = model(pixels, ids, labels, text_mask, mask_kind="bidirectional")
+    assert torch.equal(noised, expected) and not torch.allclose(noised, clean)
 
 
 def test_drawing_shows_the_two_masks_of_figure_3(tmp_path):

@@ -22,10 +22,20 @@ def run(checkpoint, *args):
     return sample.main(["--checkpoint", checkpoint, "--device", "cpu", "--max_new_tokens", "8", *args])
 
 
-def test_one_image_streams_the_answer_as_it_is_generated(checkpoint, images, capsys):
+def test_one_image_streams_the_answer_as_it_is_generated(checkpoint, images, capsys, monkeypatch):
+    from model import VLM
+    generate, on_screen_when_generated = VLM.generate, []
+
+    def generate_then_look_at_the_screen(self, *args, **kwargs):
+        tokens = generate(self, *args, **kwargs)
+        on_screen_when_generated.append(capsys.readouterr().out)
+        return tokens
+
+    monkeypatch.setattr(VLM, "generate", generate_then_look_at_the_screen)
     answers = run(checkpoint, "--image", images[0], "--prompt", "What is in the image?")
     assert len(answers) == 1 and answers[0]
-    assert capsys.readouterr().out.strip() == answers[0]
+    # the whole answer was printed while it was generated, token by token; after, only the line ends
+    assert on_screen_when_generated == [answers[0]] and capsys.readouterr().out.strip() == ""
 
 
 def test_token_printer_prints_each_token_but_waits_for_whole_characters(capsys):

@@ -46,7 +46,7 @@ def test_reference_encodings_and_special_ids(qwen):
     assert qwen.pad_id == qwen.eos_id
     assert qwen.encode("<|im_start|>user<|im_end|><|endoftext|>") == [151644, 872, 151645, 151643]
     assert qwen.encode("<|vision_start|><|file_sep|>") == [151652, 151664]  # the other added tokens
-    assert qwen.vocab_size == 151665  # 151,643 BPE entries + 22 added tokens (the design notes, ../shared/DESIGN.md)
+    assert qwen.vocab_size == 151665  # 151,643 BPE entries + 22 added tokens (Qwen2.5's tokenizer.json)
     assert qwen.encode("Cafe\u0301") == qwen.encode("Café")  # NFC: a combining accent is composed first
 
 

@@ -47,6 +47,27 @@ def tiny_setup(**overrides):
     return cfg, tokenizer, model, trainable, optimizer
 
 
+# The paper's four stages (sections 3.4, 4.1 and 4.2, Tables 3 and 5): data, mask, noise, and the learning rates of
+# the vision encoder, projector and language model (0: frozen)
+PAPER_STAGES = {
+    0: ("lmms-lab/LLaVA-ReCap-118K", "bidirectional", 0.2, 0.0, 1e-3, 0.0),
+    1: ("lmms-lab/LLaVA-ReCap-118K", "prefix", 0.0, 0.0, 1e-3, 0.0),
+    2: ("lmms-lab/LLaVA-ReCap-558K", "prefix", 0.0, 5e-6, 2e-3, 2e-5),
+    3: ("lmms-lab/LLaVA-NeXT-Data", "prefix", 0.0, 5e-6, 1e-4, 2e-5),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(PAPER_STAGES))
+def test_each_stage_config_is_the_papers(stage):
+    from configurator import configure
+    cfg = configure(dict(train.settings), [os.path.join(ROOT, "config", f"stage{stage}.py")])
+    assert (cfg["dataset"], cfg["mask_kind"], cfg["noise_prob"], cfg["vision_lr"], cfg["projector_lr"],
+            cfg["language_lr"]) == PAPER_STAGES[stage] and cfg["stage"] == stage
+    # every stage: batch 128, AdamW (0.9, 0.999) with weight decay 0.01, cosine decay to 1e-8, clipped gradients
+    assert (cfg["global_batch"], cfg["beta1"], cfg["beta2"], cfg["weight_decay"], cfg["min_lr"]) == (128, 0.9, 0.999, 0.01, 1e-8)
+    assert cfg["grad_clip"] > 0 and cfg["init_from"] == ("" if stage == 0 else f"out/stage{stage - 1}")
+
+
 @pytest.mark.parametrize("stage, mask_kind, noise_prob", [(0, "bidirectional", 0.2), (1, "prefix", 0.0)])
 def test_stages_0_and_1_train_only_the_projector(stage, mask_kind, noise_prob):
     cfg, tokenizer, model, trainable, optimizer = tiny_setup(stage=stage, mask_kind=mask_kind, noise_prob=noise_prob,
@@ -431,6 +452,10 @@ def test_packed_rows_train_like_padded_rows(tmp_path):
     row of 256 tokens, so they divide the batch differently from the padded micro-batches of 4); each still
     sees only itself, and a batch's loss is the mean over its labels, so the losses are those of padded rows."""
     common = dict(stage=3, shapes_questions=2, max_steps=3, vision_lr=1e-3, projector_lr=1e-3, language_lr=1e-3)
+    cfg, tokenizer, model, _, _ = tiny_setup(pack_length=256, max_text_tokens=96, **common)  # demo.py's length
+    micro_batches = next(iter(train.open_stream(cfg, tokenizer, model)))  # what the packed run trains on
+    assert all("document" in batch for batch in micro_batches)
+    assert sum(len(batch["input_ids"]) for batch in micro_batches) < cfg["global_batch"]  # rows shared
     padded = run_train(tmp_path / "padded", **common)
     packed = run_train(tmp_path / "packed", pack_length=256, **common)
     assert len(padded) == len(packed) == 3
