@@ -42,7 +42,7 @@ ISSUE_CASES = [
     dict(generate=True, micro_batch=256, text_len=20, new_tokens=30),  # target: 5000 images in < 60 s
     dict(stage=1, micro_batch=32, text_len=144, anchor=204, target=400),
     dict(stage=0, micro_batch=32, text_len=144),  # stage 1's shape, bidirectional: FlexAttention, not flash calls
-    dict(stage=3, micro_batch=8, text_len=768, anchor=41, target=100),  # padded, as PathVQA trains
+    dict(stage=3, micro_batch=8, text_len=768, anchor=41, target=100),  # every row padded to 768 text tokens
     dict(stage=2, micro_batch=32, text_len=144, anchor=129),
     dict(stage=3, micro_batch=8, text_len=768, packed=True),  # 128 conversations, micro-batches of 4 rows of 2048
     dict(stage=2, micro_batch=16, text_len=144, compile_mode="default", anchor=80),  # compiled, without CUDA graphs
@@ -68,9 +68,10 @@ def parse_args():
     parser.add_argument("--attention", choices=ATTENTION_PATHS, help="default: flash on the GPU, sdpa on the CPU")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="default: on the GPU only")
     parser.add_argument("--compile_mode", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
-                        help="torch.compile's mode for the blocks (default: the stage's, as train.py reads it); "
-                             "reduce-overhead replays them as CUDA graphs")
-    parser.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the trainable towers")
+                        help="torch.compile's mode for the blocks (default: the stage's, as train.py reads it, "
+                             "or 'default' with --grad_ckpt); reduce-overhead replays them as CUDA graphs")
+    parser.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in every tower that "
+                        "gradients pass through (train.freeze_modules)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="a tiny model, micro-batches and texts an eighth of the "
                         "cases' (the names say what ran), for the CPU")

@@ -7,7 +7,7 @@
     python eval.py --task pathvqa --pathvqa_parquet data/path-vqa/test.parquet --checkpoint out/pathvqa
 
 --split karpathy is the Karpathy test split (5000 COCO, 1000 Flickr30k, 1000 Flickr8k images); any split
-name of the Karpathy files (test, val, restval, train) works too. The files are found by convention:
+name of the Karpathy files (test, val, train, and COCO's restval) works too. The files are found by convention:
 
     {karpathy_dir}/dataset_{coco,flickr30k,flickr8k}.json      Karpathy's caption_datasets.zip
     {image_root}/{dataset}/[{filepath}/]{filename}             filepath and filename as in those files:
@@ -26,7 +26,7 @@ without a checkpoint, out-eval):
     captions_{dataset}_{split}.json   the predictions in COCO results format, [{"image_id", "caption"}];
                                       image_id: COCO's image id, or the Flickr file name
                                       without extension (a number for Flickr30k)
-    metrics_{dataset}_{split}.json    {"dataset", "settings", "scores": {metric: fraction}}
+    metrics_{dataset}_{split}.json    {"dataset", "settings", "scores": {metric: score}}, unscaled
     answers_pathvqa_{split}.json, metrics_pathvqa_{split}.json   for --task pathvqa (--pathvqa_split)
     (with --num_beams N > 1, each name ends in _beamsN: greedy and beam-search results stay side by side)
 
@@ -102,7 +102,8 @@ def load_spice():
 def score(predictions, references, spice=False):
     """COCO caption metrics of predictions {image_id: caption} against references {image_id: [captions]}.
 
-    Returns {"Bleu_1".."Bleu_4", "METEOR", "ROUGE_L", "CIDEr"(, "SPICE")} as fractions (0-1). Both dicts
+    Returns {"Bleu_1".."Bleu_4", "METEOR", "ROUGE_L", "CIDEr"(, "SPICE")}, unscaled: BLEU, METEOR, ROUGE_L
+    and SPICE lie in 0-1, while CIDEr-D (its similarities times 10) goes past 1 for good captions. Both dicts
     must cover the same images: CIDEr-D takes its IDF from the references of the scored images, so scoring
     a subset of the references would silently change it."""
     if predictions.keys() != references.keys():

@@ -143,7 +143,8 @@ def mask_mod(mask_kind, image, keep, document):
 def block_mask(mask_kind, n_image_tokens, keep, document=None, fixed=None):
     """`attention_mask` (or, given `document`, `document_mask`) as a FlexAttention BlockMask, built once per
     batch: it lists, per 128-token query block, the key blocks that are not fully masked, and the kernel
-    computes only those (for the prefix mask, 11 of 16 at stage 2's 400 tokens; nearer half for long texts).
+    computes only those (for the prefix mask, 11 of 16 at 256 image + 144 text tokens, bench.py's stage-2 shape;
+    nearer half for long texts).
 
     `fixed(name, tensor)`, where given (model.FixedInputs, for CUDA graphs), returns the tensor's values in
     memory that every batch of its shape reuses; it takes the mask's own tensors and those its rule reads."""

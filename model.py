@@ -741,8 +741,9 @@ class VLM(nn.Module):
         return model.to(dtype)
 
     def save(self, folder, tokenizer=None):
-        """model.safetensors + config.json (+ tokenizer.json), each written to a temporary name and then
-        renamed, so a reader never sees half a file."""
+        """model.safetensors + config.json (+ tokenizer.json). The first two are written to a temporary name
+        and then renamed, so a reader never sees half of either; train.py writes a whole checkpoint into a
+        folder of its own and renames the folder once everything is in it."""
         os.makedirs(folder, exist_ok=True)
         state = {n: t.detach().contiguous() for n, t in self.state_dict().items()}
         if self.config.language.tie_word_embeddings:

@@ -63,8 +63,9 @@ def load_model(args, device=None):
 
 
 def prompt_ids(tokenizer, prompt):
-    """The user's question as a ChatML turn, ending where the assistant's answer starts, its text cleaned as in
-    training (data.turn_text): the image needs no placeholder, its tokens always come before the text."""
+    """The user's question as a ChatML turn after the system turn, ending where the assistant's answer starts,
+    its text cleaned as in training (data.turn_text): the image needs no placeholder, its tokens always come
+    before the text."""
     return chat_ids(tokenizer, [{"role": "user", "content": turn_text(prompt)}])
 
 
