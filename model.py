@@ -589,11 +589,10 @@ class VLM(nn.Module):
             if noise_prob > 0:
                 raise ValueError("stage-0 noise is not implemented for packed rows")
             return self.forward_packed(pixel_values, input_ids, labels, document, mask_kind, label_positions)
-        if text_mask is None:
-            text_mask = torch.ones_like(input_ids, dtype=torch.bool)  # no padding
+        text_mask = torch.ones_like(input_ids, dtype=torch.bool) if text_mask is None else text_mask.bool()
         image_tokens = self.projector(self.vision(pixel_values))                  # V <- projector(vision(image))
         if noise_prob > 0:                                                          # Algorithm 1: text <- add_noise(text)
-            input_ids = masks.add_noise(input_ids, text_mask.bool(), noise_prob, noise_token_id, self.config.language.vocab_size,
+            input_ids = masks.add_noise(input_ids, text_mask, noise_prob, noise_token_id, self.config.language.vocab_size,
                                         generator)
         hidden = self.decode(image_tokens, input_ids, text_mask, mask_kind)
         return self.text_loss(hidden, labels, label_positions)

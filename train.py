@@ -411,10 +411,14 @@ def make_optimizer(model, cfg):
     return torch.optim.AdamW(groups, lr=0.0, betas=(cfg["beta1"], cfg["beta2"]), fused=True)
 
 
+def stepped_parameters(optimizer):
+    """The parameters the optimizer steps on, group by group."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def gradient_norm(optimizer):
     """The total norm of the gradients the optimizer will step on (all parameters as one vector)."""
-    return torch.nn.utils.get_total_norm([p.grad for group in optimizer.param_groups for p in group["params"]
-                                          if p.grad is not None])
+    return torch.nn.utils.get_total_norm([p.grad for p in stepped_parameters(optimizer) if p.grad is not None])
 
 
 def clipped_step(optimizer, norm, max_norm):
@@ -429,8 +433,7 @@ def clipped_step(optimizer, norm, max_norm):
     if max_norm <= 0:
         return optimizer.step()
     if norm.device.type not in ("cpu", "cuda"):  # MPS's fused AdamW ignores grad_scale: a pass of its own there
-        torch.nn.utils.clip_grads_with_norm_([p for group in optimizer.param_groups for p in group["params"]],
-                                             max_norm, norm)
+        torch.nn.utils.clip_grads_with_norm_(stepped_parameters(optimizer), max_norm, norm)
         return optimizer.step()
     optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)  # 1e-6: clip_grad_norm_'s epsilon
     try:
