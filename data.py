@@ -594,23 +594,10 @@ def make_sample(record, tokenizer, image_size, max_text_tokens, system_prompt):
     return {"pixel_values": pixel_values, "input_ids": input_ids, "labels": labels}, truncated
 
 
-def collate(samples, pad_id, pad_to_multiple=1):
-    """Samples -> a batch, texts right-padded to the longest (rounded up to `pad_to_multiple`, so a compiled
-    model meets few distinct shapes): pixel_values [B,3,H,W], input_ids [B,T], labels [B,T] (IGNORE_INDEX on
-    padding), text_mask [B,T] (True on real tokens), label_positions [N] (see find_label_positions)."""
-    length = max(len(sample["input_ids"]) for sample in samples)
-    length = -(-length // pad_to_multiple) * pad_to_multiple
-    input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
-    text_mask = torch.zeros((len(samples), length), dtype=torch.bool)
-    for i, sample in enumerate(samples):
-        n = len(sample["input_ids"])
-        input_ids[i, :n] = torch.as_tensor(sample["input_ids"])
-        labels[i, :n] = torch.as_tensor(sample["labels"])
-        text_mask[i, :n] = True
-    pixel_values = torch.stack([sample["pixel_values"] for sample in samples])
-    return {"pixel_values": pixel_values, "input_ids": input_ids, "labels": labels, "text_mask": text_mask,
-            "label_positions": find_label_positions(labels)}
+def collate(samples, n_image_tokens, pad_id, pad_to_multiple=1):
+    """Samples -> a batch of one [image | text] document per row (pack_documents' layout), right-padded to the
+    longest, rounded up to `pad_to_multiple` so that a compiled model meets few distinct shapes."""
+    return pack_documents(samples, None, n_image_tokens, pad_id, [[i] for i in range(len(samples))], pad_to_multiple)
 
 
 def fill_rows(lengths, max_len):
@@ -665,12 +652,13 @@ def pack_documents(samples, max_len, n_image_tokens, pad_id=0, rows=None, pad_to
     collate). Returns "pixel_values" [N, 3, H, W], one image per document in row order; "input_ids",
     "labels", "document" [rows, length] over whole rows, where a document's image slots come first (input
     pad_id, label IGNORE_INDEX), then its text, and `document` numbers the documents of each row 0, 1, ... and
-    marks padding -1; and "label_positions": the arguments of VLM.forward_packed."""
+    marks padding -1; and "label_positions": the arguments of VLM.forward."""
     lengths = document_lengths(samples, n_image_tokens)
     if rows is None:
         rows = fill_rows(lengths, max_len)
     fullest = max(sum(lengths[i] for i in docs) for docs in rows)
-    length = min(max_len, -(-fullest // pad_to_multiple) * pad_to_multiple)
+    length = -(-fullest // pad_to_multiple) * pad_to_multiple
+    length = length if max_len is None else min(max_len, length)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
     document = torch.full((len(rows), length), -1, dtype=torch.long)
@@ -835,7 +823,7 @@ class BatchStream:
         if self.pack_length:
             return pack_micro_batches(samples, self.pack_length, self.n_image_tokens, self.pack_rows, self.tokenizer.pad_id,
                                       self.pad_to_multiple)
-        return [collate(samples[i:i + self.micro_batch], self.tokenizer.pad_id, self.pad_to_multiple)
+        return [collate(samples[i:i + self.micro_batch], self.n_image_tokens, self.tokenizer.pad_id, self.pad_to_multiple)
                 for i in range(0, len(samples), self.micro_batch)]
 
     def add_counts(self, counts):

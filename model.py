@@ -4,11 +4,11 @@
                                                                           +--> Qwen2 decoder -> next-token loss on text
     text  -> Qwen2 token embedding -------------------------------------> text tokens --+
 
-The file reads top to bottom: attention shared by both towers, the SigLIP vision encoder, the Qwen2 language
-model, loading of the official safetensors, then the VLM that joins them (Algorithms 1 and 2), its next-token
-loss a chunk of the output layer at a time, and decoding (greedy, beam search).
+The file reads top to bottom: the SigLIP vision encoder, the Qwen2 language model, loading of the official
+safetensors, then the VLM that joins them (Algorithms 1 and 2, the loss of eq. 1) and decoding (greedy, beam
+search). Attention is SDPA under the dense masks of masks.py and the loss is F.cross_entropy on the full
+logits: the reference computation. fast_path.py computes the same faster on a GPU (train.py's `fast_path`).
 """
-import inspect
 import json
 import os
 import re
@@ -19,92 +19,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 import masks
 
-try:  # flash-attention's variable-length kernel (attention="varlen" needs torch >= 2.11); its options vary
-    from torch.nn.attention.varlen import varlen_attn
-    VARLEN_OPTIONS = set(inspect.signature(varlen_attn).parameters)
-except ImportError:
-    varlen_attn, VARLEN_OPTIONS = None, set()
-
 IGNORE_INDEX = -100  # label of a token that carries no loss (PyTorch's cross_entropy default ignore_index)
 
 
-# -----------------------------------------------------------------------------
-# Attention, shared by both towers
-
-# FlexAttention is fast only compiled: one fused kernel that skips the fully masked blocks. Run eagerly it is a
-# slow reference implementation, the only form on the CPU. Inside compiled blocks (VLM.compile_blocks) it is
-# compiled along with them.
-fused_flex_attention = torch.compile(flex_attention, dynamic=False)
-
-
 def attend(q, k, v, mask):
-    """Scaled dot-product attention for q [B,H,Q,hd] and k, v [B,Hkv,K,hd] (Hkv divides H: GQA).
-
-    `mask` is None (every token sees every token, as in SigLIP; Qwen2.hidden_states makes its own None the
-    causal mask first); a boolean [B,1,Q,K] (True = may attend) for SDPA, the simple reference path;
-    a FlexAttention BlockMask (masks.block_mask); masks.PrefixBlocks, the prefix mask run by blocks; or
-    masks.Segments, the mask as segments of tokens."""
-    gqa = k.shape[1] != q.shape[1]
-    if isinstance(mask, masks.PrefixBlocks):
-        return prefix_attention(q, k, v, mask, gqa)
-    if isinstance(mask, masks.Segments):
-        return segment_attention(q, k, v, mask)
-    if isinstance(mask, BlockMask):
-        flex = fused_flex_attention if q.is_cuda else flex_attention
-        return flex(q, k, v, block_mask=mask, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-
-
-def prefix_attention(q, k, v, blocks, gqa):
-    """Fig. 3(b) as two flash-attention calls (masks.PrefixBlocks): image queries over image keys, unmasked;
-    text queries over all keys, text token i seeing the image and text tokens 0..i (causal, bottom-right)."""
-    n = blocks.n_image_tokens
-    image = F.scaled_dot_product_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], enable_gqa=gqa)
-    text = F.scaled_dot_product_attention(q[:, :, n:], k, v, attn_mask=blocks.text_causal, enable_gqa=gqa)
-    return torch.cat([image, text], dim=2)
-
-
-def segment_attention(q, k, v, segments):
-    """The stage's mask as attention within segments of tokens (masks.Segments), the rows laid end to end:
-    every document attends to itself, causally or both ways; for the prefix mask the image rows come from a
-    second pass in which each image block is a segment of its own, so that it sees itself whole (Fig. 3(b))."""
-    B, _, L, _ = q.shape
-    q, k, v = (t.transpose(1, 2).flatten(0, 1) for t in (q, k, v))  # [B*L, heads, hd]
-    y = attend_in_segments(q, k, v, segments.documents, segments.max_len,
-                           is_causal=segments.mask_kind != "bidirectional")
-    if segments.mask_kind == "prefix":
-        image = attend_in_segments(q, k, v, segments.parts, segments.max_len, is_causal=False)
-        y = torch.where(segments.image[:, None, None], image, y)
-    return y.unflatten(0, (B, L)).transpose(1, 2)
-
-
-def attend_in_segments(q, k, v, boundaries, max_len, is_causal):
-    """Attention of the tokens q [N, H, hd] and k, v [N, Hkv, hd] within segments (boundaries[i] up to
-    boundaries[i+1], at most max_len long): flash-attention's variable-length kernel on the GPU, and on the
-    CPU, which has no such kernel, the segments as a dense mask through SDPA."""
-    gqa = k.shape[1] != q.shape[1]
-    if q.is_cuda:
-        if "window_size" not in VARLEN_OPTIONS:
-            raise RuntimeError('attention="varlen" needs torch >= 2.11 (torch.nn.attention.varlen with window_size)')
-        if q.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f'attention="varlen" runs flash kernels, which take 16-bit inputs, not {q.dtype}: '
-                             'train with dtype "bfloat16"')
-        # how far each query reaches (left, right) within its segment; -1 is unlimited: (-1, 0) is causal
-        options = {"window_size": (-1, 0) if is_causal else (-1, -1)}
-        if "enable_gqa" in VARLEN_OPTIONS:
-            options["enable_gqa"] = gqa
-        elif gqa:  # torch 2.11 takes no GQA flag: each key-value head repeated for its group of query heads
-            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-        return varlen_attn(q, k, v, boundaries, boundaries, max_len, max_len, **options)
-    mask = masks.segment_mask(boundaries, q.shape[0], is_causal)
-    y = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
-                                       enable_gqa=gqa)
-    return y.transpose(0, 1)
+    """Scaled dot-product attention of q [B,H,Q,hd] over k, v [B,Hkv,K,hd] (Hkv divides H: GQA). `mask`: None,
+    every token sees every token (SigLIP), or boolean [B,1,Q,K], True where a query may attend to a key
+    (masks.attention_mask). The fast path hands a mask object instead, which runs its own kernels."""
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        return mask.attend(q, k, v)  # fast_path.PrefixBlocks or fast_path.FlexMask
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def shared_input_linear(x, *layers):
@@ -327,21 +255,14 @@ class Qwen2(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
-        self.fixed_inputs = None  # set by VLM.use_fixed_inputs (compile_blocks calls it for CUDA graphs)
 
-    def hidden_states(self, input_ids=None, inputs_embeds=None, mask=None, position_ids=None, cache=None):
-        """The final-norm hidden states [B,T,D]. `mask` None means causal; `position_ids` default 0..T-1."""
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        B, T, _ = x.shape
-        if cache is not None and (position_ids is None or mask is None):
-            raise ValueError("with a cache, give position_ids and mask: the defaults fit a sequence without cached tokens")
-        if position_ids is None:
-            position_ids = torch.arange(T, device=x.device).expand(B, T)
-        if mask is None:
-            mask = masks.causal(T, x.device)[None, None]
-        cos, sin = rope_tables(position_ids, self.config.hidden_size // self.config.num_attention_heads, self.config.rope_theta)
-        if self.fixed_inputs is not None:
-            cos, sin = self.fixed_inputs("cos", cos), self.fixed_inputs("sin", sin)
+    def rope(self, position_ids):
+        """RoPE's cos and sin tables for these positions [B, T]."""
+        return rope_tables(position_ids, self.config.hidden_size // self.config.num_attention_heads, self.config.rope_theta)
+
+    def hidden_states(self, x, mask, rope, cache=None):
+        """The final-norm hidden states [B,T,D] of the input embeddings x [B,T,D] under `mask` (see attend)."""
+        cos, sin = rope
         for layer in self.layers:
             if self.gradient_checkpointing and x.requires_grad:  # a backward pass will run through, frozen or not
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
@@ -349,8 +270,16 @@ class Qwen2(nn.Module):
                 x = layer(x, cos, sin, mask, cache)
         return self.norm(x)
 
-    def forward(self, input_ids=None, inputs_embeds=None, mask=None, position_ids=None, cache=None):
-        return self.lm_head(self.hidden_states(input_ids, inputs_embeds, mask, position_ids, cache))
+    def forward(self, input_ids, mask=None, position_ids=None, cache=None):
+        """Logits [B,T,vocab] of the language model alone: causal, positions 0..T-1, unless given."""
+        B, T = input_ids.shape
+        if cache is not None and (position_ids is None or mask is None):
+            raise ValueError("with a cache, give position_ids and mask: the defaults fit a sequence without cached tokens")
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        if mask is None:
+            mask = masks.causal(T, input_ids.device)[None, None]
+        return self.lm_head(self.hidden_states(self.embed_tokens(input_ids), mask, self.rope(position_ids), cache))
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=torch.float32):
@@ -539,29 +468,6 @@ class Projector(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class FixedInputs:
-    """Buffers that hold the blocks' per-batch inputs at the same addresses, batch after batch.
-
-    A block replayed as a CUDA graph (compile_mode "reduce-overhead") finds the tensors its backward pass keeps
-    at the addresses where the graph was recorded; where one of them, built for each batch outside the blocks
-    (RoPE's cos and sin, an attention mask and the tensors its rule reads), lies elsewhere, the graphs are
-    recorded again (on an H100, stage 0's bidirectional rows ran at 52 images/s instead of 185). Each is copied
-    into one buffer per name and shape, which the next batch of that shape overwrites: its backward pass has
-    run by then."""
-
-    def __init__(self):
-        self.buffers = {}
-
-    def __call__(self, name, tensor):
-        key = (name, tuple(tensor.shape), tensor.dtype, tensor.device)
-        if key not in self.buffers:
-            self.buffers[key] = torch.empty_like(tensor)
-        return self.buffers[key].copy_(tensor)
-
-
-ATTENTION_PATHS = ("sdpa", "flex", "flash", "varlen")  # how VLM.mask hands the stage's mask to attention (see there)
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that record CUDA graphs
-
 
 class VLM(nn.Module):
     def __init__(self, config):
@@ -571,163 +477,64 @@ class VLM(nn.Module):
         self.projector = Projector(config.vision.hidden_size, config.projector_hidden, config.language.hidden_size)
         self.language = Qwen2(config.language)
         self.n_image_tokens = self.vision.n_patches
-        self.attention = "sdpa"  # or "flex", "flash" or "varlen" (ATTENTION_PATHS): see `mask`
-        self.fixed_inputs = None  # set by use_fixed_inputs (compile_blocks calls it for CUDA graphs)
+        self.fast_path = None  # fast_path.FastPath once fast_path.enable(model): the same masks and loss, faster
 
-    # --- training forward pass -------------------------------------------------
+    def forward(self, pixel_values, input_ids, labels, document, mask_kind="prefix", noise_prob=0.0, noise_token_id=None,
+                generator=None, label_positions=None):
+        """The mean next-token cross-entropy over the labelled text (eq. 1): Algorithm 2, or Algorithm 1 under the
+        bidirectional mask with noise_prob > 0 (stage 0; `generator` draws the noise).
 
-    def forward(self, pixel_values, input_ids, labels, text_mask=None, mask_kind="prefix", noise_prob=0.0, noise_token_id=None,
-                generator=None, document=None, label_positions=None):
-        """Mean next-token cross-entropy over the text (paper eq. 1). Algorithm 2, or Algorithm 1 when
-        mask_kind is 'bidirectional' and noise_prob > 0 (stage 0; `generator` draws the noise). A batch of
-        packed rows (with `document`, from data.pack_documents) goes to forward_packed. `label_positions`, the
-        entries of labels.flatten() that carry a label, come with data's batches, counted on the host; without
-        them they are found here, which makes the host wait for the GPU. `text_mask` marks the real text tokens
-        of right-padded rows, as data.collate pads them: the "flash" and "varlen" paths take right padding
-        for granted (masks.PrefixBlocks), where left padding would let the text see the pads before it."""
-        if document is not None:
-            if noise_prob > 0:
-                raise ValueError("stage-0 noise is not implemented for packed rows")
-            return self.forward_packed(pixel_values, input_ids, labels, document, mask_kind, label_positions)
-        text_mask = torch.ones_like(input_ids, dtype=torch.bool) if text_mask is None else text_mask.bool()
-        image_tokens = self.projector(self.vision(pixel_values))                  # V <- projector(vision(image))
-        if noise_prob > 0:                                                          # Algorithm 1: text <- add_noise(text)
-            input_ids = masks.add_noise(input_ids, text_mask, noise_prob, noise_token_id, self.config.language.vocab_size,
+        A batch is rows of [image | text] documents (masks.py): input_ids, labels, document [R, L], where each
+        document's first n_image_tokens positions are its image slots (any input id, no label) and `document`
+        is -1 on padding; pixel_values [N, 3, H, W] holds one image per document, in row order.
+        `label_positions` (where labels.flatten() carries a label, counted by data.py on the host) spare the fast
+        path a wait for the GPU."""
+        if noise_prob > 0:  # Algorithm 1, line 3: the text inputs get noise, the labels stay clean
+            text = (document >= 0) & ~masks.image_slots(document, self.n_image_tokens)
+            input_ids = masks.add_noise(input_ids, text, noise_prob, noise_token_id, self.config.language.vocab_size,
                                         generator)
-        hidden = self.decode(image_tokens, input_ids, text_mask, mask_kind)
-        return self.text_loss(hidden, labels, label_positions)
+        image_tokens = self.projector(self.vision(pixel_values))                     # V <- projector(vision(image))
+        hidden = self.hidden_states(image_tokens, input_ids, document, mask_kind)
+        if self.fast_path is not None:  # the output layer only where a label is, a chunk at a time
+            return self.fast_path.next_token_loss(hidden, labels, label_positions, self.language.lm_head.weight)
+        logits = self.language.lm_head(hidden).float()
+        # position t predicts the token at t + 1: the last image token predicts the first text token. Image slots
+        # carry no label, so a packed document's last token predicts nothing of the next document.
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
-    def decode(self, image_tokens, input_ids, text_mask, mask_kind, cache=None):
-        """Run the language model over [image tokens | text tokens] under the stage's mask (paper 3.1, 3.2).
-        With a `cache` (generation's prefill) the prompt may be left-padded, which PrefixBlocks and Segments do
-        not cover: prefill takes the dense mask."""
+    def hidden_states(self, image_tokens, input_ids, document, mask_kind, cache=None):
+        """Algorithm 2's forward pass: the language model over each document's [image tokens | text tokens] under
+        the stage's mask (sections 3.1, 3.2); the final-norm hidden states [R, L, D]."""
         text_tokens = self.language.embed_tokens(input_ids)
-        sequence = torch.cat([image_tokens.to(text_tokens.dtype), text_tokens], dim=1)  # L <- concat(V, T)
-        keep = self.keep(text_mask)
-        if cache is None:
-            mask = self.mask(mask_kind, keep)                                         # attn_mask <- update_attention(...)
-        else:
-            mask = masks.attention_mask(mask_kind, self.n_image_tokens, keep)
-        return self.language.hidden_states(inputs_embeds=sequence, mask=mask, position_ids=positions(keep), cache=cache)
-
-    def forward_packed(self, pixel_values, input_ids, labels, document, mask_kind="prefix", label_positions=None):
-        """Algorithm 2 over packed rows (data.pack_documents): several [image | text] documents share a row,
-        each attending only to itself, with positions restarting at its start, so variable-length
-        conversations (stage 3) spend little compute on padding. input_ids, labels, document [R, L] span
-        whole rows; pixel_values holds one image per document, in row order."""
-        image_tokens = self.projector(self.vision(pixel_values))                  # V <- projector(vision(image))
-        text_tokens = self.language.embed_tokens(input_ids)
-        # a stable argsort of is_text lists the image slots' flat positions first, in row order; there are
-        # n_images x n_image_tokens of them, a count known from the shapes, so nothing waits for the GPU.
-        # Sorted as integers: CUDA builds before torch 2.6 cannot sort booleans.
-        is_text = ~masks.image_slots(document, self.n_image_tokens).flatten()
-        image_slot_index = torch.argsort(is_text.int(), stable=True)[:image_tokens.shape[0] * self.n_image_tokens]
-        sequence = text_tokens.flatten(0, 1).index_copy(0, image_slot_index,
-                                                        image_tokens.flatten(0, 1).to(text_tokens.dtype))
-        sequence = sequence.view_as(text_tokens)                                    # each document's V, then its T
-        mask = self.mask(mask_kind, document >= 0, document)                        # attn_mask <- update_attention(...)
-        hidden = self.language.hidden_states(inputs_embeds=sequence, mask=mask, position_ids=masks.document_positions(document))
-        if label_positions is None:
-            label_positions = find_label_positions(labels)
-        # the token before each labelled token predicts it (rows start with an image token: never the row above)
-        before_label = label_positions - 1
-        return next_token_loss(self.language.lm_head.weight, hidden.flatten(0, 1)[before_label],
-                               labels.flatten()[label_positions])
-
-    def mask(self, mask_kind, keep, document=None):
-        """The stage's mask (paper 3.2) in the form the attention path takes: the prefix mask by blocks
-        (masks.PrefixBlocks, flash kernels, no mask tensor), a FlexAttention BlockMask (fully masked blocks are
-        skipped), segments of tokens for flash's variable-length kernel (masks.Segments) or a dense boolean mask
-        for SDPA (the simple reference). By path: "sdpa" takes the dense mask and "flex" the BlockMask; "flash"
-        takes PrefixBlocks for the prefix mask of right-padded rows and a BlockMask otherwise (packed rows, the
-        other masks); "varlen" is "flash" with Segments in place of the BlockMask."""
-        if self.attention in ("flash", "varlen") and mask_kind == "prefix" and document is None:
-            return masks.PrefixBlocks(self.n_image_tokens, keep.shape[1])  # training batches are right-padded (data.collate)
-        if self.attention == "varlen":
-            return masks.Segments(mask_kind, self.n_image_tokens, keep, document, fixed=self.fixed_inputs)
-        if self.attention in ("flex", "flash"):
-            return masks.block_mask(mask_kind, self.n_image_tokens, keep, document, fixed=self.fixed_inputs)
-        if document is not None:
-            dense = masks.document_mask(mask_kind, self.n_image_tokens, document)
-        else:
-            dense = masks.attention_mask(mask_kind, self.n_image_tokens, keep)
-        return dense if self.fixed_inputs is None else self.fixed_inputs("mask", dense)
-
-    def keep(self, text_mask):
-        """The real tokens of [image | text] [B, S]: every image token, and the text where text_mask is True."""
-        image = torch.ones(text_mask.shape[0], self.n_image_tokens, dtype=torch.bool, device=text_mask.device)
-        return torch.cat([image, text_mask.bool()], dim=1)
-
-    def text_loss(self, hidden, labels, label_positions=None):
-        """Cross-entropy of next-token prediction at the text positions that carry a label, and only there:
-        the prompt and the padding never reach the output layer. `hidden` covers [image | text] [B, S, D],
-        `labels` the text [B, T]."""
-        if label_positions is None:
-            label_positions = find_label_positions(labels)
-        # text token t of sample b (entry b*T + t of labels.flatten()) is predicted by the hidden state just
-        # before it, row b*S + n_image_tokens + t - 1 of hidden.flatten(0, 1): the last image token predicts
-        # the first text token
-        sample = label_positions // labels.shape[1]
-        before_label = label_positions + (sample + 1) * self.n_image_tokens - 1
-        return next_token_loss(self.language.lm_head.weight, hidden.flatten(0, 1)[before_label],
-                               labels.flatten()[label_positions])
-
-    def compile_blocks(self, mode="default", max_shapes=64):
-        """torch.compile each transformer block ("regional" compilation), for training. The 27 vision and 24
-        language blocks share two compiled graphs, so compiling takes a fraction of the whole model's time;
-        inside a block the norms, activations and RoPE fuse around the matmuls, and FlexAttention becomes
-        one fused kernel. The language blocks' shapes stay static (the fastest kernels; FlexAttention with
-        dynamic shapes fails to compile on the CPU): each new batch shape compiles anew, so pad batches to a
-        few fixed lengths.
-        Up to `max_shapes` shapes are compiled (text lengths, packed row counts, batches shortened by skipped
-        samples); past torch's default of 8 a block would silently run eagerly, several times slower.
-
-        mode="reduce-overhead" also records each block as a CUDA graph and replays it: at micro-batch 16 the
-        GPU runs a block's kernels faster than Python launches them one by one, and a graph launches them all
-        at once. The per-batch inputs built outside the blocks then go through FixedInputs, so that the graphs
-        find them where they were recorded. Not with gradient checkpointing, which runs the blocks again in the
-        backward pass (train.cuda_graphs_refused)."""
-        config = torch._dynamo.config  # cache_size_limit: the name for the recompile limit in every torch >= 2.5
-        config.cache_size_limit = max(config.cache_size_limit, max_shapes)
-        if mode in CUDA_GRAPH_MODES:
-            self.use_fixed_inputs()
-        for block in self.language.layers:
-            block.compile(mode=mode, dynamic=False)
-        # packed micro-batches hold varying numbers of images: after the first change, the vision blocks are
-        # compiled once more for any number (their one other dimension, 256 patches, never changes)
-        for block in self.vision.layers:
-            block.compile(mode=mode, dynamic=None)
-
-    def use_fixed_inputs(self):
-        """Hand the blocks each batch's masks and RoPE tables in memory of their own (FixedInputs)."""
-        self.fixed_inputs = self.language.fixed_inputs = FixedInputs()
-
-    # --- generation ------------------------------------------------------------
+        slots = masks.image_slots(document, self.n_image_tokens)
+        sequence = place_images(text_tokens, image_tokens, slots)                    # L <- concat(V, T)
+        rope = self.language.rope(masks.document_positions(document))
+        if self.fast_path is None or cache is not None:
+            mask = masks.attention_mask(mask_kind, self.n_image_tokens, document)    # attn_mask <- update_attention
+        else:  # the same mask in the forms the fast kernels take (fast_path.py)
+            packed = len(image_tokens) > len(document)
+            mask, rope = self.fast_path.inputs(mask_kind, self.n_image_tokens, document, rope, packed)
+        return self.language.hidden_states(sequence, mask, rope, cache)
 
     @torch.no_grad()
     def generate(self, pixel_values, input_ids, text_mask, max_new_tokens=30, num_beams=1,
                  eos_ids=(151645, 151643), mask_kind=None, length_penalty=1.0, on_token=None):
-        """Decode from [image | prompt] with a KV cache; the prompt may be left- or right-padded, and attends
-        under `mask_kind` (default: the model's, config.mask_kind). `eos_ids`: <|im_end|> and <|endoftext|>.
-
-        Returns the new tokens of each sample, without the end token. `on_token(tokens [B])` is called after
-        each greedy step, for streaming (-1 for a sample that has ended; beam search does not stream)."""
-        mask_kind = mask_kind or self.config.mask_kind
+        """Decode from [image | prompt] with a KV cache; the prompts [B, T] may be padded on either side
+        (text_mask: True on real tokens). The prompt attends under `mask_kind` (default: config.mask_kind, the
+        training mask). `eos_ids`: <|im_end|> and <|endoftext|>. Returns each sample's new tokens, without the
+        end token; `on_token(tokens [B])` is called after each greedy step (-1 for a sample that has ended)."""
         image_tokens = self.projector(self.vision(pixel_values))
-        text_mask = text_mask.bool()
         if num_beams > 1:
-            expand = lambda t: t.repeat_interleave(num_beams, dim=0)
-            image_tokens, input_ids, text_mask = expand(image_tokens), expand(input_ids), expand(text_mask)
-        cache, keep = KVCache(), self.keep(text_mask)
-        hidden = self.decode(image_tokens, input_ids, text_mask, mask_kind, cache)
-        last_real = keep.shape[1] - 1 - keep.flip(1).int().argmax(1)  # right padding: the last real token, not the pad
-        logits = self.language.lm_head(hidden[torch.arange(len(hidden)), last_real]).float()
-        step = Decoder(self, cache, keep, eos_ids)
+            image_tokens, input_ids, text_mask = (t.repeat_interleave(num_beams, dim=0)
+                                                  for t in (image_tokens, input_ids, text_mask))
+        input_ids, document = prompt_rows(input_ids, text_mask, self.n_image_tokens)
+        cache = KVCache()
+        hidden = self.hidden_states(image_tokens, input_ids, document, mask_kind or self.config.mask_kind, cache)
+        logits = self.language.lm_head(hidden[:, -1]).float()  # the pads lead the rows: the last token is real
+        step = Decoder(self.language, cache, document >= 0, eos_ids)
         if num_beams == 1:
             return greedy(step, logits, max_new_tokens, on_token)
         return beam_search(step, logits, max_new_tokens, num_beams, length_penalty)
-
-    # --- our own checkpoints ---------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, vision, language, projector_hidden=896, dtype=torch.float32):
@@ -740,18 +547,16 @@ class VLM(nn.Module):
         return model.to(dtype)
 
     def save(self, folder, tokenizer=None):
-        """model.safetensors + config.json (+ tokenizer.json). The first two are written to a temporary name
-        and then renamed, so a reader never sees half of either; train.py writes a whole checkpoint into a
-        folder of its own and renames the folder once everything is in it."""
+        """model.safetensors + config.json (+ tokenizer.json), each written under a temporary name and renamed,
+        so that a reader never sees half of one (checkpoints.py renames a whole checkpoint's folder)."""
         os.makedirs(folder, exist_ok=True)
         state = {n: t.detach().contiguous() for n, t in self.state_dict().items()}
         if self.config.language.tie_word_embeddings:
             del state["language.lm_head.weight"]  # the same matrix as the token embedding
         save_file(state, os.path.join(folder, "model.safetensors.tmp"), metadata={"format": "pt"})
         os.replace(os.path.join(folder, "model.safetensors.tmp"), os.path.join(folder, "model.safetensors"))
-        config = {"architecture": VLM_ARCHITECTURE, **asdict(self.config)}
         with open(os.path.join(folder, "config.json.tmp"), "w") as f:
-            json.dump(config, f, indent=2)
+            json.dump({"architecture": VLM_ARCHITECTURE, **asdict(self.config)}, f, indent=2)
         os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
         if tokenizer is not None:
             tokenizer.save(folder)
@@ -763,7 +568,7 @@ class VLM(nn.Module):
             raise ValueError(f"{folder} is not a checkpoint of this project (config.json architecture "
                              f"{config.get('architecture')!r}, expected {VLM_ARCHITECTURE!r})")
         model = unloaded(cls, VLMConfig(SigLIPConfig(**config["vision"]), Qwen2Config(**config["language"]),
-                                        config["projector_hidden"], config.get("mask_kind", "prefix")))
+                                        config["projector_hidden"], config["mask_kind"]))
         load_state(model, read_safetensors(folder), rename=lambda n: n, source=folder, dtype=dtype)
         return model
 
@@ -798,133 +603,54 @@ class VLM(nn.Module):
 VLM_ARCHITECTURE = "siglip-projector-qwen2"
 
 
-def latest_checkpoint(out_dir):
-    """The newest complete checkpoint of a training run, which train.py names in out_dir/latest; None if none."""
-    path = os.path.join(out_dir, "latest")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return os.path.join(out_dir, f.read().strip())
-
-
-def checkpoint_folder(path):
-    """A checkpoint folder as is, or a training run's out_dir as its newest checkpoint: train.py's init_from
-    and the --checkpoint of sample.py and eval.py take either (config/stage2.py starts from "out/stage1")."""
-    folder = latest_checkpoint(path) or path
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"{path} is neither a checkpoint (config.json + model.safetensors) nor a training "
-                                "run's out_dir (a 'latest' file naming its newest checkpoint)")
-    return folder
-
-
-def positions(keep):
-    """RoPE positions that skip padding: the n-th real token gets position n-1, wherever the pads are."""
-    return (keep.long().cumsum(1) - 1).clamp(min=0)
+def place_images(text_tokens, image_tokens, image_slots):
+    """The rows' embeddings [R, L, D] with each document's image tokens (image_tokens [N, n, D], in row order)
+    in its image slots (image_slots [R, L])."""
+    # a stable sort of "is text" lists the slots' flat positions first, in row order; unlike nonzero(), it
+    # needs no count from the GPU, so the host does not wait for it
+    index = torch.argsort((~image_slots).flatten().int(), stable=True)[:image_tokens.shape[0] * image_tokens.shape[1]]
+    flat = text_tokens.flatten(0, 1).index_copy(0, index, image_tokens.flatten(0, 1).to(text_tokens.dtype))
+    return flat.view_as(text_tokens)
 
 
 def find_label_positions(labels):
-    """The entries of labels.flatten() that carry a label: logits are computed only just before them. data's
-    batches bring them, counted on the host; without them the model counts them on the GPU."""
+    """The entries of labels.flatten() that carry a label (data.py counts them for each batch on the host)."""
     return (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
-
-
-def next_token_loss(weight, rows, targets, chunk_size=4096):
-    """Mean cross-entropy of hidden states `rows` [N, D] through the output layer `weight` against `targets` [N].
-
-    The rows go through the 151,936-wide output layer a chunk at a time, so the full [N, vocab] logits never
-    exist. A chunk of 4096 rows holds a stage-2 micro-batch's labels of 16 captions (1.2 GB of bf16 logits):
-    one matmul each way, and the weight's gradient is written once instead of accumulated chunk by chunk.
-    When training, each chunk's gradients are computed at once (LinearCrossEntropy) and its logits dropped.
-    Callers pass only the rows that carry a label; a target of IGNORE_INDEX adds nothing to the sum but still
-    counts in the mean's denominator."""
-    if len(targets) == 0:
-        raise ValueError("no token of the batch carries a label: there is no loss to compute")
-    if torch.is_grad_enabled() and (weight.requires_grad or rows.requires_grad):
-        return LinearCrossEntropy.apply(weight, rows, targets, chunk_size) / len(targets)
-    return linear_cross_entropy(weight, rows, targets, chunk_size)[0] / len(targets)
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """The summed loss of linear_cross_entropy, with gradients computed in the forward pass. The loss is the
-    last operation of the step, so nothing downstream can change its gradient but a scale: computing it
-    chunk by chunk while the logits are at hand saves storing them, or recomputing them (a fourth pass
-    through the output layer) in the backward pass."""
-
-    @staticmethod
-    def forward(ctx, weight, rows, targets, chunk_size):
-        want_weight, want_rows = ctx.needs_input_grad[:2]
-        total, ctx.grad_weight, ctx.grad_rows = linear_cross_entropy(weight, rows, targets, chunk_size, want_weight, want_rows)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        scaled = lambda grad: None if grad is None else grad * grad_total
-        return scaled(ctx.grad_weight), scaled(ctx.grad_rows), None, None
-
-
-def linear_cross_entropy(weight, rows, targets, chunk_size, want_weight_grad=False, want_rows_grad=False):
-    """Sum over rows of -log softmax(row @ weight.T)[target], a chunk of rows at a time, and the gradients
-    of that sum with respect to `weight` and `rows` when asked (else None). The matmuls run in the autocast
-    dtype, the softmax in fp32, and the gradients come back in the dtypes of `weight` and `rows`."""
-    device = rows.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    matmul_weight = weight.to(dtype)  # cast once, not once per chunk
-    total = torch.zeros((), dtype=torch.float32, device=rows.device)
-    grad_weight = None  # the first chunk's, in weight's dtype; the later chunks add to it
-    grad_rows = torch.empty_like(rows) if want_rows_grad else None
-    for i in range(0, len(targets), chunk_size):
-        x = rows[i:i + chunk_size].to(dtype)
-        logits = F.linear(x, matmul_weight)
-        softmax_loss = fused_softmax_cross_entropy if logits.is_cuda else softmax_cross_entropy
-        loss, grad_logits = softmax_loss(logits, targets[i:i + chunk_size])
-        total += loss
-        if want_rows_grad:
-            grad_rows[i:i + chunk_size] = grad_logits @ matmul_weight
-        if want_weight_grad:
-            chunk_grad = grad_logits.T @ x
-            grad_weight = chunk_grad.to(weight.dtype) if grad_weight is None else grad_weight.add_(chunk_grad)
-    return total, grad_weight, grad_rows
-
-
-def softmax_cross_entropy(logits, targets):
-    """Summed cross-entropy of logits [N, V] (computed in fp32) against targets [N], and its gradient with
-    respect to the logits, softmax - one-hot, in the logits' dtype. A target of IGNORE_INDEX adds nothing to either."""
-    counted = (targets != IGNORE_INDEX)[:, None]
-    targets = targets.clamp(min=0)[:, None]  # an ignored row is multiplied by 0 below
-    log_probs = logits.float().log_softmax(-1)
-    loss = -(log_probs.gather(1, targets) * counted).sum()
-    one_hot = torch.arange(logits.shape[1], device=logits.device) == targets
-    grad = (log_probs.exp() - one_hot.float()) * counted
-    return loss, grad.to(logits.dtype)
-
-
-# On the GPU, compiled: one kernel finds each row's log-sum-exp and another writes the gradient, reading the
-# logits twice where the eager ops above read and write fp32 copies of them about ten times. Any number of rows.
-fused_softmax_cross_entropy = torch.compile(softmax_cross_entropy, dynamic=True)
 
 
 # -----------------------------------------------------------------------------
 # Decoding: greedy and beam search over one shared step function
 
-class Decoder:
-    """Feeds one new token per sequence through the language model, attending to everything kept so far."""
+def prompt_rows(input_ids, text_mask, n_image_tokens):
+    """Prompts [B, T] padded on either side -> rows [pads | image slots | prompt] and their `document` (0, and
+    -1 on the pads), laid out as training lays out a document; the pads go first, so every row ends on its
+    prompt's last token."""
+    image = torch.ones_like(text_mask[:, :1], dtype=torch.bool).expand(-1, n_image_tokens)
+    real = torch.cat([image, text_mask.bool()], dim=1)
+    order = torch.argsort(real.int(), dim=1, stable=True)  # the pads first, the real tokens in their order
+    ids = torch.cat([input_ids.new_zeros(len(input_ids), n_image_tokens), input_ids], dim=1).gather(1, order)
+    return ids, torch.where(real.gather(1, order), 0, -1)
 
-    def __init__(self, model, cache, keep, eos_ids):
-        self.model, self.cache, self.keep = model, cache, keep
-        self.eos_ids = torch.tensor(eos_ids, device=keep.device)
-        self.next_position = keep.long().sum(1)
+
+class Decoder:
+    """Feeds one new token per sequence through the language model, attending to every real token so far."""
+
+    def __init__(self, language, cache, real, eos_ids):
+        self.language, self.cache, self.real = language, cache, real
+        self.eos_ids = torch.tensor(eos_ids, device=real.device)
+        self.next_position = real.long().sum(1)
 
     def __call__(self, tokens):
-        self.keep = torch.cat([self.keep, torch.ones_like(self.keep[:, :1])], dim=1)
-        mask = self.keep[:, None, None, :]  # the new token sees every real token before it, image included
-        hidden = self.model.language.hidden_states(tokens[:, None], mask=mask, position_ids=self.next_position[:, None],
-                                                   cache=self.cache)
+        self.real = torch.cat([self.real, torch.ones_like(self.real[:, :1])], dim=1)
+        mask = self.real[:, None, None, :]  # the new token sees every real token before it, image included
+        rope = self.language.rope(self.next_position[:, None])
+        hidden = self.language.hidden_states(self.language.embed_tokens(tokens[:, None]), mask, rope, self.cache)
         self.next_position = self.next_position + 1
-        return self.model.language.lm_head(hidden[:, -1]).float()
+        return self.language.lm_head(hidden[:, -1]).float()
 
     def reorder(self, batch_index):
         self.cache.reorder(batch_index)
-        self.keep, self.next_position = self.keep[batch_index], self.next_position[batch_index]
+        self.real, self.next_position = self.real[batch_index], self.next_position[batch_index]
 
     def is_end(self, tokens):
         return torch.isin(tokens, self.eos_ids)

@@ -5,7 +5,9 @@ import collections
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import data
 from conftest import save_qwen2, save_siglip
 from model import VLM
 
@@ -28,12 +30,20 @@ def prompts(batch=3, length=5, seed=0):
     return torch.randn(batch, 3, 56, 56, generator=generator), torch.randint(0, 290, (batch, length), generator=generator)
 
 
+def one_document_rows(model, pixels, ids, labels=None):
+    """[image | ids] as training lays out a document per row (data.collate)."""
+    labels = ids if labels is None else labels
+    return data.collate([{"pixel_values": p, "input_ids": i, "labels": l} for p, i, l in zip(pixels, ids, labels)],
+                        model.n_image_tokens, pad_id=0)
+
+
 def greedy_without_cache(model, pixels, ids, steps, mask_kind="prefix"):
     """The definition: recompute the whole sequence for every new token and take the argmax."""
     with torch.no_grad():
         image_tokens = model.projector(model.vision(pixels))
         for _ in range(steps):
-            hidden = model.decode(image_tokens, ids, torch.ones_like(ids, dtype=torch.bool), mask_kind)
+            rows = one_document_rows(model, pixels, ids)
+            hidden = model.hidden_states(image_tokens, rows["input_ids"], rows["document"], mask_kind)
             next_token = model.language.lm_head(hidden[:, -1]).argmax(-1)
             ids = torch.cat([ids, next_token[:, None]], dim=1)
     return ids
@@ -69,7 +79,7 @@ def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(model_and_ref
         labels = sequence.clone()
         labels[:, :ids.shape[1]] = -100
         with torch.no_grad():
-            mean = model(pixels[sample:sample + 1], sequence, labels, torch.ones_like(sequence, dtype=torch.bool))
+            mean = model(**one_document_rows(model, pixels[sample:sample + 1], sequence, labels))
         return -mean.item() * len(new_tokens)
 
     greedy = model.generate(pixels, ids, text_mask, max_new_tokens=6, eos_ids=(EOS,))
@@ -128,13 +138,15 @@ def test_greedy_equals_transformers_generate(model_and_reference):
     ids[1, :2], text_mask[1, :2] = 0, False
     # the end token: one that the first prompt's greedy path reaches, so that stopping is compared too
     eos = model.generate(pixels, ids, text_mask, max_new_tokens=8, mask_kind="causal", eos_ids=(EOS,))[0][3]
-    with torch.no_grad():
+    with torch.no_grad():  # [pads | image | prompt]: transformers' left padding, positions after the pads
         image_tokens = model.projector(model.vision(pixels))
-        embeds = torch.cat([image_tokens, model.language.embed_tokens(ids)], dim=1)
-        keep = model.keep(text_mask)
-        # transformers puts the pads' positions where its own left-padding convention does; ours skip them too
-        expected = reference.generate(inputs_embeds=embeds, attention_mask=keep.long(), max_new_tokens=8, do_sample=False,
-                                      num_beams=1, eos_token_id=eos, pad_token_id=eos)
+        sequences = [torch.cat([image, model.language.embed_tokens(row[real])])
+                     for image, row, real in zip(image_tokens, ids, text_mask)]
+        longest = max(len(sequence) for sequence in sequences)
+        embeds = torch.stack([F.pad(sequence, (0, 0, longest - len(sequence), 0)) for sequence in sequences])
+        attention_mask = torch.stack([torch.arange(longest) >= longest - len(sequence) for sequence in sequences])
+        expected = reference.generate(inputs_embeds=embeds, attention_mask=attention_mask.long(), max_new_tokens=8,
+                                      do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=eos)
     got = model.generate(pixels, ids, text_mask, max_new_tokens=8, mask_kind="causal", eos_ids=(eos,))
     expected = [row[:row.index(eos)] if eos in row else row for row in expected.tolist()]  # ours stop before it
     assert got == expected

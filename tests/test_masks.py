@@ -1,4 +1,5 @@
 """The paper's masks (section 3.2, Fig. 3) as exact matrices, and proof that the model honours them."""
+import pytest
 import torch
 
 import masks
@@ -28,17 +29,36 @@ def test_bidirectional():
 
 
 def test_padding_keys_are_hidden_but_rows_never_empty():
-    keep = torch.tensor([[T, T, T, F]])  # 2 image tokens, 1 text token, 1 pad
-    got = masks.attention_mask("prefix", 2, keep)
+    document = torch.tensor([[0, 0, 0, -1]])  # 2 image tokens, 1 text token, 1 pad
+    got = masks.attention_mask("prefix", 2, document)
     assert got.shape == (1, 1, 4, 4)
     assert got[0, 0].tolist() == [
         [T, T, F, F],
         [T, T, F, F],
         [T, T, T, F],
-        [T, T, T, T],   # the pad query sees itself (and the past): no all-False row, no NaN
+        [F, F, F, T],   # the pad query sees only itself: no all-False row, no NaN
     ]
-    left_padded = masks.attention_mask("causal", 0, torch.tensor([[F, F, T]]))[0, 0]
+    left_padded = masks.attention_mask("causal", 0, torch.tensor([[-1, -1, 0]]))[0, 0]
     assert left_padded.tolist() == [[T, F, F], [F, T, F], [F, F, T]]
+
+
+@pytest.mark.parametrize("mask_kind", masks.MASK_KINDS)
+def test_packed_documents_each_get_their_own_mask_on_the_diagonal(mask_kind):
+    """Two documents in a row (data.pack_documents) are masked as if each had a row of its own, the image
+    slots being each document's first tokens; they never see each other, and a pad sees only itself."""
+    document = torch.tensor([[0] * 7 + [1] * 5 + [-1] * 2])  # documents of 7 and 5 tokens, 2 pads
+    expected = torch.eye(14, dtype=torch.bool)
+    expected[:7, :7] = masks.attention_mask(mask_kind, 4, torch.zeros(1, 7, dtype=torch.long))[0, 0]
+    expected[7:12, 7:12] = masks.attention_mask(mask_kind, 4, torch.zeros(1, 5, dtype=torch.long))[0, 0]
+    assert torch.equal(masks.attention_mask(mask_kind, 4, document)[0, 0], expected)
+    if mask_kind == "prefix":  # and the one-document rule is Fig. 3(b) itself
+        assert torch.equal(expected[:7, :7], masks.prefix(7, 4))
+
+
+def test_positions_restart_in_every_document():
+    document = torch.tensor([[0, 0, 0, 1, 1, 1, 1, -1]])
+    assert masks.document_positions(document).tolist() == [[0, 1, 2, 0, 1, 2, 3, 0]]
+    assert masks.image_slots(document, 2).tolist() == [[True, True, False, True, True, False, False, False]]
 
 
 def test_noise_replaces_about_the_requested_share_of_text_inputs_only():
@@ -56,22 +76,29 @@ def test_noise_replaces_about_the_requested_share_of_text_inputs_only():
 
 
 def test_stage_0_reads_noised_inputs_and_predicts_the_clean_text(tiny_backbones):
-    """Algorithm 1 inside VLM.forward: with noise_prob, the loss is that of the same batch whose inputs went
-    through add_noise (the same generator seed), against the clean ids as labels; padding gets no noise."""
+    """Algorithm 1 inside VLM.forward: with noise_prob, the loss is that of the same batch whose text inputs went
+    through add_noise (the same generator seed), against the clean ids as labels; image slots and padding get
+    no noise."""
     from model import IGNORE_INDEX
     model = VLM.from_pretrained(*map(str, tiny_backbones), projector_hidden=32).eval()
-    pixels, ids = torch.randn(2, 3, 56, 56), torch.randint(0, 300, (2, 12))
-    text_mask = torch.ones_like(ids, dtype=torch.bool)
-    text_mask[1, 9:] = False
-    labels = ids.masked_fill(~text_mask, IGNORE_INDEX)
+    n = model.n_image_tokens
+    pixels, ids = torch.randn(2, 3, 56, 56), torch.randint(0, 300, (2, n + 12))
+    document = torch.zeros_like(ids)
+    document[1, n + 9:] = -1
+    text = (document >= 0) & (torch.arange(n + 12) >= n)
+    labels = ids.masked_fill(~text, IGNORE_INDEX)
     vocab_size = model.config.language.vocab_size
     with torch.no_grad():
-        noised = model(pixels, ids, labels, text_mask, mask_kind="bidirectional", noise_prob=0.2,
+        noised = model(pixels, ids, labels, document, mask_kind="bidirectional", noise_prob=0.2,
                        generator=torch.Generator().manual_seed(3))
-        noised_ids = masks.add_noise(ids, text_mask, 0.2, None, vocab_size, torch.Generator().manual_seed(3))
-        assert (noised_ids != ids).any()
-        expected = model(pixels, noised_ids, labels, text_mask, mask_kind="bidirectional")
-        clean = model(pixels, ids, labels, text_mask, mask_kind="bidirectional")
+        noised_ids = masks.add_noise(ids, text, 0.2, None, vocab_size, torch.Generator().manual_seed(3))
+        assert (noised_ids != ids).any() and torch.equal(noised_ids[~text], ids[~text])
+        expected = model(pixels, noised_ids, labels, document, mask_kind="bidirectional")
+        clean = model(pixels, ids, labels, document, mask_kind="bidirectional")
+        fixed = model(pixels, ids, labels, document, mask_kind="bidirectional", noise_prob=0.2, noise_token_id=5,
+                      generator=torch.Generator().manual_seed(3))
+        fixed_ids = masks.add_noise(ids, text, 0.2, 5, vocab_size, torch.Generator().manual_seed(3))
+        assert torch.equal(fixed, model(pixels, fixed_ids, labels, document, mask_kind="bidirectional"))
     assert torch.equal(noised, expected) and not torch.allclose(noised, clean)
 
 
@@ -92,10 +119,17 @@ def test_drawing_shows_the_two_masks_of_figure_3(tmp_path):
 
 # --- the model honours the masks ---------------------------------------------------------------------
 
+def hidden_states(model, image_tokens, ids, mask_kind):
+    """The language model's outputs over [image tokens | ids], one document per row (VLM.hidden_states)."""
+    n = model.n_image_tokens
+    rows = torch.cat([torch.zeros(len(ids), n, dtype=torch.long), ids], dim=1)
+    with torch.no_grad():
+        return model.hidden_states(image_tokens, rows, torch.zeros_like(rows), mask_kind)
+
+
 def image_and_text_outputs(model, pixels, ids, mask_kind):
     with torch.no_grad():
-        image_tokens = model.projector(model.vision(pixels))
-        hidden = model.decode(image_tokens, ids, torch.ones_like(ids, dtype=torch.bool), mask_kind)
+        hidden = hidden_states(model, model.projector(model.vision(pixels)), ids, mask_kind)
     return hidden[:, :model.n_image_tokens], hidden[:, model.n_image_tokens:]
 
 
@@ -124,8 +158,7 @@ def test_under_prefix_image_tokens_see_later_image_tokens_but_not_under_causal(t
     later_changed[:, -1] += 1.0  # only the last image token changes
 
     def first_image_output(tokens, mask_kind):
-        with torch.no_grad():
-            return model.decode(tokens, ids, torch.ones_like(ids, dtype=torch.bool), mask_kind)[:, 0]
+        return hidden_states(model, tokens, ids, mask_kind)[:, 0]
 
     assert torch.equal(first_image_output(image_tokens, "causal"), first_image_output(later_changed, "causal"))
     assert not torch.allclose(first_image_output(image_tokens, "prefix"), first_image_output(later_changed, "prefix"))

@@ -93,7 +93,6 @@ def test_qwen2_logits_match_transformers(tmp_path, seed):
 def test_qwen2_left_padding_matches_transformers(tmp_path):
     """With left padding, transformers shifts positions past the pads; so do our position ids."""
     import masks
-    from model import positions
     reference = save_qwen2(tmp_path)
     ours = Qwen2.from_pretrained(str(tmp_path)).eval()
     ids = torch.randint(0, 300, (2, 9))
@@ -101,7 +100,8 @@ def test_qwen2_left_padding_matches_transformers(tmp_path):
     keep[0, :3] = False
     with torch.no_grad():
         expected = reference(ids, attention_mask=keep.long()).logits
-        got = ours(ids, mask=masks.attention_mask("causal", 0, keep), position_ids=positions(keep))
+        document = torch.where(keep, 0, -1)  # the pads lead the row, as generation lays out prompts
+        got = ours(ids, mask=masks.attention_mask("causal", 0, document), position_ids=masks.document_positions(document))
     diff = max_diff(got[keep], expected[keep])
     assert diff < 1e-4, f"max abs diff over real tokens {diff:.2e}"
 
@@ -259,11 +259,20 @@ def test_full_size_qwen25_05b_matches_transformers(tmp_path):
 def test_training_flops_equal_torchs_flop_counter(trainable):
     """bench.py's and train.py's MFU divide VLM.training_flops by the time: it must be the matmul work the step
     does. torch's FlopCounterMode counts each matmul of a forward and backward pass as it runs (attention on
-    SDPA's math kernel, which it sees as matmuls); labels on the last 12 of 40 text tokens."""
+    SDPA's math kernel, which it sees as matmuls); labels on the last 12 of 40 text tokens. The loss is the fast
+    path's, whose logits exist only at the labels, as training_flops counts them; attention is the dense mask's,
+    the full S x S scores."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
+    import data
+    import fast_path
+    import masks
     from model import IGNORE_INDEX, Qwen2Config, SigLIPConfig, VLMConfig
+
+    class DenseMaskFastLoss(fast_path.FastPath):
+        def inputs(self, mask_kind, n_image_tokens, document, rope, packed):
+            return masks.attention_mask(mask_kind, n_image_tokens, document), rope
     torch.manual_seed(0)
     model = VLM(VLMConfig(SigLIPConfig(image_size=56, patch_size=14, hidden_size=64, intermediate_size=128,
                                        num_hidden_layers=2, num_attention_heads=4),
@@ -275,6 +284,9 @@ def test_training_flops_equal_torchs_flop_counter(trainable):
     ids = torch.randint(0, 512, (batch, text))
     labels = torch.full_like(ids, IGNORE_INDEX)
     labels[:, -labelled:] = ids[:, -labelled:]
+    model.fast_path = DenseMaskFastLoss()
+    rows = data.collate([{"pixel_values": torch.randn(3, 56, 56), "input_ids": i, "labels": l} for i, l in zip(ids, labels)],
+                        model.n_image_tokens, pad_id=0)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        model(torch.randn(batch, 3, 56, 56), ids, labels, torch.ones_like(ids, dtype=torch.bool)).backward()
+        model(**rows).backward()
     assert model.training_flops(text, labelled, trainable) * batch == counter.get_total_flops()

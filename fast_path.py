@@ -1,0 +1,278 @@
+"""The fast path: what model.py computes, in the forms fast GPU kernels take (train.py's `fast_path` setting).
+
+model.py is the reference: attention is SDPA under the dense [L, L] mask of masks.attention_mask, and the loss
+is F.cross_entropy over the logits of every position. On a GPU both waste work: a dense mask keeps SDPA off
+its flash kernels and computes every masked score, and the logits of a stage-2 micro-batch over Qwen2's
+151,936 words take gigabytes. This module computes the same numbers another way; tests/test_fast_path.py
+proves each piece equal to the reference, padded and packed, forward and gradients.
+
+    PrefixBlocks      the prefix mask of right-padded rows as two flash-attention calls, and no mask tensor
+    FlexMask          every other mask, and packed rows, as a FlexAttention block mask: the kernel skips the
+                      128x128 blocks that are fully masked
+    next_token_loss   the output layer and cross-entropy only at labelled positions, a chunk of rows at a time,
+                      the gradients computed in the forward pass
+    compile_blocks    each transformer block compiled (fusion), optionally replayed as a CUDA graph, with the
+                      per-batch inputs in fixed memory (FixedInputs) and the gradients copied out (own_gradients)
+
+VLM.hidden_states asks `FastPath.inputs` for the mask and RoPE tables, VLM.forward asks
+`FastPath.next_token_loss` for the loss; model.attend runs whatever mask object it is handed.
+"""
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+import masks
+from model import IGNORE_INDEX, find_label_positions
+
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that record CUDA graphs
+
+# FlexAttention is fast only compiled: one fused kernel that skips the fully masked blocks. Run eagerly it is a
+# slow reference implementation, the only form on the CPU. Inside compiled blocks it is compiled with them.
+fused_flex_attention = torch.compile(flex_attention, dynamic=False)
+
+
+def enable(model, compile_mode=None):
+    """Put the model on the fast path; with a compile_mode, compile its blocks too (compile_blocks)."""
+    model.fast_path = FastPath()
+    if compile_mode is not None:
+        compile_blocks(model, compile_mode)
+    return model
+
+
+class FastPath:
+    """What the model asks of the fast path for each batch: the mask and RoPE tables, and the loss."""
+
+    def __init__(self):
+        self.fixed = None  # FixedInputs, once the blocks replay as CUDA graphs
+
+    def inputs(self, mask_kind, n_image_tokens, document, rope, packed):
+        """The stage's mask in the form its kernel takes, and the RoPE tables; under CUDA graphs, both in
+        memory that every batch of a shape reuses."""
+        masks.check_kind(mask_kind)
+        if mask_kind == "prefix" and not packed:  # right-padded rows, one document each (data.collate)
+            mask = PrefixBlocks(n_image_tokens, document.shape[1])
+        else:
+            mask = FlexMask(block_mask(mask_kind, n_image_tokens, document, self.fixed))
+        if self.fixed is not None:
+            rope = tuple(self.fixed(name, table) for name, table in zip(("cos", "sin"), rope))
+        return mask, rope
+
+    def next_token_loss(self, hidden, labels, label_positions, weight):
+        """The reference's loss (model.VLM.forward), computed only at the labelled positions."""
+        if label_positions is None:
+            label_positions = find_label_positions(labels)  # the host waits for the GPU to count them
+        # the token before each labelled one predicts it (a row starts with an image slot: never the row above)
+        return next_token_loss(weight, hidden.flatten(0, 1)[label_positions - 1], labels.flatten()[label_positions])
+
+
+# -----------------------------------------------------------------------------
+# Attention: the masks as the kernels take them
+
+class PrefixBlocks:
+    """The prefix mask of right-padded rows (Fig. 3(b)) kept as its two blocks: the image block attends to
+    itself with no mask, and the text attends to every image token and causally to earlier text, a causal mask
+    aligned at the bottom right of the [text x (image + text)] block (`text_causal`, which SDPA runs as a
+    flash-attention call, not a matrix). Right padding needs nothing more: a real token never looks to its
+    right, where the pads are. Built once per batch outside the compiled blocks, which take it as an input
+    (torch.compile cannot build `text_causal` inside a graph without breaking it)."""
+
+    def __init__(self, n_image_tokens, seq_len):
+        self.n_image_tokens = n_image_tokens
+        self.text_causal = causal_lower_right(seq_len - n_image_tokens, seq_len)
+
+    def attend(self, q, k, v):
+        n, gqa = self.n_image_tokens, k.shape[1] != q.shape[1]
+        image = F.scaled_dot_product_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], enable_gqa=gqa)
+        text = F.scaled_dot_product_attention(q[:, :, n:], k, v, attn_mask=self.text_causal, enable_gqa=gqa)
+        return torch.cat([image, text], dim=2)
+
+
+class FlexMask:
+    """A FlexAttention BlockMask (block_mask) for model.attend: compiled FlexAttention on the GPU."""
+
+    def __init__(self, block_mask):
+        self.block_mask = block_mask
+
+    def attend(self, q, k, v):
+        flex = fused_flex_attention if q.is_cuda else flex_attention
+        return flex(q, k, v, block_mask=self.block_mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def mask_mod(mask_kind, image, document):
+    """masks.attention_mask one entry at a time, as FlexAttention takes it: may query q of row b attend to key
+    k? `image` marks the image slots (masks.image_slots)."""
+    def may_attend(b, h, q, k):
+        allowed = document[b, q] == document[b, k]                         # a document sees only itself
+        if mask_kind == "causal":
+            allowed = allowed & (k <= q)
+        if mask_kind == "prefix":
+            allowed = allowed & ((k <= q) | (image[b, q] & image[b, k]))  # Fig. 3(b): image block bidirectional
+        return (allowed & (document[b, k] >= 0)) | (q == k)               # pads hidden; each token sees itself
+    return may_attend
+
+
+def block_mask(mask_kind, n_image_tokens, document, fixed=None):
+    """masks.attention_mask as a FlexAttention BlockMask, built once per batch: per 128-token query block it
+    lists the key blocks that are not fully masked, and the kernel computes only those (for the prefix mask, 11
+    of 16 at 256 image + 144 text tokens, bench.py's stage-2 shape; nearer half for long texts).
+
+    `fixed` (FixedInputs, for CUDA graphs), where given, holds the mask's tensors and those its rule reads in
+    memory that every batch of their shape reuses."""
+    rows, seq_len = document.shape
+    document = placed(fixed, "document", document)
+    image = placed(fixed, "image", masks.image_slots(document, n_image_tokens))
+    mask = create_block_mask(mask_mod(mask_kind, image, document), rows, None, seq_len, seq_len, device=document.device)
+    for name, value in vars(mask).items():  # the block lists (their names and number vary between torch versions)
+        if isinstance(value, torch.Tensor):
+            setattr(mask, name, placed(fixed, name, value))
+    return mask
+
+
+def placed(fixed, name, tensor):
+    return tensor if fixed is None else fixed(name, tensor)
+
+
+# -----------------------------------------------------------------------------
+# The loss: the output layer a chunk at a time
+
+def next_token_loss(weight, rows, targets, chunk_size=4096):
+    """Mean cross-entropy of hidden states `rows` [N, D] through the output layer `weight` against `targets` [N].
+
+    The rows go through the 151,936-wide output layer a chunk at a time, so the full [N, vocab] logits never
+    exist: a chunk of 4096 rows holds a stage-2 micro-batch's labels (1.2 GB of bf16 logits), one matmul each
+    way. When training, each chunk's gradients are computed at once (LinearCrossEntropy) and its logits
+    dropped. A target of IGNORE_INDEX adds nothing to the sum but counts in the mean's denominator."""
+    if len(targets) == 0:
+        raise ValueError("no token of the batch carries a label: there is no loss to compute")
+    if torch.is_grad_enabled() and (weight.requires_grad or rows.requires_grad):
+        return LinearCrossEntropy.apply(weight, rows, targets, chunk_size) / len(targets)
+    return linear_cross_entropy(weight, rows, targets, chunk_size)[0] / len(targets)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """The summed loss of linear_cross_entropy, with gradients computed in the forward pass. The loss is the
+    last operation of the step, so nothing downstream can change its gradient but a scale: computing it while
+    the logits are at hand saves storing them, or recomputing them in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, weight, rows, targets, chunk_size):
+        want_weight, want_rows = ctx.needs_input_grad[:2]
+        total, ctx.grad_weight, ctx.grad_rows = linear_cross_entropy(weight, rows, targets, chunk_size, want_weight,
+                                                                     want_rows)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        scaled = lambda grad: None if grad is None else grad * grad_total
+        return scaled(ctx.grad_weight), scaled(ctx.grad_rows), None, None
+
+
+def linear_cross_entropy(weight, rows, targets, chunk_size, want_weight_grad=False, want_rows_grad=False):
+    """Sum over rows of -log softmax(row @ weight.T)[target], a chunk of rows at a time, and the gradients of
+    that sum with respect to `weight` and `rows` when asked (else None). The matmuls run in the autocast dtype,
+    the softmax in fp32, and the gradients come back in the dtypes of `weight` and `rows`."""
+    device = rows.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    matmul_weight = weight.to(dtype)  # cast once, not once per chunk
+    total = torch.zeros((), dtype=torch.float32, device=rows.device)
+    grad_weight = None  # the first chunk's, in weight's dtype; the later chunks add to it
+    grad_rows = torch.empty_like(rows) if want_rows_grad else None
+    for i in range(0, len(targets), chunk_size):
+        x = rows[i:i + chunk_size].to(dtype)
+        logits = F.linear(x, matmul_weight)
+        softmax_loss = fused_softmax_cross_entropy if logits.is_cuda else softmax_cross_entropy
+        loss, grad_logits = softmax_loss(logits, targets[i:i + chunk_size])
+        total += loss
+        if want_rows_grad:
+            grad_rows[i:i + chunk_size] = grad_logits @ matmul_weight
+        if want_weight_grad:
+            chunk_grad = grad_logits.T @ x
+            grad_weight = chunk_grad.to(weight.dtype) if grad_weight is None else grad_weight.add_(chunk_grad)
+    return total, grad_weight, grad_rows
+
+
+def softmax_cross_entropy(logits, targets):
+    """Summed cross-entropy of logits [N, V] (in fp32) against targets [N], and its gradient with respect to the
+    logits, softmax - one-hot, in the logits' dtype. A target of IGNORE_INDEX adds nothing to either."""
+    counted = (targets != IGNORE_INDEX)[:, None]
+    targets = targets.clamp(min=0)[:, None]  # an ignored row is multiplied by 0 below
+    log_probs = logits.float().log_softmax(-1)
+    loss = -(log_probs.gather(1, targets) * counted).sum()
+    one_hot = torch.arange(logits.shape[1], device=logits.device) == targets
+    grad = (log_probs.exp() - one_hot.float()) * counted
+    return loss, grad.to(logits.dtype)
+
+
+# On the GPU, compiled: one kernel finds each row's log-sum-exp and another writes the gradient, reading the
+# logits twice where the eager ops above read and write fp32 copies of them about ten times. Any number of rows.
+fused_softmax_cross_entropy = torch.compile(softmax_cross_entropy, dynamic=True)
+
+
+# -----------------------------------------------------------------------------
+# Compiled blocks and CUDA graphs
+
+def compile_blocks(model, mode="default", max_shapes=64):
+    """torch.compile each transformer block ("regional" compilation). The 27 vision and 24 language blocks share
+    two compiled graphs, so compiling takes a fraction of the whole model's time; inside a block the norms,
+    activations and RoPE fuse around the matmuls, and FlexAttention becomes one fused kernel. The language
+    blocks' shapes stay static (the fastest kernels; FlexAttention with dynamic shapes fails to compile on the
+    CPU): each new batch shape compiles anew, up to `max_shapes` of them (past torch's default of 8 a block
+    would silently run eagerly), so pad batches to a few lengths.
+
+    A mode in CUDA_GRAPH_MODES also records each block as a CUDA graph and replays it: at micro-batch 16 the
+    GPU runs a block's kernels faster than Python launches them, and a graph launches them all at once. The
+    per-batch inputs then go through FixedInputs, so that the graphs find them where they were recorded."""
+    config = torch._dynamo.config  # cache_size_limit: the name for the recompile limit in every torch >= 2.5
+    config.cache_size_limit = max(config.cache_size_limit, max_shapes)
+    if mode in CUDA_GRAPH_MODES:
+        if model.fast_path is None:
+            raise ValueError(f"compile mode {mode!r} replays CUDA graphs, whose inputs the fast path keeps in place: "
+                             "fast_path.enable(model) first")
+        model.fast_path.fixed = FixedInputs()
+    for block in model.language.layers:
+        block.compile(mode=mode, dynamic=False)
+    # packed micro-batches hold varying numbers of images: after the first change, the vision blocks are
+    # compiled once more for any number (their one other dimension, the patches, never changes)
+    for block in model.vision.layers:
+        block.compile(mode=mode, dynamic=None)
+
+
+class FixedInputs:
+    """Buffers that hold the blocks' per-batch inputs at the same addresses, batch after batch.
+
+    A block replayed as a CUDA graph finds the tensors its backward pass keeps at the addresses where the graph
+    was recorded; where one of them, built for each batch outside the blocks (RoPE's tables, the mask and the
+    tensors its rule reads), lies elsewhere, the graphs are recorded again (on an H100, stage 0 ran at 52
+    images/s instead of 185). Each is copied into one buffer per name and shape, which the next batch of that
+    shape overwrites: its backward pass has run by then."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def __call__(self, name, tensor):
+        key = (name, tuple(tensor.shape), tensor.dtype, tensor.device)
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty_like(tensor)
+        return self.buffers[key].copy_(tensor)
+
+
+def uses_cuda_graphs(cfg):
+    return cfg["fast_path"] and cfg["compile"] and cfg["compile_mode"] in CUDA_GRAPH_MODES
+
+
+def cuda_graphs_refused(cfg):
+    """Why a run's settings cannot replay the blocks as CUDA graphs (measured on an H200), or None."""
+    if cfg["gradient_checkpointing"]:
+        return ("gradient_checkpointing: running the blocks again in the backward pass breaks CUDA graph recording "
+                "(torch 2.11: 'graph recording observed an input tensor deallocate')")
+    return None
+
+
+def own_gradients(model):
+    """CUDA graphs hand the compiled blocks' parameter gradients back in their own memory, which the next
+    micro-batch's replay overwrites (pytorch/pytorch#169545: accumulated gradients come out wrong, or the step
+    fails). Copied out once, after the first micro-batch, the later ones are added to them in place."""
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad = p.grad.clone()
