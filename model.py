@@ -5,9 +5,10 @@
     text  -> Qwen2 token embedding -------------------------------------> text tokens --+
 
 The file reads top to bottom: the SigLIP vision encoder, the Qwen2 language model, loading of the official
-safetensors, then the VLM that joins them (Algorithms 1 and 2, the loss of eq. 1) and decoding (greedy, beam
-search). Attention is SDPA under the dense masks of masks.py and the loss is F.cross_entropy on the full
-logits: the reference computation. fast_path.py computes the same faster on a GPU (train.py's `fast_path`).
+safetensors, then the VLM that joins them: Algorithms 1 and 2 with the loss of eq. 1, and generation (whose
+greedy and beam search are in decoding.py). Attention is SDPA under the dense masks of masks.py and the loss
+is F.cross_entropy on the logits of every position: the reference computation, which the tests compare
+against. fast_path.py computes the same faster on a GPU (train.py's `fast_path` setting).
 """
 import json
 import os
@@ -467,7 +468,6 @@ class Projector(nn.Module):
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
-
 
 
 class VLM(nn.Module):
