@@ -1,15 +1,7 @@
-"""Data: the tokenizer, the chat format, image preprocessing, datasets and batching.
-
-Read top to bottom:
-  1. Tokenizer      Qwen2.5's byte-level BPE, built with the `tokenizers` library.
-  2. Chat format    ChatML prompts, and LLaVA conversations turned into (input_ids, labels).
-  3. Images         decode, convert to RGB, resize to the encoder's size (224x224) bicubic, normalise to [-1, 1]
-                    (SigLIP's recipe).
-  4. Sources        where samples come from: parquet shards (LLaVA-ReCap, LLaVA-NeXT-Data, PathVQA), LLaVA's
-                    JSON + image folder, Karpathy caption splits, and synthetic shapes for the offline demo.
-  5. Batches        a shuffled, sharded, resumable stream of padded or packed batches, decoded in DataLoader
-                    workers.
-"""
+"""Data, read top to bottom: 1. the tokenizer (Qwen2.5's byte-level BPE, built with `tokenizers`); 2. the chat
+format (ChatML; LLaVA conversations -> (input_ids, labels)); 3. images (RGB, bicubic to the encoder's 224x224,
+[-1, 1]: SigLIP's recipe); 4. sources (parquet shards of LLaVA-ReCap, LLaVA-NeXT-Data and PathVQA, LLaVA's JSON,
+Karpathy caption splits; the demo's are in shapes.py); 5. a shuffled, sharded, resumable stream of batches."""
 import glob
 import io
 import itertools
@@ -17,59 +9,50 @@ import json
 import logging
 import math
 import os
-import random
 import re
-import zlib
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-# a label of IGNORE_INDEX carries no loss; batches list the labelled positions (find_label_positions) on the host,
-# so that the training step never waits for the GPU to count them
+# IGNORE_INDEX labels carry no loss; batches list the labelled positions on the host (find_label_positions), so
+# the training step never waits for the GPU to count them
 from model import IGNORE_INDEX, find_label_positions, local_or_hub
 
 logger = logging.getLogger(__name__)
 
-# ----------------------------------------------------------------------------------------------------------
-# 1. Tokenizer
+# --- 1. Tokenizer -----------------------------------------------------------------------------------------
 
-# Qwen2's pre-tokenizer: split text into words, numbers (one digit each), punctuation runs and whitespace
-# runs before BPE runs inside each piece. Copied from Qwen2's tokenizer.json.
+# Qwen2's pre-tokenizer (its tokenizer.json): words, single digits, punctuation and whitespace runs, then BPE
 QWEN_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# Qwen's added tokens, in id order after the 151,643 BPE entries (151643-151664). The first 14 are
-# "special": recognised in text and dropped by decode(skip_special_tokens=True); the last 8 are recognised
-# but kept when decoding, as in Qwen's own tokenizer_config.json.
-QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-]
-QWEN_PLAIN_ADDED_TOKENS = [
-    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>",
-]
+# Qwen's added tokens, ids 151643-151664 after the BPE entries. The first 14 are "special" (recognised in text,
+# dropped by decode(skip_special_tokens=True)); the last 8 are recognised but kept, as in its tokenizer_config.json.
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                       "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                       "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_PLAIN_ADDED_TOKENS = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+                           "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
 TOKENIZER_FILES = ["tokenizer.json", "vocab.json", "merges.txt"]
 
 
 def read_merges(path):
-    """merges.txt -> [(left, right), ...]. Skips the `#version` header; tolerates CRLF line ends."""
+    """merges.txt -> [(left, right), ...], without the `#version` header; CRLF line ends tolerated."""
     with open(path, encoding="utf-8") as f:
         lines = [line.rstrip("\r\n") for line in f]
     return [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
 
 
 def use_qwen_pipeline(tokenizer):
-    """Set the steps around BPE that Qwen2 uses: NFC normalisation, the regex split, then bytes mapped to
-    printable characters (ByteLevel) so any UTF-8 text has a token sequence and decodes back exactly."""
+    """Qwen2's steps around BPE: NFC, the regex split, bytes as printable characters (ByteLevel: any UTF-8 text
+    has a token sequence and decodes back exactly)."""
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN_SPLIT_REGEX), behavior="isolated", invert=False),
@@ -91,8 +74,8 @@ def qwen_tokenizer_from_vocab(vocab_path, merges_path):
 
 
 def train_tokenizer(texts, vocab_size):
-    """A small byte-level BPE learnt from `texts`, with Qwen's pipeline and ChatML tokens: lets the offline
-    demo run without Qwen's files. Any text stays encodable (all 256 bytes are in the vocabulary)."""
+    """A small byte-level BPE learnt from `texts`, with Qwen's pipeline and ChatML tokens: the offline demo needs no
+    Qwen files. Any text stays encodable (all 256 bytes are in the vocabulary)."""
     tokenizer = RustTokenizer(BPE(unk_token=None))
     use_qwen_pipeline(tokenizer)
     special_tokens = QWEN_SPECIAL_TOKENS[:3]  # <|endoftext|>, <|im_start|>, <|im_end|>
@@ -110,9 +93,7 @@ class Tokenizer:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer  # a `tokenizers.Tokenizer`
-        self.im_start_id = self.token_id("<|im_start|>")
-        self.im_end_id = self.token_id("<|im_end|>")
-        self.eos_id = self.token_id("<|endoftext|>")
+        self.im_start_id, self.im_end_id, self.eos_id = map(self.token_id, ["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
         self.pad_id = self.eos_id  # Qwen pads with <|endoftext|>; padded positions are masked anyway
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
 
@@ -134,14 +115,13 @@ class Tokenizer:
         return token_id
 
     def encode(self, text):
-        """Special tokens written in the text (e.g. <|im_start|>) become their single ids. No BOS is added.
-        For text that is only text (anything from a dataset or a user), encode_text."""
+        """Special tokens written in the text become their ids; no BOS. For a dataset's or a user's text: encode_text."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_text(self, text):
-        """The text as written: a special token's name in it (a caption that quotes "<|im_end|>") is encoded
-        as its characters, not as the special token. The chat format adds its markers as ids (turn_ids). Added
-        tokens that are not special (Qwen's "<tool_call>") are still matched, as transformers matches them."""
+        """The text as written: a special token's name in it ("<|im_end|>" quoted) is encoded as its characters (the
+        chat format adds markers as ids: turn_ids). Non-special added tokens ("<tool_call>") still match, as in
+        transformers."""
         self.tokenizer.encode_special_tokens = True
         try:
             return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -158,23 +138,19 @@ class Tokenizer:
         self.tokenizer.save(os.path.join(folder, "tokenizer.json"))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 2. Chat format (ChatML, as Qwen2.5 was trained with)
+# --- 2. Chat format (ChatML, as Qwen2.5 was trained with) -------------------------------------------------
 
-# LLaVA-NeXT's system turn for Qwen (its preprocess_qwen); Qwen2.5's own template would write "You are Qwen,
-# created by Alibaba Cloud. You are a helpful assistant." Training and inference use the same one.
+# LLaVA-NeXT's system turn for Qwen (its preprocess_qwen), in training and inference alike; Qwen2.5's own
+# template would say "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+LLAVA_ROLES = {"human": "user", "gpt": "assistant"}
 
 
 def chat_prompt(messages, add_generation_prompt=True, system_prompt=DEFAULT_SYSTEM_PROMPT):
-    """[{"role", "content"}, ...] -> "<|im_start|>{role}\\n{content}<|im_end|>\\n"... ending with
-    "<|im_start|>assistant\\n" when the model is to answer next. The system turn is added unless the
-    messages bring their own or system_prompt is None. The model reads it as token ids: chat_ids."""
-    messages = with_system_turn(messages, system_prompt)
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    if add_generation_prompt:
-        text += "<|im_start|>assistant\n"
-    return text
+    """[{"role", "content"}, ...] -> "<|im_start|>{role}\\n{content}<|im_end|>\\n"..., a system turn in front
+    (with_system_turn), ending "<|im_start|>assistant\\n" if the model answers next. As token ids: chat_ids."""
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in with_system_turn(messages, system_prompt))
+    return text + "<|im_start|>assistant\n" if add_generation_prompt else text
 
 
 def with_system_turn(messages, system_prompt):
@@ -185,8 +161,8 @@ def with_system_turn(messages, system_prompt):
 
 
 def turn_ids(tokenizer, role, content):
-    """One turn, "<|im_start|>{role}\\n{content}<|im_end|>\\n", as token ids: the markers as their ids, the rest
-    encoded as text, so a content that quotes a marker cannot end its turn early."""
+    """One turn, "<|im_start|>{role}\\n{content}<|im_end|>\\n", as token ids: the markers as ids, the rest as
+    text, so a content that quotes a marker cannot end its turn early."""
     return [tokenizer.im_start_id, *tokenizer.encode_text(f"{role}\n{content}"), tokenizer.im_end_id,
             *tokenizer.encode_text("\n")]
 
@@ -202,22 +178,14 @@ def chat_ids(tokenizer, messages, add_generation_prompt=True, system_prompt=DEFA
     return ids + answer_header_ids(tokenizer) if add_generation_prompt else ids
 
 
-LLAVA_ROLES = {"human": "user", "gpt": "assistant"}
-
-
 def conversation_messages(conversation):
-    """LLaVA turns [{"from": "human"|"gpt", "value": str}, ...] -> ChatML messages [{"role", "content"}].
-
-    The `<image>` placeholder is dropped: the model puts the image tokens in front of the whole sequence
-    (paper 3.1). Answers before the first question are dropped too (LLaVA's preprocessing drops one such turn):
-    with no question they teach nothing a prompt would ask for. Raises ValueError, saying what is wrong, unless
-    the turns from there alternate human, gpt, human, gpt..."""
+    """LLaVA turns [{"from": "human"|"gpt", "value": str}, ...] -> ChatML messages [{"role", "content"}], less
+    the answers before the first question (they teach nothing a prompt asks for; LLaVA drops one such turn).
+    Raises ValueError, saying what is wrong, unless the turns from there alternate human, gpt, human..."""
     if not isinstance(conversation, list) or not conversation:
         raise ValueError(f"a conversation must be a non-empty list of turns, got {conversation!r:.80}")
-    first_question = 0
-    while first_question < len(conversation) and isinstance(conversation[first_question], dict) \
-            and conversation[first_question].get("from") == "gpt":
-        first_question += 1
+    first_question = next((i for i, turn in enumerate(conversation)
+                           if not (isinstance(turn, dict) and turn.get("from") == "gpt")), len(conversation))
     if first_question == len(conversation):
         raise ValueError("every turn is from 'gpt': there is no question to answer")
     messages = []
@@ -240,45 +208,39 @@ def conversation_messages(conversation):
 
 
 def turn_text(text):
-    """A turn as the model reads it, in training and at inference alike (sample.prompt_ids): without LLaVA's
-    <image> placeholder, since the image tokens come before all text (paper 3.1), and without the whitespace
-    around it (as LLaVA strips a turn that held the placeholder; here every turn, so that a question reads the
-    same with or without it)."""
+    """A turn as the model reads it in training and at inference (sample.prompt_ids): without LLaVA's <image>
+    placeholder, as the image tokens come before all text (paper 3.1), nor the whitespace around it (LLaVA strips
+    the turn that held it; here every turn, so a question reads the same with or without it)."""
     return text.replace("<image>", "").strip()
 
 
 def encode_conversation(tokenizer, conversation, system_prompt=DEFAULT_SYSTEM_PROMPT):
-    """LLaVA turns -> (input_ids, labels): one ChatML sequence, however many turns (paper 3.4, stage 3).
-
-    labels[i] = input_ids[i] where the token carries loss, IGNORE_INDEX elsewhere (the model shifts). Loss is
-    on each answer and its closing <|im_end|>, so the model learns to stop; not on the system and user turns,
-    nor on the "<|im_start|>assistant\n" header (at inference the prompt supplies it), nor on the "\n" after
-    <|im_end|> (generation stops at <|im_end|>). The header and the answer are encoded apart, as they are
-    at inference: the prompt ends with the header and the model produces the answer's tokens from there."""
-    pieces = []  # (ids, carries loss)
+    """LLaVA turns -> (input_ids, labels), one ChatML sequence however many turns (paper 3.4, stage 3). labels[i] =
+    input_ids[i] where the token carries loss (the model shifts), else IGNORE_INDEX. Loss falls on each answer and
+    its <|im_end|> (the model learns to stop); not on system and user turns, the "<|im_start|>assistant\n" header
+    (at inference the prompt ends with it, so it is encoded apart), nor the "\n" after <|im_end|> (generation stops
+    there)."""
+    input_ids, labels = [], []
     for message in with_system_turn(conversation_messages(conversation), system_prompt):
         if message["role"] == "assistant":
             answer = tokenizer.encode_text(message["content"]) + [tokenizer.im_end_id]
-            pieces += [(answer_header_ids(tokenizer), False), (answer, True), (tokenizer.encode_text("\n"), False)]
+            pieces = [(answer_header_ids(tokenizer), False), (answer, True), (tokenizer.encode_text("\n"), False)]
         else:
-            pieces.append((turn_ids(tokenizer, message["role"], message["content"]), False))
-    input_ids, labels = [], []
-    for ids, carries_loss in pieces:
-        input_ids += ids
-        labels += ids if carries_loss else [IGNORE_INDEX] * len(ids)
+            pieces = [(turn_ids(tokenizer, message["role"], message["content"]), False)]
+        for ids, carries_loss in pieces:
+            input_ids += ids
+            labels += ids if carries_loss else [IGNORE_INDEX] * len(ids)
     return input_ids, labels
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 3. Images (the same steps as transformers' SiglipImageProcessor)
+# --- 3. Images (the same steps as transformers' SiglipImageProcessor) -------------------------------------
 
-IMAGE_MEAN = 0.5  # SigLIP normalises every channel with mean = std = 0.5, so pixels land in [-1, 1]
-IMAGE_STD = 0.5
+IMAGE_MEAN = IMAGE_STD = 0.5  # SigLIP's, for every channel: pixels land in [-1, 1]
 
 
 def to_rgb(image):
-    """Any PIL mode -> RGB. Transparent pixels are laid over white (as transformers does), not dropped to
-    whatever colour they happen to store."""
+    """Any PIL mode -> RGB, transparent pixels laid over white (as transformers does), not dropped to whatever
+    colour they happen to store."""
     if image.mode == "RGB":
         return image
     if "A" in image.getbands() or "transparency" in image.info:
@@ -288,10 +250,8 @@ def to_rgb(image):
 
 
 def load_image(source, name):
-    """A file path, encoded bytes (PNG, JPEG, ...) or a PIL image -> PIL RGB image.
-
-    A missing or undecodable image raises ValueError naming `name` (a file, or a dataset row), so the
-    dataset can skip it and say which one."""
+    """A file path, encoded bytes (PNG, JPEG, ...) or a PIL image -> PIL RGB image. A missing or undecodable
+    image raises ValueError naming `name` (a file, or a dataset row), so the dataset can skip it and say which."""
     try:
         image = source
         if not isinstance(source, Image.Image):
@@ -303,26 +263,22 @@ def load_image(source, name):
 
 
 def preprocess_image(image, image_size=224):
-    """PIL image -> FloatTensor[3, image_size, image_size] in [-1, 1]: RGB, bicubic resize of the whole
-    image to a square (no crop; the aspect ratio is not kept, as in SigLIP's training), scale, normalise."""
+    """PIL image -> FloatTensor[3, image_size, image_size] in [-1, 1]: RGB, the whole image resized bicubic to a
+    square (no crop, aspect ratio not kept, as in SigLIP's training), scaled, normalised."""
     image = to_rgb(image).resize((image_size, image_size), Image.BICUBIC)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255.0
     return (pixels - IMAGE_MEAN) / IMAGE_STD
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 4. Sources
-#
-# A source lists its samples in chunks: `chunk_sizes` (from metadata only, nothing decoded) and
-# `read(chunk, rows)`, which gives those rows of one chunk, in that order, as records:
-#     {"name": where the row is, for messages, "image": bytes | path | PIL image | None (text only),
-#      "conversations": LLaVA turns [{"from": "human"|"gpt", "value": str}, ...]}
-# A chunk is what is read at once: a parquet row group; or, for samples reachable by index (entries in
-# memory, generated images), all of them. Images are decoded later, in the DataLoader workers.
+# --- 4. Sources -------------------------------------------------------------------------------------------
+# A source lists its samples in chunks, `chunk_sizes` (from metadata, nothing decoded); `read(chunk, rows)` gives
+# those rows of a chunk, in order, as records {"name": where the row is, for messages, "image": bytes | path | PIL
+# image | None (text only), "conversations": LLaVA turns}. A chunk is read at once: a parquet row group, or all the
+# samples reached by index. Images are decoded later, in the DataLoader workers.
 
 def find_files(path_or_repo, pattern):
-    """Files matching `pattern` in a local folder (searched recursively), or in a Hub dataset repo (downloads
-    only those files). A single local file is returned as is."""
+    """Files matching `pattern` in a local folder (recursively) or a Hub dataset repo (downloading only those);
+    a single local file as is."""
     if os.path.isfile(path_or_repo):
         return [path_or_repo]
     # a Hub dataset keeps its shards in a folder (data/train-00000-of-00004.parquet): match there too
@@ -341,9 +297,8 @@ def open_parquet(path):
 
 
 def parquet_image(cell):
-    """An image cell -> encoded bytes, a file path (relative to the working directory), or None (a text-only
-    row). Hugging Face datasets writes images as {bytes, path}, the path alone where the bytes were not
-    embedded; a plain binary column holds the bytes, a string column the path."""
+    """An image cell -> encoded bytes, a file path (from the working directory) or None (text only): Hugging Face
+    datasets writes {bytes, path} (the path alone if not embedded); a binary column holds bytes, a string a path."""
     if isinstance(cell, dict):
         return cell["bytes"] if cell.get("bytes") is not None else cell.get("path")
     return cell
@@ -363,15 +318,13 @@ def check_image_column(path, schema):
 
 
 class LlavaParquet:
-    """LLaVA-ReCap 118K / 558K and LLaVA-NeXT-Data: parquet shards with columns id, image {bytes, path},
-    conversations. Streamed one row group at a time (a worker holds one in memory), never loaded whole.
-    `path_or_repo` is a parquet file, a folder of them, or a Hub dataset repo id; `pattern` picks the files
-    (e.g. "data/train-*.parquet")."""
+    """LLaVA-ReCap 118K / 558K and LLaVA-NeXT-Data: parquet shards (columns id, image {bytes, path},
+    conversations) in a file, a folder or a Hub dataset repo, the files picked by `pattern` (e.g.
+    "data/train-*.parquet"). Streamed a row group at a time (one in a worker's memory), never loaded whole."""
     columns = ["id", "image", "conversations"]
 
     def __init__(self, path_or_repo, pattern="*.parquet"):
-        self.chunks = []  # (file, row group, index of its first row in the file)
-        self.chunk_sizes = []
+        self.chunks, self.chunk_sizes = [], []  # chunks: (file, row group, index of its first row in the file)
         for path in find_files(path_or_repo, pattern):
             metadata = open_parquet(path).metadata
             schema = metadata.schema.to_arrow_schema()
@@ -379,11 +332,9 @@ class LlavaParquet:
             if missing:
                 raise ValueError(f"{path} lacks the columns {sorted(missing)} of the {type(self).__name__} layout")
             check_image_column(path, schema)
-            first_row = 0
-            for group in range(metadata.num_row_groups):
-                self.chunks.append((path, group, first_row))
-                self.chunk_sizes.append(metadata.row_group(group).num_rows)
-                first_row += metadata.row_group(group).num_rows
+            sizes = [metadata.row_group(group).num_rows for group in range(metadata.num_row_groups)]
+            self.chunks += [(path, group, sum(sizes[:group])) for group in range(len(sizes))]
+            self.chunk_sizes += sizes
 
     def read(self, chunk, rows):
         path, group, first_row = self.chunks[chunk]
@@ -410,9 +361,12 @@ class PathVQAParquet(LlavaParquet):
 
 
 class IndexedSource:
-    """A source whose samples are reached by index, with no file to read first: one chunk, so the shuffle is
-    a full one, and records are made one at a time as a worker gets to them. Subclasses give __len__ and
-    record(index)."""
+    """A source of samples reached by index, with no file to read first: one chunk (so the shuffle is a full
+    one), its records made one at a time as a worker gets to them. Subclasses give record(index) and `entries`
+    (or __len__)."""
+
+    def __len__(self):
+        return len(self.entries)
 
     @property
     def chunk_sizes(self):
@@ -423,8 +377,8 @@ class IndexedSource:
 
 
 class LlavaJson(IndexedSource):
-    """LLaVA's own layout: a JSON list of {id, image: path relative to image_folder, conversations}.
-    Entries without "image" are text-only."""
+    """LLaVA's own layout: a JSON list of {id, image: path relative to image_folder, conversations}; entries
+    without "image" are text-only."""
 
     def __init__(self, json_path, image_folder):
         with open(json_path, encoding="utf-8") as f:
@@ -437,9 +391,6 @@ class LlavaJson(IndexedSource):
         if broken:
             raise ValueError(f"{json_path}: {len(broken)} entries are not objects {{id, image, conversations}}, "
                              f"the first at index {broken[0]}: {self.entries[broken[0]]!r:.80}")
-
-    def __len__(self):
-        return len(self.entries)
 
     def record(self, row):
         entry = self.entries[row]
@@ -454,9 +405,9 @@ SHORT_CAPTION_PROMPT = "Write a short caption for the image."
 
 
 class KarpathyCaptions(IndexedSource):
-    """COCO / Flickr30k / Flickr8k captions in Karpathy's split files (dataset_coco.json layout), one sample per
-    (image, reference sentence), for caption fine-tuning. split="train" takes train + restval, as is usual.
-    Images are at image_root/filepath/filename (COCO) or image_root/filename (Flickr)."""
+    """COCO / Flickr30k / Flickr8k captions in Karpathy's split files (dataset_coco.json), one sample per (image,
+    reference sentence), for caption fine-tuning; split="train" takes train + restval, as is usual. Images are at
+    image_root/filepath/filename (COCO) or image_root/filename (Flickr)."""
 
     def __init__(self, json_path, image_root, split="train", prompt=SHORT_CAPTION_PROMPT):
         with open(json_path, encoding="utf-8") as f:
@@ -466,122 +417,17 @@ class KarpathyCaptions(IndexedSource):
                         for image in images if image["split"] in splits for sentence in image["sentences"]]
         self.prompt = prompt
 
-    def __len__(self):
-        return len(self.entries)
-
     def record(self, row):
         path, sentence = self.entries[row]
         conversation = [{"from": "human", "value": self.prompt}, {"from": "gpt", "value": sentence.strip()}]
         return {"name": f"{path} sentence {sentence!r:.40}", "image": path, "conversations": conversation}
 
 
-# Synthetic shapes: coloured circles, squares and triangles in the corners of a small image, drawn on the fly.
-# Captions and answers follow from what is drawn, so a model can only get them right by looking. A fifth of the
-# two-shape captions never occur in "train" or "val"; the "heldout" split holds only those, so a right caption
-# there is a new string composed from parts seen in training (each shape at each place), not a memorised one.
-SHAPE_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
-SHAPE_KINDS = ["circle", "square", "triangle"]
-SHAPE_POSITIONS = {"top left": (0.25, 0.25), "top right": (0.75, 0.25),
-                   "bottom left": (0.25, 0.75), "bottom right": (0.75, 0.75)}  # in reading order
-SHAPE_PAIRS = [(colour, kind) for colour in SHAPE_COLOURS for kind in SHAPE_KINDS]
-SHAPES_SPLITS = ["train", "val", "heldout"]
-SHAPES_CAPTION_PROMPT = "Describe the image."
-
-
-def is_heldout(scene):
-    """A fixed fifth of the two-shape scenes, chosen by a hash of their caption."""
-    return len(scene) == 2 and zlib.crc32(describe_scene(scene).encode()) % 5 == 0
-
-
-def random_scene(rng, split):
-    """1-2 different shapes [(colour, kind, position)] in distinct corners, listed in reading order; drawn
-    again until it belongs to the split."""
-    while True:
-        count = 2 if split == "heldout" else rng.choice([1, 2])
-        positions = sorted(rng.sample(list(SHAPE_POSITIONS), count), key=list(SHAPE_POSITIONS).index)
-        scene = [(colour, kind, position) for (colour, kind), position in zip(rng.sample(SHAPE_PAIRS, count), positions)]
-        if is_heldout(scene) == (split == "heldout"):
-            return scene
-
-
-def draw_scene(scene, image_size, rng):
-    image = Image.new("RGB", (image_size, image_size), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    for colour, kind, position in scene:
-        # A little jitter in place and size; small enough that a shape stays inside its corner.
-        centre_x, centre_y = SHAPE_POSITIONS[position]
-        x = (centre_x + rng.uniform(-0.04, 0.04)) * image_size
-        y = (centre_y + rng.uniform(-0.04, 0.04)) * image_size
-        r = rng.uniform(0.13, 0.19) * image_size
-        if kind == "circle":
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=SHAPE_COLOURS[colour])
-        elif kind == "square":
-            draw.rectangle([x - r, y - r, x + r, y + r], fill=SHAPE_COLOURS[colour])
-        else:
-            draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=SHAPE_COLOURS[colour])
-    return image
-
-
-def describe_scene(scene):
-    """'a red circle in the top left and a blue square in the bottom right.'"""
-    return " and ".join(f"a {colour} {kind} in the {position}" for colour, kind, position in scene) + "."
-
-
-def scene_questions(scene):
-    """Every question the scene answers unambiguously: [(question, answer)]."""
-    kinds = [kind for _, kind, _ in scene]
-    questions = [("How many shapes are there?", ["one.", "two."][len(scene) - 1])]
-    for colour, kind, position in scene:
-        questions.append((f"What is in the {position}?", f"a {colour} {kind}."))
-        questions.append((f"Where is the {colour} {kind}?", f"in the {position}."))
-        if kinds.count(kind) == 1:
-            questions.append((f"What colour is the {kind}?", f"{colour}."))
-    return questions
-
-
-class SyntheticShapes(IndexedSource):
-    """`n_samples` shape images, each with a caption turn and then `questions` question turns. Sample i is
-    generated from (split, seed, i) when asked for, so it is always the same and nothing is stored."""
-
-    def __init__(self, n_samples, split="train", image_size=64, seed=0, questions=0):
-        if split not in SHAPES_SPLITS:
-            raise ValueError(f"split must be one of {SHAPES_SPLITS}, got {split!r}")
-        self.n_samples, self.split, self.image_size, self.seed = n_samples, split, image_size, seed
-        self.questions = questions
-
-    def __len__(self):
-        return self.n_samples
-
-    def record(self, index):
-        """{"name", "image": PIL image, "conversations", "scene": [(colour, kind, position)]} of sample `index`."""
-        rng = random.Random(f"shapes/{self.split}/{self.seed}/{index}")  # a str seed is hashed deterministically
-        scene = random_scene(rng, self.split)
-        questions = scene_questions(scene)
-        turns = [(SHAPES_CAPTION_PROMPT, describe_scene(scene))] + rng.sample(questions, min(self.questions, len(questions)))
-        if self.questions:
-            rng.shuffle(turns)  # any turn may come first, so a question can also be asked alone
-        conversation = []
-        for question, answer in turns:
-            conversation += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-        return {"name": f"shapes {self.split} seed {self.seed} sample {index}", "scene": scene,
-                "image": draw_scene(scene, self.image_size, rng), "conversations": conversation}
-
-
-def shapes_tokenizer(vocab_size=400):
-    """The demo's tokenizer: a tiny BPE trained on synthetic-shape conversations in the chat format."""
-    shapes = SyntheticShapes(300, questions=4)
-    conversations = [conversation_messages(shapes.record(i)["conversations"]) for i in range(len(shapes))]
-    return train_tokenizer([chat_prompt(messages) for messages in conversations], vocab_size)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 5. Batches
+# --- 5. Batches -------------------------------------------------------------------------------------------
 
 def make_sample(record, tokenizer, image_size, max_text_tokens, system_prompt):
-    """A record -> ({"pixel_values", "input_ids", "labels"}, whether the text was truncated).
-
-    Raises ValueError naming the record if its conversation or image is bad. The text goes first: it is
-    cheap, and a bad one spares decoding the image."""
+    """A record -> ({"pixel_values", "input_ids", "labels"}, whether the text was truncated). A bad conversation
+    or image raises ValueError naming the record; the text goes first, as it is cheap and spares the decoding."""
     try:
         input_ids, labels = encode_conversation(tokenizer, record["conversations"], system_prompt)
     except ValueError as error:
@@ -601,13 +447,11 @@ def collate(samples, n_image_tokens, pad_id, pad_to_multiple=1):
 
 
 def fill_rows(lengths, max_len):
-    """Documents of `lengths` tokens -> rows of at most max_len tokens, as lists of document indices, each row
-    left with as little room as this quick search finds ("minimum bin slack"): the longest document left
-    opens the row; every other length is tried as its second document, the row topped up with the longest
-    documents that still fit, and the fullest row is kept. Conversations fill a third of a row or more and
-    every document carries its 256 image tokens, so the gaps first-fit leaves are often too short for any
-    document: on bench.py's stand-in for stage 3's lengths, 1.9% of the tokens are padding against 5.1% with
-    first-fit."""
+    """Documents of `lengths` tokens -> rows of at most max_len tokens (lists of document indices), each left
+    with as little room as a quick "minimum bin slack" search finds: the longest document left opens the row,
+    each other length is tried second, the row topped up with the longest that still fit, the fullest kept.
+    Every document carries its 256 image tokens and conversations fill a third of a row or more, so first-fit's
+    gaps often fit nothing: on bench.py's stand-in for stage 3, 1.9% of the tokens are padding (first-fit 5.1%)."""
     too_long = [i for i, length in enumerate(lengths) if length > max_len]
     if too_long:
         raise ValueError(f"samples {too_long[:5]} have more than max_len={max_len} tokens (image + text); "
@@ -642,17 +486,14 @@ def top_up(row, room, candidates, lengths):
 
 
 def pack_documents(samples, max_len, n_image_tokens, pad_id=0, rows=None, pad_to_multiple=1):
-    """Pack [image | text] documents into rows of `max_len` tokens (fill_rows), so that variable-length
-    conversations waste little on padding. `rows`: the rows of fill_rows to use (lists of sample indices),
-    all of them by default. The rows are as long as the fullest one, rounded up to `pad_to_multiple` (as in
-    collate: few shapes for compiled blocks) and at most max_len: the last rows of a batch, which hold what
-    is left, are often far from full.
-
-    `samples` are dicts with "pixel_values" [3, H, W] and equal-length 1-D "input_ids" and "labels" (as for
-    collate). Returns "pixel_values" [N, 3, H, W], one image per document in row order; "input_ids",
-    "labels", "document" [rows, length] over whole rows, where a document's image slots come first (input
-    pad_id, label IGNORE_INDEX), then its text, and `document` numbers the documents of each row 0, 1, ... and
-    marks padding -1; and "label_positions": the arguments of VLM.forward."""
+    """Pack [image | text] documents (samples as for collate: pixel_values [3, H, W], 1-D input_ids and labels) into
+    `rows` of fill_rows (lists of sample indices; all by default), so variable-length conversations waste little on
+    padding. Rows are as long as the fullest, rounded up to `pad_to_multiple` (few shapes for compiled blocks), at
+    most max_len (None: no limit): a batch's last rows are often far from full.
+    Returns "pixel_values" [N, 3, H, W], one image per document in row order; "input_ids", "labels", "document"
+    [rows, length], a document's image slots first (input pad_id, label IGNORE_INDEX), then its text; `document`
+    numbers each row's documents 0, 1, ... and marks padding -1; "label_positions": the entries of labels.flatten()
+    that carry a label (find_label_positions). These are VLM.forward's arguments."""
     lengths = document_lengths(samples, n_image_tokens)
     if rows is None:
         rows = fill_rows(lengths, max_len)
@@ -676,8 +517,8 @@ def pack_documents(samples, max_len, n_image_tokens, pad_id=0, rows=None, pad_to
 
 
 def pack_micro_batches(samples, max_len, n_image_tokens, pack_rows, pad_id=0, pad_to_multiple=1):
-    """All of `samples` packed into rows (fill_rows), then cut into micro-batches of at most `pack_rows` rows,
-    each as long as its fullest row allows (pack_documents)."""
+    """All of `samples` packed into rows (fill_rows), cut into micro-batches of at most `pack_rows` rows, each as
+    long as its fullest row allows (pack_documents)."""
     filled = fill_rows(document_lengths(samples, n_image_tokens), max_len)
     return [pack_documents(samples, max_len, n_image_tokens, pad_id, filled[i:i + pack_rows], pad_to_multiple)
             for i in range(0, len(filled), pack_rows)]
@@ -689,8 +530,8 @@ def document_lengths(samples, n_image_tokens):
 
 
 def shuffled_order(chunk_sizes, seed, epoch):
-    """Every sample once, as (chunk ids, row ids) arrays: chunks in random order, rows shuffled within their
-    chunk. A chunk's rows stay together, so a parquet row group is read once per pass, not once per sample."""
+    """Every sample once, as (chunk ids, row ids) arrays: chunks in random order, rows shuffled within their chunk
+    and kept together, so a parquet row group is read once per pass, not once per sample."""
     rng = np.random.default_rng([seed, epoch])
     chunk_order = rng.permutation(len(chunk_sizes))
     chunk_ids = np.concatenate([np.full(chunk_sizes[chunk], chunk) for chunk in chunk_order])
@@ -699,9 +540,9 @@ def shuffled_order(chunk_sizes, seed, epoch):
 
 
 class WorkerBatches(IterableDataset):
-    """What each DataLoader worker runs, given the samples still to come as (chunk ids, row ids). Batch b is
-    samples [b*B, (b+1)*B); worker w of W builds batches w, w+W, w+2W... and the DataLoader takes one batch
-    from each worker in turn, so the batches arrive in order whatever the number of workers."""
+    """What each DataLoader worker runs on the samples still to come, (chunk ids, row ids). Batch b is samples
+    [b*B, (b+1)*B); worker w of W builds batches w, w+W, ... and the DataLoader takes one from each worker in
+    turn, so batches arrive in order whatever the number of workers."""
 
     def __init__(self, stream, chunk_ids, row_ids):
         self.stream, self.chunk_ids, self.row_ids = stream, chunk_ids, row_ids
@@ -711,8 +552,7 @@ class WorkerBatches(IterableDataset):
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         batch_size = self.stream.batch_size
         slots = np.arange(len(self.row_ids))
-        my_slots = slots[(slots // batch_size) % num_workers == worker_id]
-        records = self.read_records(my_slots)
+        records = self.read_records(slots[(slots // batch_size) % num_workers == worker_id])
         for batch_index, group in itertools.groupby(records, key=lambda slot_record: slot_record[0] // batch_size):
             yield {"batch_index": int(batch_index), **self.stream.build_batch(record for _, record in group)}
 
@@ -724,32 +564,24 @@ class WorkerBatches(IterableDataset):
 
 
 def new_counts():
-    """Counters over the whole run, for the trainer to log: bad samples skipped, text-only rows skipped, texts
-    truncated to max_text_tokens."""
+    """Counters over the run, for the trainer's log: bad samples and text-only rows skipped, texts cut to max_text_tokens."""
     return {"skipped": 0, "text_only": 0, "truncated": 0}
 
 
 class BatchStream:
-    """The batches one rank trains on, decoded by `num_workers` DataLoader workers. Iterate it for the rest
-    of the current epoch; iterate again for the next one.
-
-    A batch is one optimizer step's samples on this rank (`batch_size`: the global batch over the ranks), as a
-    list of micro-batches small enough for the GPU: `micro_batch` samples each, padded to the longest
-    (collate); or, with `pack_length`, the conversations of the whole batch packed into rows of that many
-    tokens (pack_micro_batches), at most `pack_rows` rows per micro-batch: the tokens of a padded micro-batch
-    of the longest samples, each micro-batch as long as its fullest row, rounded up to `pad_to_multiple`.
-    Packing the whole batch rather than each micro-batch leaves fewer rows part-empty: on bench.py's stand-in
-    for stage 3's lengths, 1.9% of the tokens are padding on one GPU and 4.5% on eight (16 conversations per
-    rank and step), against 36% for micro-batches padded to their longest.
-    Order: a shuffle of the whole source for each (seed, epoch); rank r takes samples r, r + world_size, ...,
-    so ranks see disjoint samples and all step the same number of times (the last < world_size samples of
-    an epoch are left out). The order does not depend on num_workers.
-    Bad samples (unreadable image, malformed conversation) are skipped with a warning naming them and
-    counted in `counts`; more than max_skip_fraction of an epoch's samples raises RuntimeError. Text-only
-    rows are skipped too (every sequence starts with the image, paper 3.1) and counted apart: LLaVA-NeXT-Data
-    has some by design. A batch keeps its place when it loses samples, it is only smaller (one that loses
-    all is dropped, the one case where ranks could step unequally), so `state_dict()` (the epoch and the
-    samples consumed) resumes exactly at the next unseen batch."""
+    """The batches one rank trains on, decoded by `num_workers` DataLoader workers; each iteration is the rest of
+    the epoch. A batch, one optimizer step's samples on this rank (`batch_size`: over all ranks), is micro-batches
+    small enough for the GPU: `micro_batch` samples padded to the longest (collate); or, with `pack_length`, the
+    whole batch packed into rows of that many tokens, at most `pack_rows` rows (a padded micro-batch's tokens) per
+    micro-batch, each as long as its fullest row (pack_micro_batches). Packing the whole batch, not each micro-batch,
+    leaves fewer rows part-empty: on bench.py's stand-in for stage 3, 1.9% of the tokens pad on one GPU, 4.5% on
+    eight (16 conversations a rank and step), against 36% for padded micro-batches.
+    Order: a shuffle of the source per (seed, epoch), whatever num_workers; rank r takes samples r, r + world_size,
+    ... (disjoint, equal steps; an epoch's last < world_size are left out). Bad samples (unreadable image, malformed
+    conversation) are skipped with a warning naming them, and counted; over max_skip_fraction of an epoch's, a
+    RuntimeError. Text-only rows are skipped and counted too (the image leads every sequence, paper 3.1;
+    LLaVA-NeXT-Data has some by design). A batch that loses samples keeps its place, smaller (one that loses all is
+    dropped, the one case where ranks could step unequally), so `state_dict()` resumes at the next unseen batch."""
 
     def __init__(self, source, tokenizer, batch_size, micro_batch=None, image_size=224, max_text_tokens=512,
                  system_prompt=DEFAULT_SYSTEM_PROMPT, seed=0, rank=0, world_size=1, num_workers=2,
@@ -767,26 +599,18 @@ class BatchStream:
         self.samples_per_epoch = sum(source.chunk_sizes) // world_size
         if self.samples_per_epoch == 0:
             raise ValueError(f"the source has {sum(source.chunk_sizes)} samples, fewer than world_size={world_size}")
-        self.epoch, self.samples_consumed = 0, 0
-        self.counts = new_counts()
+        self.epoch, self.samples_consumed, self.counts = 0, 0, new_counts()
 
     def __len__(self):
         """Batches per epoch, on this rank."""
         return math.ceil(self.samples_per_epoch / self.batch_size)
 
-    def rank_order(self):
-        """(chunk ids, row ids) of this rank's samples in this epoch."""
-        chunk_ids, row_ids = shuffled_order(self.source.chunk_sizes, self.seed, self.epoch)
-        mine = slice(self.rank, self.world_size * self.samples_per_epoch, self.world_size)
-        return chunk_ids[mine], row_ids[mine]
-
     def __iter__(self):
         """The rest of the current epoch's batches; the next iteration starts the next epoch."""
-        chunk_ids, row_ids = self.rank_order()
-        start = self.samples_consumed
-        workers = WorkerBatches(self, chunk_ids[start:], row_ids[start:])
-        loader = DataLoader(workers, batch_size=None, num_workers=self.num_workers,
-                            pin_memory=torch.cuda.is_available())
+        chunk_ids, row_ids = shuffled_order(self.source.chunk_sizes, self.seed, self.epoch)
+        start, mine = self.samples_consumed, slice(self.rank, self.world_size * self.samples_per_epoch, self.world_size)
+        workers = WorkerBatches(self, chunk_ids[mine][start:], row_ids[mine][start:])  # this rank's samples still to come
+        loader = DataLoader(workers, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
         yielded = False
         for item in loader:
             self.samples_consumed = min(start + (item["batch_index"] + 1) * self.batch_size, self.samples_per_epoch)
@@ -810,12 +634,11 @@ class BatchStream:
             try:
                 sample, truncated = make_sample(record, self.tokenizer, self.image_size, self.max_text_tokens,
                                                 self.system_prompt)
+                samples.append(sample)
+                counts["truncated"] += truncated
             except ValueError as error:
                 logger.warning("skipping a bad sample: %s", error)
                 counts["skipped"] += 1
-                continue
-            samples.append(sample)
-            counts["truncated"] += truncated
         return {"batch": self.micro_batches(samples) if samples else None, "counts": counts}
 
     def micro_batches(self, samples):
@@ -831,11 +654,10 @@ class BatchStream:
             self.counts[key] += value
         allowed = self.max_skip_fraction * self.samples_per_epoch * (self.epoch + 1)  # of the epochs begun so far
         if self.counts["skipped"] > allowed:
-            raise RuntimeError(
-                f"{self.counts['skipped']} bad samples skipped by sample {self.samples_consumed} "
-                f"of epoch {self.epoch}, "
-                f"more than max_skip_fraction={self.max_skip_fraction} of the {self.samples_per_epoch} per epoch: see "
-                "the warnings for which ones, fix the data or raise max_skip_fraction")
+            raise RuntimeError(f"{self.counts['skipped']} bad samples skipped by sample {self.samples_consumed} of epoch "
+                               f"{self.epoch}, more than max_skip_fraction={self.max_skip_fraction} of the "
+                               f"{self.samples_per_epoch} per epoch: see the warnings for which ones, fix the data or "
+                               "raise max_skip_fraction")
 
     def state_dict(self):
         return {"epoch": self.epoch, "samples_consumed": self.samples_consumed, "counts": dict(self.counts),

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import masks
+import shapes
 from configurator import command_line_keys, configure, merged
 from model import (ATTENTION_PATHS, CUDA_GRAPH_MODES, VLM, Qwen2Config, SigLIPConfig, VLMConfig, checkpoint_folder,
                    latest_checkpoint)
@@ -49,7 +50,7 @@ pad_to_multiple = 64          # text lengths are padded up to a multiple of this
 pack_length = 0               # > 0: pack each batch's conversations into rows of this many tokens (stage 3)
 max_skip_fraction = 0.01      # more bad samples than this stops the run
 num_workers = 4
-shapes_samples = 4000         # data_format synthetic: how many shape images (data.SyntheticShapes)
+shapes_samples = 4000         # data_format synthetic: how many shape images (shapes.SyntheticShapes)
 shapes_questions = 0          # ... and how many question turns follow each caption
 # the stage (paper 3.4)
 stage = 2
@@ -99,7 +100,7 @@ def main():
     for cfg in runs:
         final_checkpoint = train_stage(cfg)
     if settings["eval_after"] and is_main():
-        evaluate_demo(final_checkpoint, runs[-1])
+        shapes.evaluate_demo(final_checkpoint, runs[-1])
     dist_teardown()
 
 
@@ -355,7 +356,7 @@ def build_model(cfg):
         folder = checkpoint_folder(cfg["init_from"])  # a checkpoint, or the previous stage's out_dir: its newest one
         return data.Tokenizer.from_pretrained(folder), VLM.load(folder)  # a checkpoint holds its tokenizer
     if cfg["vision_config"] or cfg["language_config"]:
-        tokenizer = (data.shapes_tokenizer() if cfg["tokenizer"] == "shapes"
+        tokenizer = (shapes.shapes_tokenizer() if cfg["tokenizer"] == "shapes"
                      else data.Tokenizer.from_pretrained(cfg["tokenizer"] or cfg["language"]))
         torch.manual_seed(cfg["seed"])
         language_config = Qwen2Config(**{"vocab_size": tokenizer.vocab_size, **cfg["language_config"]})
@@ -595,8 +596,8 @@ def open_source(cfg, image_size):
     if fmt == "karpathy":
         return data.KarpathyCaptions(where, cfg["image_root"], split="train")
     if fmt == "synthetic":
-        return data.SyntheticShapes(cfg["shapes_samples"], split="train", image_size=image_size, seed=cfg["seed"],
-                                    questions=cfg["shapes_questions"])
+        return shapes.SyntheticShapes(cfg["shapes_samples"], split="train", image_size=image_size, seed=cfg["seed"],
+                                      questions=cfg["shapes_questions"])
     raise ValueError(f"unknown data_format {fmt!r}: parquet, pathvqa, llava_json, karpathy or synthetic")
 
 
@@ -666,45 +667,6 @@ def plot_losses(metrics_path, png_path):
     pen.text((4, margin), f"{high:.2f}", fill="black")
     pen.text((4, height - margin - 10), f"{low:.2f}", fill="black")
     canvas.save(png_path)
-
-
-# -----------------------------------------------------------------------------
-# The demo's evaluation
-
-def evaluate_demo(checkpoint, cfg, n_images=100):
-    """Caption synthetic images the model never saw: "val" scenes are drawn like the training ones, "heldout"
-    scenes have two-shape captions that never occur in training (data.is_heldout), though each shape at each
-    place was seen, so only a model that composes what it sees gets them right. After stage 3 it also asks
-    questions about the heldout images."""
-    from sample import answer  # the same captioning path as sample.py and eval.py
-    model, tokenizer = VLM.load(checkpoint).eval(), data.Tokenizer.from_pretrained(checkpoint)
-    for split in ("val", "heldout"):
-        shapes = data.SyntheticShapes(n_images, split=split, image_size=model.config.vision.image_size, seed=cfg["seed"])
-        records = [shapes.record(i) for i in range(n_images)]
-        captions = answer(model, tokenizer, [r["image"] for r in records], [data.SHAPES_CAPTION_PROMPT] * n_images)
-        truths = [data.describe_scene(r["scene"]) for r in records]
-        for caption, truth in list(zip(captions, truths))[:4]:
-            log(f"  {'right' if caption == truth else 'WRONG'}  {caption!r:70} truth: {truth!r}")
-        exact = sum(c == t for c, t in zip(captions, truths)) / n_images
-        log(f"{split} captions: CIDEr-D {100 * cider_d(captions, truths):.1f}, exactly right {100 * exact:.0f}% "
-            f"of {n_images} images")
-    if cfg["shapes_questions"]:  # stage 3 taught questions and answers (a VQA flavour, like PathVQA)
-        # `records` are the last split's: the heldout images
-        asked = [(r["image"], q, a) for r in records for q, a in data.scene_questions(r["scene"])]
-        replies = answer(model, tokenizer, [image for image, _, _ in asked], [q for _, q, _ in asked])
-        for (_, question, truth), reply in list(zip(asked, replies))[:4]:
-            log(f"  {'right' if reply == truth else 'WRONG'}  {question!r:32} -> {reply!r:24} truth: {truth!r}")
-        right = sum(reply == truth for (_, _, truth), reply in zip(asked, replies)) / len(asked)
-        log(f"heldout questions: {100 * right:.0f}% of {len(asked)} answered exactly right")
-
-
-def cider_d(captions, truths):
-    """pycocoevalcap's CIDEr-D. These captions are lower-case words and a full stop, so splitting on spaces
-    tokenizes them as the PTB tokenizer would, and the demo needs no Java."""
-    from pycocoevalcap.cider.cider import Cider
-    words = lambda text: [" ".join(text.lower().replace(".", " ").split())]
-    score, _ = Cider().compute_score({i: words(t) for i, t in enumerate(truths)}, {i: words(c) for i, c in enumerate(captions)})
-    return score
 
 
 if __name__ == "__main__":

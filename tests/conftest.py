@@ -68,7 +68,7 @@ CAPTIONS = ["A cat sits on a red mat.", "Two dogs run across a green park.", "A 
 
 
 def tiny_tokenizer():
-    """A byte-level BPE learnt from a few captions and the prompt (data.py's demo tokenizer recipe)."""
+    """A byte-level BPE learnt from a few captions and the prompt (the recipe of shapes.shapes_tokenizer)."""
     prompt = chat_prompt([{"role": "user", "content": SHORT_CAPTION_PROMPT}])
     return train_tokenizer(CAPTIONS + [prompt], vocab_size=400)
 

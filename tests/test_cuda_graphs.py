@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import data
+import shapes
 import train
 from test_train import tiny_setup
 
@@ -85,7 +86,7 @@ def test_packed_rows_replay_the_graphs_each_with_its_own_mask(monkeypatch, atten
 
     cfg, tokenizer, eager, trainable, _ = tiny_setup(stage=3, device="cuda", shapes_questions=2, attention=attention,
                                                      dtype=dtype, compile=True, compile_mode="reduce-overhead")
-    source = data.SyntheticShapes(16, image_size=32, questions=2)
+    source = shapes.SyntheticShapes(16, image_size=32, questions=2)
     samples = [data.make_sample(source.record(i), tokenizer, 32, 256, data.DEFAULT_SYSTEM_PROMPT)[0] for i in range(16)]
     batches = [data.pack_documents(samples, 256, eager.n_image_tokens, rows=[[i, i + 1], [i + 2, i + 3]],
                                    pad_to_multiple=256) for i in range(0, 16, 4)]  # 2 rows of 256, 2 documents each

@@ -114,8 +114,9 @@ def test_micro_batches_divide_a_batch_without_changing_its_gradient():
     micro-batch's mean counts by its share of the labels. Conversations of different lengths, so a plain mean
     of the micro-batch means would differ."""
     import data
+    import shapes
     cfg, tokenizer, model, trainable, _ = tiny_setup(stage=3, shapes_questions=2)
-    source = data.SyntheticShapes(4, image_size=32, questions=2)
+    source = shapes.SyntheticShapes(4, image_size=32, questions=2)
     samples = [data.make_sample(source.record(i), tokenizer, 32, 256, data.DEFAULT_SYSTEM_PROMPT)[0] for i in range(4)]
     assert len({sum(label != data.IGNORE_INDEX for label in s["labels"]) for s in samples}) > 1
 
@@ -201,11 +202,11 @@ def test_clipping_inside_the_optimizer_step_equals_clip_grad_norm(max_norm, clip
 
 def test_random_backbones_take_the_language_models_tokenizer_when_none_is_named(tmp_path):
     """language_config makes a random Qwen2 of the given sizes; its vocabulary still comes from `language`."""
-    import data
-    data.shapes_tokenizer().tokenizer.save(str(tmp_path / "tokenizer.json"))
+    import shapes
+    shapes.shapes_tokenizer().tokenizer.save(str(tmp_path / "tokenizer.json"))
     cfg = merged(train.settings, {**TINY, "tokenizer": "", "language": str(tmp_path)}, "test")
     tokenizer, model = train.build_model(cfg)
-    assert model.config.language.vocab_size == tokenizer.vocab_size == data.shapes_tokenizer().vocab_size
+    assert model.config.language.vocab_size == tokenizer.vocab_size == shapes.shapes_tokenizer().vocab_size
 
 
 def test_global_batch_must_split_evenly():
