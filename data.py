@@ -583,9 +583,9 @@ class BatchStream:
     LLaVA-NeXT-Data has some by design). A batch that loses samples keeps its place, smaller (one that loses all is
     dropped, the one case where ranks could step unequally), so `state_dict()` resumes at the next unseen batch."""
 
-    def __init__(self, source, tokenizer, batch_size, micro_batch=None, image_size=224, max_text_tokens=512,
-                 system_prompt=DEFAULT_SYSTEM_PROMPT, seed=0, rank=0, world_size=1, num_workers=2,
-                 max_skip_fraction=0.01, pad_to_multiple=1, pack_length=0, n_image_tokens=0):
+    def __init__(self, source, tokenizer, batch_size, n_image_tokens, micro_batch=None, image_size=224,
+                 max_text_tokens=512, system_prompt=DEFAULT_SYSTEM_PROMPT, seed=0, rank=0, world_size=1, num_workers=2,
+                 max_skip_fraction=0.01, pad_to_multiple=1, pack_length=0):
         self.source, self.tokenizer, self.batch_size = source, tokenizer, batch_size
         self.micro_batch = micro_batch or batch_size
         self.image_size, self.max_text_tokens, self.system_prompt = image_size, max_text_tokens, system_prompt

@@ -133,14 +133,17 @@ def test_truncation_keeps_the_start_and_a_fully_cut_answer_is_rejected(tokenizer
         make_sample(record, tokenizer, image_size=16, max_text_tokens=5, system_prompt=None)
 
 
-def test_collate_pads_on_the_right():
+def test_collate_lays_one_document_per_row_padded_on_the_right():
+    """[2 image slots | text] per row (the slots hold pad ids and no label), then padding: document -1."""
     samples = [{"pixel_values": torch.zeros(3, 4, 4), "input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
                {"pixel_values": torch.ones(3, 4, 4), "input_ids": [8], "labels": [8]}]
-    batch = collate(samples, pad_id=0)
+    batch = collate(samples, n_image_tokens=2, pad_id=0)
     assert batch["pixel_values"].shape == (2, 3, 4, 4) and batch["pixel_values"][1].eq(1).all()
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
-    assert batch["text_mask"].tolist() == [[True, True, True], [True, False, False]]
+    assert batch["input_ids"].tolist() == [[0, 0, 5, 6, 7], [0, 0, 8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, -100, 6, 7], [-100, -100, 8, -100, -100]]
+    assert batch["document"].tolist() == [[0, 0, 0, 0, 0], [0, 0, 0, -1, -1]]
+    assert batch["label_positions"].tolist() == [3, 4, 7]
+    assert collate(samples, n_image_tokens=2, pad_id=0, pad_to_multiple=4)["input_ids"].shape == (2, 8)
 
 
 # --- sources ------------------------------------------------------------------------------------------------
@@ -277,7 +280,7 @@ def test_karpathy_split_gives_one_sample_per_train_and_restval_sentence(tmp_path
 # --- the batch stream: order, sharding, resuming ------------------------------------------------------------
 
 def make_stream(source, tokenizer, **overrides):
-    settings = dict(batch_size=4, image_size=16, seed=0, num_workers=0)
+    settings = dict(batch_size=4, n_image_tokens=1, image_size=16, seed=0, num_workers=0)
     settings.update(overrides)
     return BatchStream(source, tokenizer, **settings)
 
@@ -465,15 +468,15 @@ def test_packed_stream_puts_several_conversations_in_a_row(tokenizer):
     micro_batch padded samples of max_text_tokens: 4 x (4 + 60) = 256 tokens, 2 rows of 128."""
     shapes = SyntheticShapes(24, image_size=32, questions=2)
     settings = dict(image_size=32, num_workers=0, max_text_tokens=60)
-    [padded] = next(iter(BatchStream(shapes, tokenizer, 8, **settings)))
-    stream = BatchStream(shapes, tokenizer, 8, micro_batch=4, **settings, pack_length=128, n_image_tokens=4)
+    [padded] = next(iter(BatchStream(shapes, tokenizer, 8, 4, **settings)))
+    stream = BatchStream(shapes, tokenizer, 8, 4, micro_batch=4, **settings, pack_length=128)
     packed = next(iter(stream))
     assert stream.pack_rows == 2 and all(len(micro_batch["input_ids"]) <= 2 for micro_batch in packed)
     assert sum(len(micro_batch["pixel_values"]) for micro_batch in packed) == 8  # every conversation, once
     assert sum(len(micro_batch["input_ids"]) for micro_batch in packed) < 8        # in fewer rows than samples
     kept = sum(int((micro_batch["document"] >= 0).sum()) for micro_batch in packed)
-    assert kept == 8 * 4 + padded["text_mask"].sum()  # every token kept
+    assert kept == (padded["document"] >= 0).sum()  # every token kept
     labels = torch.cat([micro_batch["labels"].flatten() for micro_batch in packed])
     assert sorted(labels[labels != -100].tolist()) == sorted(padded["labels"][padded["labels"] != -100].tolist())
     with pytest.raises(ValueError, match="pack_length=63 cannot hold one sample"):
-        BatchStream(shapes, tokenizer, 8, **settings, pack_length=63, n_image_tokens=4)
+        BatchStream(shapes, tokenizer, 8, 4, **settings, pack_length=63)
