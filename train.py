@@ -17,6 +17,7 @@ import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import data
 import distributed
@@ -58,8 +59,7 @@ language_lr = 2e-5
 stages = []                   # several stages in one run: a list of dicts of the settings that differ (the demo)
 # optimisation (paper 4.2)
 global_batch = 128
-micro_batch = 16              # per GPU; gradient accumulation makes up the rest of the global batch (packed: the
-                              # micro-batches hold as many tokens as this many samples of image + max_text_tokens)
+micro_batch = 16              # per GPU; accumulation makes up the global batch (packed: this many samples' tokens)
 epochs = 1
 max_steps = 0                 # 0: as many as the epochs need
 warmup_steps = 20             # linear warm-up, over at most a tenth of the stage's steps
@@ -75,8 +75,7 @@ seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights stay fp32
 compile = torch.cuda.is_available()  # torch.compile each transformer block (model.compile_blocks)
-compile_mode = "reduce-overhead"  # blocks replayed as CUDA graphs, without launch overhead (README, Performance);
-                              # gradient checkpointing needs "default" (train.cuda_graphs_refused)
+compile_mode = "reduce-overhead"  # blocks replayed as CUDA graphs; gradient checkpointing needs "default"
 gradient_checkpointing = False
 attention = "flash" if torch.cuda.is_available() else "sdpa"  # sdpa (dense mask) | flex (FlexAttention) | flash (prefix by
                                                               # blocks) | varlen (flash + segments): model.VLM.mask
@@ -101,8 +100,8 @@ def main():
 
 
 def chain_stages(runs, stages):
-    """Each stage starts from the one before (paper 3.4), through that stage's out_dir (its newest checkpoint),
-    unless it names an init_from of its own. A global init_from is where the first stage starts."""
+    """Each stage starts from the one before's out_dir (its newest checkpoint; paper 3.4) unless it names an
+    init_from of its own; a global init_from is where the first stage starts."""
     for before, cfg, overrides in zip(runs, runs[1:], stages[1:]):
         if "init_from" not in overrides:
             cfg["init_from"] = before["out_dir"]
@@ -123,8 +122,7 @@ def check_runs(runs):
 
 
 def check_stages_keep_command_line(stages, given):
-    """A stage's own settings (the `stages` list) win over the rest, so one that would undo a --key=value is an
-    error, not a silent change of what the user asked for."""
+    """A stage's own settings win, so one that would undo a --key=value is an error, not a silent change."""
     for i, overrides in enumerate(stages):
         undone = sorted(given & set(overrides))
         if undone:
@@ -150,7 +148,7 @@ def train_stage(cfg):
         model.compile_blocks(cfg["compile_mode"])
     runner = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size() > 1 else model
     batches = endless(stream)
-    progress = make_progress(step, total_steps)
+    progress = tqdm(total=total_steps, initial=step, disable=rank() != 0, dynamic_ncols=True)
     while step < total_steps:
         started = time.perf_counter()
         set_learning_rates(optimizer, step, total_steps, cfg)
@@ -167,10 +165,9 @@ def train_stage(cfg):
         step += 1
         elapsed = time.perf_counter() - started
         counts = dict(zip(stream.counts, sum_over_ranks(list(stream.counts.values()), device)))  # skipped etc.
-        record = {"step": step, "loss": loss, "grad_norm": grad_norm,
+        record = {"step": step, "loss": loss, "grad_norm": grad_norm, **counts,
                   "lr": {group["name"]: group["lr"] for group in optimizer.param_groups},
-                  "images_per_s": n_images * world_size() / elapsed, "tokens_per_s": n_tokens * world_size() / elapsed,
-                  **counts}
+                  "images_per_s": n_images * world_size() / elapsed, "tokens_per_s": n_tokens * world_size() / elapsed}
         if device.type == "cuda":
             record["mfu"] = flops * world_size() / elapsed / cfg["peak_flops"]
             record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -235,10 +232,9 @@ def accumulation_steps(global_batch, micro_batch, n_ranks):
 
 
 def train_step(runner, micro_batches, cfg, device, trainable, noise_generator=None):
-    """Forward and backward over one batch's micro-batches; gradients are only synchronised on the last. Each
-    micro-batch's mean loss counts by its share of the labelled tokens of the global batch (all ranks), so the
-    gradient is that of the global batch's mean loss per token (eq. 1), however micro-batches and ranks divide
-    it. Returns this rank's part of that loss (summed over the ranks, the batch's loss)."""
+    """Forward and backward over one batch's micro-batches, gradients synchronised on the last. Each micro-batch's
+    mean loss counts by its share of the global batch's labelled tokens (all ranks), so the gradient is that of
+    the batch's mean loss per token (eq. 1) however micro-batches and ranks divide it. Returns this rank's part."""
     n_image_tokens = unwrap(runner).n_image_tokens
     sizes = [batch_sizes(batch, n_image_tokens) for batch in micro_batches]
     n_labels = sum_over_ranks(sum(labelled for _, _, labelled in sizes), device)
@@ -334,9 +330,9 @@ def initialise(model, std=0.02):
 
 
 def freeze_modules(model, cfg):
-    """A module whose learning rate is 0 is frozen (paper 3.4: stages 0-1 train the projector only): no
-    gradients, not in the optimizer, in eval mode. Gradient checkpointing applies to frozen modules too: the
-    projector's gradient passes back through the frozen language model (stages 0-1)."""
+    """A module whose learning rate is 0 is frozen (paper 3.4: stages 0-1 train the projector only): no gradients,
+    no optimizer, eval mode. Gradient checkpointing applies to frozen modules too: the projector's gradient passes
+    back through the frozen language model (stages 0-1)."""
     trainable = []
     for name, module in model.parameter_groups().items():
         learns = cfg[f"{name}_lr"] > 0
@@ -351,8 +347,7 @@ def freeze_modules(model, cfg):
 
 
 def make_optimizer(model, cfg):
-    """AdamW with one learning rate per module; no weight decay on biases and norms (1-d tensors). Fused: each
-    tensor is read and written once per step."""
+    """Fused AdamW, one learning rate per module; no weight decay on biases and norms (1-d tensors)."""
     groups = []
     for name, module in model.parameter_groups().items():
         params = [p for p in module.parameters() if p.requires_grad]
@@ -409,8 +404,7 @@ def open_source(cfg, image_size):
 
 
 def open_stream(cfg, tokenizer, model):
-    """This rank's batches: its share of the global batch per optimizer step, in micro-batches, with the images
-    at the size the model's vision encoder takes."""
+    """This rank's share of each global batch, in micro-batches, the images at the vision encoder's size."""
     image_size = model.config.vision.image_size
     return data.BatchStream(open_source(cfg, image_size), tokenizer, cfg["global_batch"] // world_size(),
                             cfg["micro_batch"], image_size=image_size, max_text_tokens=cfg["max_text_tokens"],
@@ -423,11 +417,6 @@ def endless(stream):
     """Batches (each a list of micro-batches), epoch after epoch (the stream knows where it is, for checkpoints)."""
     while True:
         yield from stream
-
-
-def make_progress(step, total_steps):
-    from tqdm import tqdm
-    return tqdm(total=total_steps, initial=step, disable=rank() != 0, dynamic_ncols=True)
 
 
 def keep_metrics_until(path, step):
