@@ -1,37 +1,31 @@
 """Evaluation: image captioning on the Karpathy test splits (paper Table 6) and PathVQA (paper Table 9).
 
-    python eval.py --split karpathy --checkpoint out/stage3             # COCO, Flickr30k and Flickr8k test
-    python eval.py --split karpathy --datasets coco --num_beams 3 --checkpoint out/stage3
-    python eval.py --split karpathy                                     # the pretrained backbones, no checkpoint
-    torchrun --nproc_per_node 8 eval.py --split karpathy --checkpoint out/stage3
+    python eval.py --split karpathy              # COCO, Flickr30k, Flickr8k test; the newest checkpoint of out/stage3
+    python eval.py --split karpathy --datasets coco --num_beams 3 --checkpoint out/stage2
+    python eval.py --split karpathy --backbones  # the pretrained backbones joined by an untrained projector
+    torchrun --nproc_per_node 8 eval.py --split karpathy
     python eval.py --task pathvqa --pathvqa_parquet data/path-vqa/test.parquet --checkpoint out/pathvqa
 
---split karpathy is the Karpathy test split (5000 COCO, 1000 Flickr30k, 1000 Flickr8k images); any split
-name of the Karpathy files (test, val, train, and COCO's restval) works too. The files are found by convention:
+--checkpoint takes a checkpoint or a training run's out_dir (its newest checkpoint); without it, the newest
+checkpoint of the recipe's last stage (config/stage3.py's out_dir). --split karpathy is the Karpathy test split
+(5000 COCO, 1000 Flickr30k, 1000 Flickr8k images); the files' other splits (val, train, COCO's restval) work too:
 
-    {karpathy_dir}/dataset_{coco,flickr30k,flickr8k}.json      Karpathy's caption_datasets.zip
-    {image_root}/{dataset}/[{filepath}/]{filename}             filepath and filename as in those files:
-        data/images/coco/val2014/COCO_val2014_000000391895.jpg     (only COCO's entries have a filepath)
-        data/images/flickr30k/1000092795.jpg
-        data/images/flickr8k/1000268201_693b08cb0e.jpg
-    so {image_root}/{dataset} is the image_root that train.py's karpathy data format takes; a symlink per
-    dataset is the easy way to point this at existing image folders.
+    {karpathy_dir}/dataset_{coco,flickr30k,flickr8k}.json   Karpathy's caption_datasets.zip
+    {image_root}/{dataset}/[{filepath}/]{filename}          as in those files (only COCO's entries have a filepath)
+    so {image_root}/{dataset} is train.py's image_root for karpathy data, e.g. data/images/coco (a symlink will do).
 
-Captions are scored exactly like the COCO caption evaluation (pycocoevalcap): PTBTokenizer, then BLEU-1..4,
-METEOR, ROUGE_L and CIDEr-D, plus SPICE with --spice (it downloads Stanford CoreNLP on first use). Java is
-required. Results go to --out_dir (default: eval/{checkpoint's name} beside the checkpoint, e.g.
-out/stage3/eval/step-0006089, out of the way of train.py, which prunes a run's older checkpoint folders;
-without a checkpoint, out-eval):
+Captions are scored as the COCO caption evaluation (pycocoevalcap, on Java) scores them: PTBTokenizer, then
+BLEU-1..4, METEOR, ROUGE_L and CIDEr-D, and SPICE with --spice (it downloads Stanford CoreNLP on first use).
+Results go to --out_dir (default: eval/{checkpoint's name} beside the checkpoint, e.g. out/stage3/eval/step-0006089,
+out of the way of train.py, which prunes older checkpoint folders; with --backbones, out-eval):
 
-    captions_{dataset}_{split}.json   the predictions in COCO results format, [{"image_id", "caption"}];
-                                      image_id: COCO's image id, or the Flickr file name
-                                      without extension (a number for Flickr30k)
+    captions_{dataset}_{split}.json   COCO results format, [{"image_id", "caption"}]; image_id: COCO's image id,
+                                      or the Flickr file name without extension (a number for Flickr30k)
     metrics_{dataset}_{split}.json    {"dataset", "settings", "scores": {metric: score}}, unscaled
     answers_pathvqa_{split}.json, metrics_pathvqa_{split}.json   for --task pathvqa (--pathvqa_split)
-    (with --num_beams N > 1, each name ends in _beamsN: greedy and beam-search results stay side by side)
 
-and the scores are printed as a table like the paper's Table 6 (x100). Under torchrun every rank answers
-its share of the images, the ranks gather each other's answers, and rank 0 scores and writes.
+each name ending in _beamsN with --num_beams N > 1, and the scores are printed like the paper's Table 6 (x100).
+Under torchrun each rank answers its share of the samples and rank 0 gathers, scores and writes.
 """
 import argparse
 import json
@@ -39,8 +33,6 @@ import os
 import shutil
 import string
 
-import torch
-import torch.distributed as dist
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
@@ -49,71 +41,54 @@ from pycocoevalcap.spice.spice import Spice
 from pycocoevalcap.tokenizer import ptbtokenizer
 from tqdm import tqdm
 
+import distributed
+from checkpoints import checkpoint_folder, latest_checkpoint
 from data import SHORT_CAPTION_PROMPT, PathVQAParquet, load_image
+from distributed import gather_from_ranks, rank, world_size
 from sample import add_model_args, answer, at_least, load_model
 
 DATASETS = ("coco", "flickr30k", "flickr8k")
 KARPATHY_TEST = "test"  # what --split karpathy means
+LAST_STAGE = "out/stage3"  # config/stage3.py's out_dir: the recipe's last stage, evaluated without --checkpoint
 
-CAPTION_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 
-
-# ----------------------------------------------------------------------------------------------------
 # caption metrics
-
-def check_java():
-    """PTBTokenizer, METEOR and SPICE are Java programs; without Java they fail with an obscure error."""
+def check_scoring_tools(spice=False):
+    """Java (PTBTokenizer, METEOR and SPICE run on it) and a writable folder for PTBTokenizer's temporary files,
+    which would otherwise fail with obscure errors; with spice=True, returns the SPICE scorer."""
     if shutil.which("java") is None:
         raise RuntimeError("caption scoring needs Java (pycocoevalcap runs PTBTokenizer and METEOR on it), "
                            "but no `java` is on PATH; install a JRE, e.g. `apt-get install default-jre-headless`")
-
-
-def check_tokenizer_folder():
-    """PTBTokenizer writes its input to a temporary file inside its own package folder."""
     folder = os.path.dirname(os.path.abspath(ptbtokenizer.__file__))
     if not os.access(folder, os.W_OK):
         raise RuntimeError(f"pycocoevalcap's PTBTokenizer writes temporary files into {folder}, which is not "
                            "writable; install pycocoevalcap somewhere writable, e.g. in a virtual environment")
-
-
-def one_line(caption):
-    """PTBTokenizer passes one caption per line to Java, which also breaks lines at \\r and other separators
-    that Python's split("\\n") keeps; a generated caption holding one would shift every later caption onto
-    the wrong image. Collapsing all whitespace to single spaces changes no PTB token."""
-    return " ".join(caption.split())
+    try:  # SPICE downloads Stanford CoreNLP (about 400 MB) on first use, so it is opt-in and may fail offline
+        return Spice() if spice else None
+    except OSError as error:  # urllib's URLError is an OSError
+        raise RuntimeError("SPICE needs Stanford CoreNLP 3.6.0, which pycocoevalcap downloads from nlp.stanford.edu on "
+                           f"first use; the download failed ({error}): score without SPICE or once online") from error
 
 
 def ptb_tokenize(captions):
-    """{image_id: [caption, ...]} -> the same, lowercased, PTB-tokenized, punctuation removed."""
-    as_coco = {i: [{"caption": one_line(caption)} for caption in caps] for i, caps in captions.items()}
+    """{image_id: [caption, ...]} -> the same, lowercased, PTB-tokenized, punctuation removed. Java reads one
+    caption per line and also breaks lines at \\r and other separators: whitespace is collapsed to single spaces
+    first (no PTB token changes), or a caption holding one would shift every later caption onto the wrong image."""
+    as_coco = {i: [{"caption": " ".join(caption.split())} for caption in caps] for i, caps in captions.items()}
     return ptbtokenizer.PTBTokenizer().tokenize(as_coco)
 
 
-def load_spice():
-    """SPICE downloads Stanford CoreNLP (about 400 MB) on first use, so it is opt-in and may fail offline."""
-    try:
-        return Spice()
-    except OSError as error:  # urllib's URLError is an OSError
-        raise RuntimeError("SPICE needs Stanford CoreNLP 3.6.0, which pycocoevalcap downloads from "
-                           f"nlp.stanford.edu on first use, and the download failed ({error}); "
-                           "score without SPICE or run once with internet access") from error
-
-
 def score(predictions, references, spice=False):
-    """COCO caption metrics of predictions {image_id: caption} against references {image_id: [captions]}.
-
-    Returns {"Bleu_1".."Bleu_4", "METEOR", "ROUGE_L", "CIDEr"(, "SPICE")}, unscaled: BLEU, METEOR, ROUGE_L
-    and SPICE lie in 0-1, while CIDEr-D (its similarities times 10) goes past 1 for good captions. Both dicts
-    must cover the same images: CIDEr-D takes its IDF from the references of the scored images, so scoring
-    a subset of the references would silently change it."""
+    """COCO caption metrics of predictions {image_id: caption} against references {image_id: [captions]}:
+    {"Bleu_1".."Bleu_4", "METEOR", "ROUGE_L", "CIDEr"(, "SPICE")}, unscaled (CIDEr-D, its similarities times 10,
+    goes past 1 for good captions; the rest lie in 0-1). Both must cover the same images: CIDEr-D takes its IDF
+    from the references of the scored images, so scoring a subset of them would silently change it."""
     if predictions.keys() != references.keys():
         unscored = sorted(map(str, references.keys() - predictions.keys()))
         unknown = sorted(map(str, predictions.keys() - references.keys()))
         raise ValueError(f"predictions and references must cover the same images; without a prediction: "
                          f"{unscored[:5]} ({len(unscored)}), without references: {unknown[:5]} ({len(unknown)})")
-    check_java()
-    check_tokenizer_folder()
-    spice_scorer = load_spice() if spice else None  # first, so that an offline failure comes before the slow part
+    spice_scorer = check_scoring_tools(spice)  # first: an offline failure comes before the slow part
     gts = ptb_tokenize(references)
     res = ptb_tokenize({i: [predictions[i]] for i in references})
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
@@ -129,54 +104,45 @@ def score(predictions, references, spice=False):
 def format_table(metrics):
     """{dataset: {metric: fraction}} -> a text table like the paper's Table 6 (metrics x datasets, x100)."""
     datasets = list(metrics)
-    names = [name for name in CAPTION_METRICS + ("SPICE",) if name in metrics[datasets[0]]]
+    names = [name for name in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+             if name in metrics[datasets[0]]]
     lines = [f"{'Metric':<8}" + "".join(f"{dataset:>11}" for dataset in datasets)]
     for name in names:
         lines.append(f"{name:<8}" + "".join(f"{100 * metrics[dataset][name]:>11.1f}" for dataset in datasets))
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------------
 # PathVQA metrics
-
 def normalize_answer(text):
     """Lowercase, drop punctuation and the articles a/an/the, collapse whitespace (the SQuAD/VQA convention)."""
     text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
     return " ".join(word for word in text.split() if word not in ("a", "an", "the"))
 
 
-def is_yes_no(truth):
-    return normalize_answer(truth) in ("yes", "no")
-
-
 def is_correct(prediction, truth):
-    """Exact match after normalisation. A yes/no question is judged by the first word of the prediction,
-    so "Yes, the tissue is inflamed." answers "yes" correctly."""
+    """Exact match after normalisation; a yes/no question by the prediction's first word ("Yes, it is." is "yes")."""
     prediction, truth = normalize_answer(prediction), normalize_answer(truth)
     if truth in ("yes", "no"):
         return prediction.split()[:1] == [truth]
     return prediction == truth
 
 
-def mean(values):
-    return sum(values) / len(values) if values else None  # None (JSON null) when there is nothing to average
-
-
 def pathvqa_metrics(predictions, truths):
     """Accuracy of predicted answers against the reference answers (two aligned lists of strings), on the
-    yes/no questions, on the open questions (exact match), and on all of them."""
+    yes/no questions, on the open questions (exact match), and on all of them (None where there are none)."""
     if len(predictions) != len(truths):
         raise ValueError(f"{len(predictions)} predictions for {len(truths)} answers")
     correct = [is_correct(p, t) for p, t in zip(predictions, truths)]
-    yes_no = [c for c, t in zip(correct, truths) if is_yes_no(t)]
-    open_ended = [c for c, t in zip(correct, truths) if not is_yes_no(t)]
+    yes_no = [c for c, t in zip(correct, truths) if normalize_answer(t) in ("yes", "no")]
+    open_ended = [c for c, t in zip(correct, truths) if normalize_answer(t) not in ("yes", "no")]
+
+    def mean(values):  # None (JSON null) when there is nothing to average
+        return sum(values) / len(values) if values else None
     return {"yes_no_accuracy": mean(yes_no), "open_exact_match": mean(open_ended), "overall_accuracy": mean(correct),
             "n_yes_no": len(yes_no), "n_open": len(open_ended)}
 
 
-# ----------------------------------------------------------------------------------------------------
 # datasets: a list of samples {"key", "image" (path or bytes), "name" (for errors), "prompt", ...}
-
 def karpathy_samples(karpathy_dir, dataset, split, image_root, prompt):
     """The images of one split of a Karpathy file, each with its reference captions."""
     path = os.path.join(karpathy_dir, f"dataset_{dataset}.json")
@@ -219,13 +185,13 @@ def image_id(image):
 
 
 def pathvqa_samples(path_or_repo, split):
-    """PathVQA's questions with their answers, read as train.py reads them; the question is the prompt."""
+    """PathVQA's questions with their answers, read as train.py reads them; the question is the prompt. Rows
+    without an image, question or answer are found now, not after answering the rows before them."""
     if path_or_repo.endswith(".parquet") and not os.path.exists(path_or_repo):
         raise FileNotFoundError(f"no PathVQA parquet file {path_or_repo}")
     source = PathVQAParquet(path_or_repo, pattern=f"{split}-*.parquet")
     records = [record for chunk, size in enumerate(source.chunk_sizes)
                for record in source.read(chunk, list(range(size)))]
-    # found now, not after answering the rows before them
     without_image = [r["name"] for r in records if r["image"] is None]
     if without_image:
         raise ValueError(f"{len(without_image)} PathVQA rows have no image, e.g. {without_image[:3]}")
@@ -236,37 +202,46 @@ def pathvqa_samples(path_or_repo, split):
              "answer": r["conversations"][1]["value"]} for i, r in enumerate(records)]
 
 
-# ----------------------------------------------------------------------------------------------------
-# answering every sample, split over the ranks under torchrun
-
-def setup_distributed(default_device):
-    """(rank, world size, device): one process per GPU under torchrun, else a single process."""
-    if "RANK" not in os.environ:
-        return 0, 1, default_device
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = default_device
-    if torch.cuda.is_available():
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)  # all_gather_object over NCCL sends through the current device
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def answer_all(model, tokenizer, samples, args, rank, world_size, desc):
-    """{sample key: the model's answer} for every sample; each rank answers every world_size-th sample and
-    all ranks get everyone's answers."""
-    mine = samples[rank::world_size]
+# the two tasks, the samples split over the ranks under torchrun
+def answer_all(model, tokenizer, samples, args, desc):
+    """{sample key: the model's answer} for every sample, on every rank; each answers every world_size-th one."""
+    mine = samples[rank()::world_size()]
     predictions = {}
-    for start in tqdm(range(0, len(mine), args.batch_size), desc=desc, unit="batch", disable=rank != 0):
+    for start in tqdm(range(0, len(mine), args.batch_size), desc=desc, unit="batch", disable=rank() != 0):
         batch = mine[start:start + args.batch_size]
         images = [load_image(sample["image"], sample["name"]) for sample in batch]
-        prompts = [sample["prompt"] for sample in batch]
-        texts = answer(model, tokenizer, images, prompts, args.max_new_tokens, args.num_beams)
+        texts = answer(model, tokenizer, images, [s["prompt"] for s in batch], args.max_new_tokens, args.num_beams)
         predictions.update(zip([sample["key"] for sample in batch], texts))
-    if world_size == 1:
-        return predictions
-    every_rank = [None] * world_size
-    dist.all_gather_object(every_rank, predictions)
-    return {key: text for part in every_rank for key, text in part.items()}
+    return {key: text for part in gather_from_ranks(predictions) for key, text in part.items()}
+
+
+def evaluate_captioning(model, tokenizer, per_dataset, args):
+    """Caption the split of every dataset, then (rank 0) score, print the table and write the results."""
+    scores = {}
+    for dataset, samples in per_dataset.items():
+        captions = answer_all(model, tokenizer, samples, args, desc=dataset)
+        if rank() == 0:
+            write_json([{"image_id": s["key"], "caption": captions[s["key"]]} for s in samples],
+                       result_path(args, "captions", f"{dataset}_{args.split}"))
+            scores[dataset] = score(captions, {s["key"]: s["references"] for s in samples}, spice=args.spice)
+            write_json({"dataset": dataset, "settings": settings(args), "scores": scores[dataset]},
+                       result_path(args, "metrics", f"{dataset}_{args.split}"))
+    if rank() == 0:
+        print(format_table(scores))
+        return scores
+
+
+def evaluate_pathvqa(model, tokenizer, samples, args):
+    """Answer every question, then (rank 0) score and write the answers and the metrics."""
+    predictions = answer_all(model, tokenizer, samples, args, desc="pathvqa")
+    if rank() != 0:
+        return None
+    rows = [{"question": s["prompt"], "answer": s["answer"], "prediction": predictions[s["key"]]} for s in samples]
+    metrics = pathvqa_metrics([row["prediction"] for row in rows], [row["answer"] for row in rows])
+    print(json.dumps(metrics, indent=1))
+    write_json(rows, result_path(args, "answers", f"pathvqa_{args.pathvqa_split}"))
+    write_json({"settings": settings(args), "scores": metrics}, result_path(args, "metrics", f"pathvqa_{args.pathvqa_split}"))
+    return metrics
 
 
 def write_json(obj, path):
@@ -275,43 +250,8 @@ def write_json(obj, path):
     print("wrote", path)
 
 
-# ----------------------------------------------------------------------------------------------------
-# the two tasks
-
-def evaluate_captioning(model, tokenizer, per_dataset, args, rank, world_size):
-    """Caption the split of every dataset, then (rank 0) score, print the table and write the results."""
-    scores = {}
-    for dataset, samples in per_dataset.items():
-        captions = answer_all(model, tokenizer, samples, args, rank, world_size, desc=dataset)
-        if rank == 0:
-            write_json([{"image_id": s["key"], "caption": captions[s["key"]]} for s in samples],
-                       result_path(args, "captions", f"{dataset}_{args.split}"))
-            scores[dataset] = score(captions, {s["key"]: s["references"] for s in samples}, spice=args.spice)
-            write_json({"dataset": dataset, "settings": settings(args), "scores": scores[dataset]},
-                       result_path(args, "metrics", f"{dataset}_{args.split}"))
-    if rank != 0:
-        return None
-    print(format_table(scores))
-    return scores
-
-
-def evaluate_pathvqa(model, tokenizer, samples, args, rank, world_size):
-    """Answer every question, then (rank 0) score and write the answers and the metrics."""
-    predictions = answer_all(model, tokenizer, samples, args, rank, world_size, desc="pathvqa")
-    if rank != 0:
-        return None
-    rows = [{"question": s["prompt"], "answer": s["answer"], "prediction": predictions[s["key"]]} for s in samples]
-    metrics = pathvqa_metrics([row["prediction"] for row in rows], [row["answer"] for row in rows])
-    print(json.dumps(metrics, indent=1))
-    name = f"pathvqa_{args.pathvqa_split}"
-    write_json(rows, result_path(args, "answers", name))
-    write_json({"settings": settings(args), "scores": metrics}, result_path(args, "metrics", name))
-    return metrics
-
-
 def result_path(args, kind, name):
-    """One file per dataset and split, and per decoding: evaluating another dataset, or with beams, never
-    overwrites an earlier result."""
+    """One file per dataset, split and decoding: another dataset, or beams, never overwrite an earlier result."""
     beams = f"_beams{args.num_beams}" if args.num_beams > 1 else ""
     return os.path.join(args.out_dir, f"{kind}_{name}{beams}.json")
 
@@ -329,8 +269,7 @@ def parse_args(argv=None):
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated, from " + ",".join(DATASETS))
     parser.add_argument("--karpathy_dir", default="data/karpathy")
     parser.add_argument("--image_root", default="data/images")
-    parser.add_argument("--prompt", default=SHORT_CAPTION_PROMPT, help="the caption instruction (default: the one "
-                        "data.KarpathyCaptions trains with)")
+    parser.add_argument("--prompt", default=SHORT_CAPTION_PROMPT, help="default: data.KarpathyCaptions's")
     parser.add_argument("--pathvqa_parquet", default="data/path-vqa/test.parquet",
                         help="a PathVQA parquet file, a folder of them, or the Hub repo flaviagiammarino/path-vqa")
     parser.add_argument("--pathvqa_split", default="test", help="in a folder or repo, the files {split}-*.parquet")
@@ -338,23 +277,25 @@ def parse_args(argv=None):
     parser.add_argument("--spice", action="store_true", help="also score SPICE (downloads Stanford CoreNLP once)")
     parser.add_argument("--out_dir", help="default: eval/{checkpoint's name} beside the checkpoint, else out-eval")
     add_model_args(parser)
+    parser.add_argument("--backbones", action="store_true", help="score the backbones joined by an untrained projector")
     args = parser.parse_args(argv)
     args.datasets = [name for name in args.datasets.split(",") if name]
     unknown = set(args.datasets) - set(DATASETS)
-    if unknown:
-        parser.error(f"unknown datasets {sorted(unknown)}; choose from {','.join(DATASETS)}")
-    if not args.datasets:
-        parser.error(f"--datasets names no dataset; choose from {','.join(DATASETS)}")
-    args.out_dir = args.out_dir or default_out_dir(args.checkpoint)
+    if unknown or not args.datasets:
+        parser.error(f"unknown datasets {sorted(unknown)}; choose from {','.join(DATASETS)}" if unknown
+                     else f"--datasets names no dataset; choose from {','.join(DATASETS)}")
+    if args.backbones and args.checkpoint:
+        parser.error("--backbones scores the pretrained backbones, --checkpoint a checkpoint: pass one of them")
+    if not args.backbones and not args.checkpoint:
+        if not latest_checkpoint(LAST_STAGE):
+            parser.error(f"no checkpoint in {LAST_STAGE} (config/stage3.py's out_dir, the recipe's last stage): pass "
+                         "--checkpoint with a checkpoint or a training run's out_dir (or --backbones to score the "
+                         "pretrained backbones joined by an untrained projector)")
+        args.checkpoint = checkpoint_folder(LAST_STAGE)
+    # beside the checkpoint, not in it: train.py deletes a run's older checkpoint folders as it goes
+    folder, name = os.path.split(os.path.normpath(args.checkpoint or "."))
+    args.out_dir = args.out_dir or (os.path.join(folder, "eval", name) if args.checkpoint else "out-eval")
     return args
-
-
-def default_out_dir(checkpoint):
-    """Beside the checkpoint, not in it: train.py deletes a run's older checkpoint folders as it goes."""
-    if not checkpoint:
-        return "out-eval"
-    checkpoint = os.path.normpath(checkpoint)
-    return os.path.join(os.path.dirname(checkpoint), "eval", os.path.basename(checkpoint))
 
 
 def main(argv=None):
@@ -362,21 +303,16 @@ def main(argv=None):
     args = parse_args(argv)
     # Everything that can go wrong with the data or the scoring tools fails now, not after an hour of captioning.
     if args.task == "caption":
-        check_java()
-        check_tokenizer_folder()
-        if args.spice:
-            load_spice()
+        check_scoring_tools(args.spice)
         samples = {dataset: karpathy_samples(args.karpathy_dir, dataset, args.split, args.image_root, args.prompt)
                    for dataset in args.datasets}
     else:
         samples = pathvqa_samples(args.pathvqa_parquet, args.pathvqa_split)
-    rank, world_size, device = setup_distributed(args.device)
-    model, tokenizer = load_model(args, device)
+    model, tokenizer = load_model(args, distributed.setup(args.device))
     os.makedirs(args.out_dir, exist_ok=True)
     evaluate = evaluate_captioning if args.task == "caption" else evaluate_pathvqa
-    scores = evaluate(model, tokenizer, samples, args, rank, world_size)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    scores = evaluate(model, tokenizer, samples, args)
+    distributed.teardown()
     return scores
 
 

@@ -4,22 +4,16 @@
     python sample.py --checkpoint out/stage3 --image a.jpg --image b.jpg,c.jpg --num_beams 3
     python sample.py --image cat.jpg    # no --checkpoint: SigLIP + Qwen2.5 joined by an untrained projector
 
-Each image is answered separately. With one image and greedy decoding the answer is printed as it is
-generated; otherwise every answer is printed when the batch is done. eval.py captions through `answer()`.
+Each image is answered on its own; one image under greedy decoding streams its answer. eval.py uses `answer()`.
 """
 import argparse
 
 import torch
 
+from checkpoints import checkpoint_folder
 from data import SHORT_CAPTION_PROMPT, Tokenizer, chat_ids, load_image, preprocess_image, turn_text
-from model import VLM, checkpoint_folder
+from model import VLM
 
-DEFAULT_VISION = "google/siglip-so400m-patch14-224"
-DEFAULT_LANGUAGE = "Qwen/Qwen2.5-0.5B"  # the paper's, as train.py's
-
-
-# ----------------------------------------------------------------------------------------------------
-# model and prompt
 
 def at_least(minimum):
     """An argparse type: an integer no smaller than `minimum`."""
@@ -33,67 +27,56 @@ def at_least(minimum):
 
 def add_model_args(parser):
     """The arguments that choose the model; shared with eval.py."""
-    parser.add_argument("--checkpoint", type=checkpoint_folder, help="our checkpoint folder, or a training run's "
-                        "out_dir (its newest checkpoint); without it the pretrained --vision and --language backbones "
-                        "are joined by an untrained projector")
-    parser.add_argument("--vision", default=DEFAULT_VISION, help="SigLIP folder or Hub id (without --checkpoint)")
-    parser.add_argument("--language", default=DEFAULT_LANGUAGE, help="Qwen2 folder or Hub id (without --checkpoint)")
+    parser.add_argument("--checkpoint", type=checkpoint_folder, help="our checkpoint, or a training run's out_dir (its "
+                        "newest); without it the --vision and --language backbones, joined by an untrained projector")
+    # the backbones: the paper's, as train.py's
+    parser.add_argument("--vision", default="google/siglip-so400m-patch14-224", help="SigLIP folder or Hub id")
+    parser.add_argument("--language", default="Qwen/Qwen2.5-0.5B", help="Qwen2 folder or Hub id")
     parser.add_argument("--tokenizer", help="tokenizer folder or Hub id; default: the checkpoint's, else --language's")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--max_new_tokens", type=at_least(1), default=30)
     parser.add_argument("--num_beams", type=at_least(1), default=1, help="1 = greedy decoding, more = beam search")
-    parser.add_argument("--mask_kind", choices=["prefix", "causal"], help="the attention mask to decode under; "
-                        "default: the checkpoint's, the one it was trained under (prefix without a checkpoint, and "
-                        "after stage 0's bidirectional mask, which no decoder can follow)")
+    parser.add_argument("--mask_kind", choices=["prefix", "causal"], help="the mask to decode under; default: the "
+                        "one the checkpoint was trained under (prefix without one, and after stage 0's bidirectional)")
 
 
 def load_model(args, device=None):
     """(model in eval mode on the device, tokenizer) as the model arguments ask."""
     device = device or args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32"))
-    if args.checkpoint:
-        model = VLM.load(args.checkpoint, dtype=dtype)
-    else:
-        model = VLM.from_pretrained(vision=args.vision, language=args.language, dtype=dtype)
+    model = (VLM.load(args.checkpoint, dtype=dtype) if args.checkpoint
+             else VLM.from_pretrained(vision=args.vision, language=args.language, dtype=dtype))
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.checkpoint or args.language)
     model.config.mask_kind = args.mask_kind or model.config.mask_kind
     return model.to(device).eval(), tokenizer
 
 
 def prompt_ids(tokenizer, prompt):
-    """The user's question as a ChatML turn after the system turn, ending where the assistant's answer starts,
-    its text cleaned as in training (data.turn_text): the image needs no placeholder, its tokens always come
-    before the text."""
+    """The question as a ChatML user turn after the system turn, cleaned as in training (data.turn_text), ending
+    where the answer starts. No image placeholder: the image tokens always come before the text."""
     return chat_ids(tokenizer, [{"role": "user", "content": turn_text(prompt)}])
 
 
 def left_pad(sequences, pad_id):
-    """Token lists of different lengths -> input_ids [B, T] padded on the left, and text_mask (False on pads).
-    Left padding lines up every prompt's last token, where the answer starts."""
+    """Token lists -> input_ids [B, T] padded on the left (every answer starts at T), and text_mask (False on pads)."""
     width = max(len(s) for s in sequences)
     input_ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences])
     text_mask = torch.tensor([[False] * (width - len(s)) + [True] * len(s) for s in sequences])
     return input_ids, text_mask
 
 
-# ----------------------------------------------------------------------------------------------------
-# answering
-
 class TokenPrinter:
-    """An on_token callback for one sequence that prints the answer as it grows. It decodes all tokens so far
-    and prints the new part, since one character can span several byte-level tokens."""
+    """An on_token callback that prints one answer as it grows: the new part of all its tokens decoded, since
+    one character can span several byte-level tokens."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.printed = tokenizer, [], 0
 
-    def __call__(self, tokens):
-        if tokens[0] >= 0:  # -1 once the sequence has ended
+    def __call__(self, tokens, hold_incomplete=True):
+        if tokens is not None and tokens[0] >= 0:  # -1 once the sequence has ended
             self.ids.append(int(tokens[0]))
-        self.print_new_text(hold_incomplete=True)
-
-    def print_new_text(self, hold_incomplete):
         text = self.tokenizer.decode(self.ids).lstrip()  # as answer() strips it
         if hold_incomplete and text.endswith("\ufffd"):  # maybe the first bytes of a character: wait for the rest
             return
@@ -101,13 +84,13 @@ class TokenPrinter:
         self.printed = len(text)
 
     def finish(self):
-        self.print_new_text(hold_incomplete=False)
+        self(None, hold_incomplete=False)
         print()
 
 
 def answer(model, tokenizer, images, prompts, max_new_tokens=30, num_beams=1, on_token=None):
     """PIL images and one prompt per image -> the model's answers (strings)."""
-    weight = next(model.parameters())  # where the model lives, and in which dtype
+    weight = next(model.parameters())  # the model's device and dtype
     pixel_values = torch.stack([preprocess_image(image, model.config.vision.image_size) for image in images])
     input_ids, text_mask = left_pad([prompt_ids(tokenizer, p) for p in prompts], tokenizer.pad_id)
     new_tokens = model.generate(pixel_values.to(weight.device, weight.dtype), input_ids.to(weight.device),
@@ -120,8 +103,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", action="append", required=True,
                         help="image file; repeat the flag or give a comma-separated list for several")
-    parser.add_argument("--prompt", default=SHORT_CAPTION_PROMPT, help="default: the caption prompt that "
-                        "data.KarpathyCaptions trains with")
+    parser.add_argument("--prompt", default=SHORT_CAPTION_PROMPT, help="default: data.KarpathyCaptions's")
     add_model_args(parser)
     args = parser.parse_args(argv)
     args.image = [path for value in args.image for path in value.split(",") if path]
@@ -132,11 +114,11 @@ def main(argv=None):
     args = parse_args(argv)
     images = [load_image(path, path) for path in args.image]  # a wrong path fails before the model loads
     model, tokenizer = load_model(args)
-    streaming = len(images) == 1 and args.num_beams == 1  # generate's on_token streams greedy decoding only
-    printer = TokenPrinter(tokenizer) if streaming else None
+    streams = len(images) == 1 and args.num_beams == 1  # generate's on_token streams greedy decoding only
+    printer = TokenPrinter(tokenizer) if streams else None
     answers = answer(model, tokenizer, images, [args.prompt] * len(images), args.max_new_tokens, args.num_beams,
                      on_token=printer)
-    if streaming:
+    if streams:
         printer.finish()
     else:
         for path, text in zip(args.image, answers):

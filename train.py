@@ -10,25 +10,23 @@ next-token loss on the text (eq. 1) for one epoch with AdamW and a cosine schedu
 the previous stage's checkpoint.
 """
 import contextlib
-import errno
 import json
 import math
 import os
-import random
-import shutil
 import time
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import data
+import distributed
 import masks
 import shapes
+from checkpoints import checkpoint_folder, latest_checkpoint, restore, save_checkpoint, write_atomically
 from configurator import command_line_keys, configure, merged
-from model import (ATTENTION_PATHS, CUDA_GRAPH_MODES, VLM, Qwen2Config, SigLIPConfig, VLMConfig, checkpoint_folder,
-                   latest_checkpoint)
+from distributed import log, rank, sum_over_ranks, world_size
+from model import ATTENTION_PATHS, CUDA_GRAPH_MODES, VLM, Qwen2Config, SigLIPConfig, VLMConfig
 
 # -----------------------------------------------------------------------------
 # Settings: these globals are the defaults (the paper's stage 2). config/*.py and --key=value change the dict
@@ -52,18 +50,17 @@ max_skip_fraction = 0.01      # more bad samples than this stops the run
 num_workers = 4
 shapes_samples = 4000         # data_format synthetic: how many shape images (shapes.SyntheticShapes)
 shapes_questions = 0          # ... and how many question turns follow each caption
-# the stage (paper 3.4)
-stage = 2
+# the stage (paper 3.4): config/stage<N>.py sets these
 mask_kind = "prefix"          # bidirectional (stage 0) | prefix (stages 1-3) | causal (the LLaVA baseline)
 noise_prob = 0.0              # stage 0: share of text inputs replaced by noise (Algorithm 1)
+noise_token_id = -1           # stage 0's noise: -1, uniformly random tokens (Algorithm 1); >= 0, this token id
 vision_lr = 5e-6              # a learning rate of 0 freezes the module
 projector_lr = 2e-3
 language_lr = 2e-5
 stages = []                   # several stages in one run: a list of dicts of the settings that differ (the demo)
 # optimisation (paper 4.2)
 global_batch = 128
-micro_batch = 16              # per GPU; gradient accumulation makes up the rest of the global batch (packed: the
-                              # micro-batches hold as many tokens as this many samples of image + max_text_tokens)
+micro_batch = 16              # per GPU; accumulation makes up the global batch (packed: this many samples' tokens)
 epochs = 1
 max_steps = 0                 # 0: as many as the epochs need
 warmup_steps = 20             # linear warm-up, over at most a tenth of the stage's steps
@@ -72,19 +69,18 @@ weight_decay = 0.01
 beta1, beta2 = 0.9, 0.999
 grad_clip = 1.0               # the gradients' total norm is clipped to this; 0: no clipping
 # system
-out_dir = "out/stage2"
+out_dir = "out/stage2"        # the stage's checkpoints, metrics.jsonl and loss.png; it names the stage in the log
 resume = False
 checkpoint_interval = 500
 seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights stay fp32
 compile = torch.cuda.is_available()  # torch.compile each transformer block (model.compile_blocks)
-compile_mode = "reduce-overhead"  # blocks replayed as CUDA graphs, without launch overhead (README, Performance);
-                              # gradient checkpointing needs "default" (train.cuda_graphs_refused)
+compile_mode = "reduce-overhead"  # blocks replayed as CUDA graphs; gradient checkpointing needs "default"
 gradient_checkpointing = False
 attention = "flash" if torch.cuda.is_available() else "sdpa"  # sdpa (dense mask) | flex (FlexAttention) | flash (prefix by
                                                               # blocks) | varlen (flash + segments): model.VLM.mask
-peak_flops = 989e12           # the GPU's dense bf16 peak, for MFU (H100 and H200 SXM)
+peak_flops = 989e12           # the GPU's dense bf16 peak, the MFU's denominator here and in bench.py (H100/H200 SXM)
 eval_after = False            # the demo: caption new images ("val" and "heldout") and score them at the end
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list, dict))}
 # -----------------------------------------------------------------------------
@@ -93,21 +89,20 @@ settings = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 def main():
     configure(settings)
     check_stages_keep_command_line(settings["stages"], command_line_keys())
-    dist_setup()
+    distributed.setup(settings["device"])
     runs = [merged(settings, overrides, f"stages[{i}]") for i, overrides in enumerate(settings["stages"])] or [settings]
     chain_stages(runs, settings["stages"])
     check_runs(runs)
     for cfg in runs:
         final_checkpoint = train_stage(cfg)
-    if settings["eval_after"] and is_main():
+    if settings["eval_after"] and rank() == 0:
         shapes.evaluate_demo(final_checkpoint, runs[-1])
-    dist_teardown()
+    distributed.teardown()
 
 
 def chain_stages(runs, stages):
-    """Each stage starts from the one before it (paper 3.4), through that stage's out_dir, which stands for its
-    newest checkpoint, unless the stage names an init_from of its own. A global init_from is where the first
-    stage starts."""
+    """Each stage starts from the one before's out_dir (its newest checkpoint; paper 3.4) unless it names an
+    init_from of its own; a global init_from is where the first stage starts."""
     for before, cfg, overrides in zip(runs, runs[1:], stages[1:]):
         if "init_from" not in overrides:
             cfg["init_from"] = before["out_dir"]
@@ -128,8 +123,7 @@ def check_runs(runs):
 
 
 def check_stages_keep_command_line(stages, given):
-    """A stage's own settings (the `stages` list) win over the rest; one that would undo a --key=value is an
-    error, not a silent change of what the user asked for."""
+    """A stage's own settings win, so one that would undo a --key=value is an error, not a silent change."""
     for i, overrides in enumerate(stages):
         undone = sorted(given & set(overrides))
         if undone:
@@ -138,116 +132,47 @@ def check_stages_keep_command_line(stages, given):
 
 
 # -----------------------------------------------------------------------------
-# Distributed data parallel: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (also across nodes)
-
-def dist_setup():
-    if "RANK" in os.environ:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-
-
-def dist_teardown():
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def is_main():
-    return rank() == 0
-
-
-def log(*args):
-    if is_main():
-        print(*args, flush=True)
-
-
-# -----------------------------------------------------------------------------
 # One stage
 
 def train_stage(cfg):
     """Train one stage; returns the folder of its final checkpoint."""
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if cfg["device"] == "cuda" else cfg["device"])
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 where bf16 autocast does not reach (paper 4.2)
-        torch.backends.cudnn.allow_tf32 = True
-    # the stream cuts each batch into micro-batches; this checks that the split is even, and names it in the log
-    grad_accum = accumulation_steps(cfg["global_batch"], cfg["micro_batch"], world_size())
-    masks.check_kind(cfg["mask_kind"])
-    if cfg["attention"] not in ATTENTION_PATHS:
-        raise ValueError(f"unknown attention {cfg['attention']!r}; expected one of {ATTENTION_PATHS}")
-    refused = cuda_graphs_refused(cfg["gradient_checkpointing"])
-    if uses_cuda_graphs(cfg) and refused:
-        raise ValueError(f"compile_mode={cfg['compile_mode']!r} with {refused}; set compile_mode='default'")
-    tokenizer, model = build_model(cfg)
-    # saved with the checkpoints, the mask sample.py and eval.py decode under: the training mask, except stage 0's
-    # bidirectional one, which no decoder can follow (a new token cannot see the tokens after it, not yet made)
-    model.config.mask_kind = "prefix" if cfg["mask_kind"] == "bidirectional" else cfg["mask_kind"]
-    model.to(device)
-    model.attention = cfg["attention"]
-    trainable = freeze_modules(model, cfg)
-    optimizer = make_optimizer(model, cfg)
-    stream = open_stream(cfg, tokenizer, model)
-    step = 0
-    metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
-    resume_from = cfg["resume"] and latest_checkpoint(cfg["out_dir"])
-    if resume_from:
-        step = restore(resume_from, model, optimizer, stream, cfg)
-        if is_main():
-            keep_metrics_until(metrics_path, step)
-    else:
-        if cfg["resume"]:  # a job that is restarted until it is done resumes if it can
-            log(f"resume: no checkpoint in {cfg['out_dir']} yet, so the stage starts from the beginning")
-        if is_main():
-            os.makedirs(cfg["out_dir"], exist_ok=True)
-            open(metrics_path, "w").close()  # a fresh run starts a fresh log
+    device, tokenizer, model, trainable, optimizer, stream = setup_stage(cfg)
+    step, metrics_path = start_or_resume(cfg, model, optimizer, stream)
     total_steps = cfg["max_steps"] or cfg["epochs"] * len(stream)
     if total_steps <= 0:
         raise ValueError(f"nothing to train: max_steps={cfg['max_steps']} and epochs={cfg['epochs']}")
-    micro_batch_plan = (f"packed into micro-batches of at most {stream.pack_rows} row(s) of {cfg['pack_length']} "
-                        "tokens" if cfg["pack_length"] else f"{grad_accum} micro-batch(es) of {cfg['micro_batch']}")
-    log(f"stage {cfg['stage']}: mask {cfg['mask_kind']}, noise {cfg['noise_prob']}, trainable {trainable}, "
-        f"{total_steps} steps of {cfg['global_batch']} samples; on each of {world_size()} rank(s), {micro_batch_plan}")
+    plan = (f"packed into micro-batches of at most {stream.pack_rows} row(s) of {cfg['pack_length']} tokens"
+            if cfg["pack_length"] else f"{stream.batch_size // cfg['micro_batch']} micro-batch(es) of {cfg['micro_batch']}")
+    log(f"{cfg['out_dir']}: mask {cfg['mask_kind']}, noise {cfg['noise_prob']}, trainable {trainable}, "
+        f"{total_steps} steps of {cfg['global_batch']} samples; on each of {world_size()} rank(s), {plan}")
     if cfg["compile"]:
         model.compile_blocks(cfg["compile_mode"])
-    runner = model
-    if world_size() > 1:
-        runner = DDP(runner, device_ids=[device.index] if device.type == "cuda" else None)
+    runner = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size() > 1 else model
     batches = endless(stream)
-    progress = make_progress(step, total_steps)
+    progress = tqdm(total=total_steps, initial=step, disable=rank() != 0, dynamic_ncols=True)
     while step < total_steps:
         started = time.perf_counter()
         set_learning_rates(optimizer, step, total_steps, cfg)
         # stage 0's noise: per rank, and the same after a resume
         noise_generator = torch.Generator(device).manual_seed(cfg["seed"] + 1000 * step + rank())
         loss, n_images, n_tokens, flops = train_step(runner, next(batches), cfg, device, trainable, noise_generator)
-        grad_norm = gradient_norm(optimizer)
-        loss = mean_over_ranks(loss)
-        if not math.isfinite(loss) or not math.isfinite(grad_norm.item()):
-            raise FloatingPointError(f"stage {cfg['stage']} step {step + 1}: loss {loss}, gradient norm "
-                                     f"{grad_norm.item()}; stopping, with the checkpoints in {cfg['out_dir']} untouched")
-        clipped_step(optimizer, grad_norm, cfg["grad_clip"])
+        grad_norm = clip_gradients(optimizer, cfg["grad_clip"]).item()
+        loss = sum_over_ranks(loss.item(), device) / world_size()  # the batch's loss, over all ranks
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
+            raise FloatingPointError(f"{cfg['out_dir']} step {step + 1}: loss {loss}, gradient norm {grad_norm}; "
+                                     f"stopping, with the checkpoints in {cfg['out_dir']} untouched")
+        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         elapsed = time.perf_counter() - started
-        # skipped, text-only and truncated samples, summed over the ranks
-        counts_all_ranks = dict(zip(stream.counts, sum_over_ranks(list(stream.counts.values()), device)))
-        record = {"stage": cfg["stage"], "step": step, "loss": loss, "grad_norm": grad_norm.item(),
+        counts = dict(zip(stream.counts, sum_over_ranks(list(stream.counts.values()), device)))  # skipped etc.
+        record = {"step": step, "loss": loss, "grad_norm": grad_norm, **counts,
                   "lr": {group["name"]: group["lr"] for group in optimizer.param_groups},
-                  "images_per_s": n_images * world_size() / elapsed, "tokens_per_s": n_tokens * world_size() / elapsed,
-                  **counts_all_ranks}
+                  "images_per_s": n_images * world_size() / elapsed, "tokens_per_s": n_tokens * world_size() / elapsed}
         if device.type == "cuda":
             record["mfu"] = flops * world_size() / elapsed / cfg["peak_flops"]
             record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        if is_main():
+        if rank() == 0:
             append_jsonl(metrics_path, record)
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.3f}", lr=f"{max(g['lr'] for g in optimizer.param_groups):.2e}",
@@ -255,9 +180,49 @@ def train_stage(cfg):
         if step % cfg["checkpoint_interval"] == 0 or step == total_steps:
             save_checkpoint(cfg, model, tokenizer, optimizer, step, stream.state_dict())
     progress.close()
-    if is_main():
+    if rank() == 0:
         plot_losses(metrics_path, os.path.join(cfg["out_dir"], "loss.png"))
     return latest_checkpoint(cfg["out_dir"])  # the stage's result: its newest checkpoint
+
+
+def setup_stage(cfg):
+    """Check the stage's settings, then build its model, trainable parts, optimizer and data stream."""
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if cfg["device"] == "cuda" else cfg["device"])
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 where bf16 autocast does not reach (paper 4.2)
+        torch.backends.cudnn.allow_tf32 = True
+    accumulation_steps(cfg["global_batch"], cfg["micro_batch"], world_size())  # the batch splits evenly
+    masks.check_kind(cfg["mask_kind"])
+    if cfg["attention"] not in ATTENTION_PATHS:
+        raise ValueError(f"unknown attention {cfg['attention']!r}; expected one of {ATTENTION_PATHS}")
+    refused = cuda_graphs_refused(cfg["gradient_checkpointing"])
+    if uses_cuda_graphs(cfg) and refused:
+        raise ValueError(f"compile_mode={cfg['compile_mode']!r} with {refused}; set compile_mode='default'")
+    tokenizer, model = build_model(cfg)
+    # the mask sample.py and eval.py decode under, saved with the checkpoints: the training mask, except stage 0's
+    # bidirectional one, which no decoder can follow (a new token cannot see the tokens after it, not yet made)
+    model.config.mask_kind = "prefix" if cfg["mask_kind"] == "bidirectional" else cfg["mask_kind"]
+    model.to(device)
+    model.attention = cfg["attention"]
+    trainable = freeze_modules(model, cfg)
+    return device, tokenizer, model, trainable, make_optimizer(model, cfg), open_stream(cfg, tokenizer, model)
+
+
+def start_or_resume(cfg, model, optimizer, stream):
+    """(step, metrics path): with resume, from the newest checkpoint in out_dir, if any; else from step 0."""
+    metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
+    resume_from = cfg["resume"] and latest_checkpoint(cfg["out_dir"])
+    if resume_from:
+        step = restore(resume_from, model, optimizer, stream, cfg)
+        if rank() == 0:
+            keep_metrics_until(metrics_path, step)
+        return step, metrics_path
+    if cfg["resume"]:  # a job that is restarted until it is done resumes if it can
+        log(f"resume: no checkpoint in {cfg['out_dir']} yet, so the stage starts from the beginning")
+    if rank() == 0:
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+        open(metrics_path, "w").close()  # a fresh run starts a fresh log
+    return 0, metrics_path
 
 
 def accumulation_steps(global_batch, micro_batch, n_ranks):
@@ -268,13 +233,13 @@ def accumulation_steps(global_batch, micro_batch, n_ranks):
 
 
 def train_step(runner, micro_batches, cfg, device, trainable, noise_generator=None):
-    """Forward and backward over one batch's micro-batches; gradients are only synchronised on the last. Each
-    micro-batch's mean loss counts by its share of the labelled tokens of the global batch (all ranks), so
-    the gradient is that of the global batch's mean loss per token (eq. 1), however micro-batches and ranks
-    divide it. Returns this rank's part of that loss (mean_over_ranks completes it)."""
+    """Forward and backward over one batch's micro-batches, gradients synchronised on the last. Each micro-batch's
+    mean loss counts by its share of the global batch's labelled tokens (all ranks), so the gradient is that of
+    the batch's mean loss per token (eq. 1) however micro-batches and ranks divide it. Returns this rank's part."""
     n_image_tokens = unwrap(runner).n_image_tokens
     sizes = [batch_sizes(batch, n_image_tokens) for batch in micro_batches]
     n_labels = sum_over_ranks(sum(labelled for _, _, labelled in sizes), device)
+    noise_token_id = cfg["noise_token_id"] if cfg["noise_token_id"] >= 0 else None  # None: random tokens
     total_loss = torch.zeros((), device=device)
     n_images = n_tokens = flops = 0
     for i, (batch, (images, text_tokens, labelled)) in enumerate(zip(micro_batches, sizes)):
@@ -285,7 +250,8 @@ def train_step(runner, micro_batches, cfg, device, trainable, noise_generator=No
         torch.compiler.cudagraph_mark_step_begin()  # compile_mode reduce-overhead: the last step's graph outputs are free
         with sync:
             with autocast:
-                loss = runner(**batch, mask_kind=cfg["mask_kind"], noise_prob=cfg["noise_prob"], generator=noise_generator)
+                loss = runner(**batch, mask_kind=cfg["mask_kind"], noise_prob=cfg["noise_prob"],
+                              noise_token_id=noise_token_id, generator=noise_generator)
             share = labelled * world_size() / n_labels  # DDP averages the ranks' gradients: undo its division
             (loss * share).backward()
         if i == 0 and not last and uses_cuda_graphs(cfg):
@@ -332,21 +298,6 @@ def unwrap(runner):
     return runner.module if isinstance(runner, DDP) else runner
 
 
-def sum_over_ranks(count, device):
-    """A host-side count (or list of counts) summed over the ranks (one small all-reduce)."""
-    if not dist.is_initialized():
-        return count
-    total = torch.tensor(count, device=device)
-    dist.all_reduce(total)
-    return total.tolist()
-
-
-def mean_over_ranks(loss):
-    if dist.is_initialized():
-        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-    return loss.item()
-
-
 # -----------------------------------------------------------------------------
 # Model, trainable parts and optimizer
 
@@ -380,10 +331,9 @@ def initialise(model, std=0.02):
 
 
 def freeze_modules(model, cfg):
-    """A module whose learning rate is 0 is frozen (paper 3.4: stages 0-1 train the projector only).
-
-    Frozen modules get no gradients, stay out of the optimizer and in eval mode. Gradient checkpointing applies
-    to frozen modules too: the projector's gradient passes back through the frozen language model (stages 0-1)."""
+    """A module whose learning rate is 0 is frozen (paper 3.4: stages 0-1 train the projector only): no gradients,
+    no optimizer, eval mode. Gradient checkpointing applies to frozen modules too: the projector's gradient passes
+    back through the frozen language model (stages 0-1)."""
     trainable = []
     for name, module in model.parameter_groups().items():
         learns = cfg[f"{name}_lr"] > 0
@@ -398,7 +348,7 @@ def freeze_modules(model, cfg):
 
 
 def make_optimizer(model, cfg):
-    """AdamW with one learning rate per module; no weight decay on biases and norms (1-d tensors)."""
+    """Fused AdamW, one learning rate per module; no weight decay on biases and norms (1-d tensors)."""
     groups = []
     for name, module in model.parameter_groups().items():
         params = [p for p in module.parameters() if p.requires_grad]
@@ -408,39 +358,16 @@ def make_optimizer(model, cfg):
         no_decay = [p for p in params if p.dim() < 2]
         groups.append({"name": name, "params": decay, "weight_decay": cfg["weight_decay"], "base_lr": cfg[f"{name}_lr"]})
         groups.append({"name": name, "params": no_decay, "weight_decay": 0.0, "base_lr": cfg[f"{name}_lr"]})
-    # fused: each tensor read and written once per step, by kernels that can also clip (clipped_step)
     return torch.optim.AdamW(groups, lr=0.0, betas=(cfg["beta1"], cfg["beta2"]), fused=True)
 
 
-def stepped_parameters(optimizer):
-    """The parameters the optimizer steps on, group by group."""
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def gradient_norm(optimizer):
-    """The total norm of the gradients the optimizer will step on (all parameters as one vector)."""
-    return torch.nn.utils.get_total_norm([p.grad for p in stepped_parameters(optimizer) if p.grad is not None])
-
-
-def clipped_step(optimizer, norm, max_norm):
-    """An AdamW step on the gradients clipped to a total norm of `max_norm` (`norm`: theirs before clipping).
-    Clipping scales every gradient by max_norm / norm where the norm is larger. As a pass of its own
-    (clip_grad_norm_) it reads and writes every gradient, 2.0 ms of an 83 ms stage-2 step on an H200. Fused
-    AdamW divides each gradient by `grad_scale` as it reads it (the hook through which torch's GradScaler
-    unscales; float16, which would need a GradScaler, is refused: check_runs), so that division clips inside
-    the step. The step then writes the clipped gradients back: what is saved is one read of every gradient
-    and the pass's own kernel launches (about 1 ms of the 2.0, by the memory traffic). A max_norm of 0 or less
-    turns clipping off, as in nanoGPT."""
+def clip_gradients(optimizer, max_norm):
+    """Clip the total norm of the gradients the optimizer steps on (all as one vector) to max_norm (paper 4.2);
+    0 or less: no clipping, as in nanoGPT. Returns their norm before clipping, for the log."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     if max_norm <= 0:
-        return optimizer.step()
-    if norm.device.type not in ("cpu", "cuda"):  # MPS's fused AdamW ignores grad_scale: a pass of its own there
-        torch.nn.utils.clip_grads_with_norm_(stepped_parameters(optimizer), max_norm, norm)
-        return optimizer.step()
-    optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)  # 1e-6: clip_grad_norm_'s epsilon
-    try:
-        optimizer.step()
-    finally:
-        del optimizer.grad_scale  # the next step's gradients are not this step's to scale
+        return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def learning_rate(base_lr, step, total_steps, cfg):
@@ -455,130 +382,6 @@ def learning_rate(base_lr, step, total_steps, cfg):
 def set_learning_rates(optimizer, step, total_steps, cfg):
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(group["base_lr"], step, total_steps, cfg)
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: weights loadable by VLM.load / sample.py / eval.py, plus what exact resumption needs.
-# A checkpoint is written into a temporary folder and renamed; `latest` names the newest complete one.
-
-def save_checkpoint(cfg, model, tokenizer, optimizer, step, data_position):
-    """Rank 0 writes the checkpoint, with every rank's data position and random streams (a rank that skips a
-    batch of bad samples reads ahead of the others), and every rank waits until it is complete."""
-    ranks = gather_from_ranks({"data": data_position, "rng": rng_state()})
-    if is_main():
-        write_checkpoint(cfg, model, tokenizer, optimizer, step, ranks)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def gather_from_ranks(value):
-    """A picklable value from every rank, in rank order."""
-    if not dist.is_initialized():
-        return [value]
-    values = [None] * world_size()
-    dist.all_gather_object(values, value)
-    return values
-
-
-def write_checkpoint(cfg, model, tokenizer, optimizer, step, ranks):
-    out_dir = cfg["out_dir"]
-    folder = os.path.join(out_dir, f"step-{step:07d}")
-    partial = folder + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save(partial, tokenizer=tokenizer)
-    trainer_state = {"step": step, "optimizer": optimizer.state_dict(), "ranks": ranks, "config": cfg}
-    torch.save(trainer_state, os.path.join(partial, "trainer.pt"))
-    flush_to_disk(partial)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)
-    flush_entries(out_dir)  # the rename itself on disk before `latest` names the folder
-    write_atomically(os.path.join(out_dir, "latest"), os.path.basename(folder))
-    # keep this checkpoint and the one before it; a later step's folder is an earlier run's, not this run's to prune
-    earlier = sorted(f for f in os.listdir(out_dir)
-                     if f.startswith("step-") and not f.endswith(".partial") and f < os.path.basename(folder))
-    for old in earlier[:-1]:
-        shutil.rmtree(os.path.join(out_dir, old))
-
-
-def flush_to_disk(folder):
-    """Every file of the folder, and the folder's list of them, on disk before `latest` names it (a power cut
-    may lose the newest checkpoint, not leave `latest` naming files that never reached the disk)."""
-    for name in os.listdir(folder):
-        with open(os.path.join(folder, name), "rb") as f:
-            os.fsync(f.fileno())
-    flush_entries(folder)
-
-
-def flush_entries(folder):
-    """The folder's own entries (files created or renamed in it) on disk: a file's fsync does not carry them."""
-    if os.name == "nt":  # Windows cannot open a folder to fsync it (NTFS journals renames itself)
-        return
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    except OSError as error:  # some network and FUSE filesystems sync no folder; the files are synced already
-        if error.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(descriptor)
-
-
-def restore(folder, model, optimizer, stream, cfg):
-    """Weights, optimizer, and this rank's random streams and data position from a checkpoint; returns its step.
-    The optimizer's settings (learning rates, weight decay, betas) stay this run's: a resume may change them."""
-    # data, never code; on the CPU, from where each rank's optimizer moves its state to its own device
-    state = torch.load(os.path.join(folder, "trainer.pt"), map_location="cpu", weights_only=True)
-    # checkpoints written before each rank's position was kept hold rank 0's, which every rank then took
-    ranks = state.get("ranks") or [{"data": state["data"], "rng": state["rng"]}] * world_size()
-    if len(ranks) != world_size():
-        raise ValueError(f"{folder} was saved by {len(ranks)} rank(s), not {world_size()}: resume on as many, "
-                         "or the data would not continue where it stopped")
-    model.load_state_dict(VLM.load(folder).state_dict())
-    # the moments and step counts from the checkpoint, under this run's settings: learning rates, weight decay,
-    # betas, and whether AdamW is fused (which decides the device the step counts are loaded to: checkpoints
-    # written before AdamW was fused on the CPU too hold the unfused form)
-    saved = state["optimizer"]
-    trained, training = (list(dict.fromkeys(group["name"] for group in groups))  # the modules, each once
-                         for groups in (saved["param_groups"], optimizer.param_groups))
-    if trained != training:
-        raise ValueError(f"{folder} trained {', '.join(trained)}, this run would train {', '.join(training)}: a resume "
-                         "trains what the checkpoint trained, so each learning rate stays 0 or non-0 as it was; to "
-                         f"change which modules train, start a new out_dir with --init_from={folder}")
-    saved["param_groups"] = [{**this_run, "params": group["params"]}
-                             for this_run, group in zip(optimizer.state_dict()["param_groups"], saved["param_groups"])]
-    optimizer.load_state_dict(saved)
-    stream.load_state_dict(ranks[rank()]["data"])
-    set_rng_state(ranks[rank()]["rng"])
-    changed = sorted(key for key, value in state["config"].items() if key != "resume" and cfg.get(key, value) != value)
-    log(f"resumed from {folder} at step {state['step']}" + (f"; changed since: {', '.join(changed)}" if changed else ""))
-    return state["step"]
-
-
-def rng_state():
-    """Every random stream, as tensors and lists, so the checkpoint loads with weights_only=True."""
-    _, numpy_keys, numpy_position, _, _ = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "numpy": torch.from_numpy(numpy_keys.astype(np.int64)), "numpy_position": int(numpy_position)}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_position"], 0, 0.0))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def write_atomically(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-    flush_entries(os.path.dirname(path) or ".")
 
 
 # -----------------------------------------------------------------------------
@@ -602,8 +405,7 @@ def open_source(cfg, image_size):
 
 
 def open_stream(cfg, tokenizer, model):
-    """This rank's batches: its share of the global batch per optimizer step, in micro-batches, with the images
-    at the size the model's vision encoder takes."""
+    """This rank's share of each global batch, in micro-batches, the images at the vision encoder's size."""
     image_size = model.config.vision.image_size
     return data.BatchStream(open_source(cfg, image_size), tokenizer, cfg["global_batch"] // world_size(),
                             cfg["micro_batch"], image_size=image_size, max_text_tokens=cfg["max_text_tokens"],
@@ -618,14 +420,9 @@ def endless(stream):
         yield from stream
 
 
-def make_progress(step, total_steps):
-    from tqdm import tqdm
-    return tqdm(total=total_steps, initial=step, disable=not is_main(), dynamic_ncols=True)
-
-
 def keep_metrics_until(path, step):
-    """Drop the log of the steps after `step`, the checkpoint resumed from: they are trained and logged again.
-    A line cut short by the crash goes too."""
+    """Drop the log of the steps after `step`, the checkpoint resumed from (they are trained and logged again),
+    and a line cut short by the crash."""
     if not os.path.exists(path):
         return
     kept = []

@@ -23,14 +23,14 @@ micro_batch = 32
 warmup_steps = 10
 checkpoint_interval = 1000
 out_dir = "out/demo"
-stages = [
-    dict(stage=0, mask_kind="bidirectional", noise_prob=0.2, vision_lr=1e-3, projector_lr=1e-3, language_lr=0.0,
-         max_steps=30, out_dir="out/demo/stage0"),
-    dict(stage=1, mask_kind="prefix", vision_lr=1e-3, projector_lr=1e-3, language_lr=0.0,
-         max_steps=30, out_dir="out/demo/stage1"),
-    dict(stage=2, mask_kind="prefix", vision_lr=1e-3, projector_lr=1e-3, language_lr=1e-3,
-         max_steps=900, out_dir="out/demo/stage2"),
-    dict(stage=3, mask_kind="prefix", vision_lr=5e-4, projector_lr=5e-4, language_lr=5e-4, shapes_questions=2,
-         max_steps=800, out_dir="out/demo/stage3"),
+stages = [  # each stage is named by its out_dir
+    dict(out_dir="out/demo/stage0", mask_kind="bidirectional", noise_prob=0.2, vision_lr=1e-3, projector_lr=1e-3,
+         language_lr=0.0, max_steps=30),
+    dict(out_dir="out/demo/stage1", mask_kind="prefix", vision_lr=1e-3, projector_lr=1e-3, language_lr=0.0,
+         max_steps=30),
+    dict(out_dir="out/demo/stage2", mask_kind="prefix", vision_lr=1e-3, projector_lr=1e-3, language_lr=1e-3,
+         max_steps=900),
+    dict(out_dir="out/demo/stage3", mask_kind="prefix", vision_lr=5e-4, projector_lr=5e-4, language_lr=5e-4,
+         shapes_questions=2, max_steps=800),
 ]
 eval_after = True

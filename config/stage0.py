@@ -1,6 +1,5 @@
 # Stage 0 (paper 3.4, Algorithm 1): align the projector with a fully bidirectional mask. The next token is
 # visible under that mask, so 20% of the text inputs are replaced by noise. Vision and language stay frozen.
-stage = 0
 dataset = "lmms-lab/LLaVA-ReCap-118K"
 data_format = "parquet"
 mask_kind = "bidirectional"

@@ -1,6 +1,5 @@
 # Stage 1 (paper 3.4, Algorithm 2, Fig. 3b): the prefix mask (image block bidirectional, text causal);
 # still only the projector trains, on the same COCO re-captions.
-stage = 1
 dataset = "lmms-lab/LLaVA-ReCap-118K"
 data_format = "parquet"
 mask_kind = "prefix"

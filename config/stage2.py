@@ -1,5 +1,4 @@
 # Stage 2 (paper 3.4, Table 5): everything trains, under the prefix mask, on the 558K BLIP re-captions.
-stage = 2
 dataset = "lmms-lab/LLaVA-ReCap-558K"
 data_format = "parquet"
 mask_kind = "prefix"

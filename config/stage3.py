@@ -1,6 +1,5 @@
 # Stage 3 (paper 3.4): multi-turn instruction data; the whole conversation is one sequence and only the
 # assistant answers carry loss.
-stage = 3
 dataset = "lmms-lab/LLaVA-NeXT-Data"
 data_format = "parquet"
 mask_kind = "prefix"

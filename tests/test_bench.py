@@ -19,13 +19,16 @@ def test_every_case_runs_on_the_cpu():
     assert run.returncode == 0, run.stderr[-2000:]
     lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     header, results = lines[0], lines[1:]
-    assert header["device"] == "cpu" and header["peak_tflops"] > 0
+    assert header["device"] == "cpu" and header["peak_tflops"] > 0  # measured, for information
+    import train
+    assert header["mfu_peak_tflops"] == train.settings["peak_flops"] / 1e12  # MFU's peak: the one train.py states
     assert [r for r in results if "error" in r] == []
     import bench
     assert len(results) == len(bench.ISSUE_CASES)
     training = [r for r in results if "loss" in r]
     for result in training:
-        assert math.isfinite(result["loss"]) and 0 < result["mfu"] < 1, result
+        # no MFU off the GPU, as in train.py's log; the FLOP count stays below the CPU's measured matmul rate
+        assert math.isfinite(result["loss"]) and result["mfu"] is None and 0 < result["model_tflops"] < header["peak_tflops"], result
         assert result["images_per_s"] > 0 and result["tokens_per_s"] > result["images_per_s"]
     # the same seed gives every case of a shape the same first batch and weights, so the same first loss; on the
     # CPU the three stage-2 cases of micro-batch 2 run one path (SDPA, eager), so compiled blocks with gradient

@@ -275,12 +275,50 @@ def test_a_runs_out_dir_stands_for_its_newest_checkpoint(tmp_path):
     args = parse_args(["--checkpoint", str(tmp_path)])
     assert args.checkpoint == str(tmp_path / "step-0000500")
     assert args.out_dir == str(tmp_path / "eval" / "step-0000500")
-    assert parse_args([]).out_dir == "out-eval"  # the pretrained backbones, no checkpoint
+    assert parse_args(["--backbones"]).out_dir == "out-eval"  # the pretrained backbones, no checkpoint
+
+
+def test_without_a_checkpoint_the_newest_of_the_recipes_last_stage_is_evaluated(tmp_path, monkeypatch):
+    """`python eval.py --split karpathy` scores the newest checkpoint in config/stage3.py's out_dir."""
+    import eval
+    import train
+    from configurator import configure
+    assert eval.LAST_STAGE == configure(dict(train.settings), [str(REPO / "config" / "stage3.py")])["out_dir"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "stage3" / "step-0000007").mkdir(parents=True)
+    (tmp_path / "out" / "stage3" / "step-0000007" / "config.json").write_text("{}")
+    (tmp_path / "out" / "stage3" / "latest").write_text("step-0000007")
+    args = eval.parse_args(["--split", "karpathy"])
+    assert args.checkpoint == os.path.join("out", "stage3", "step-0000007") and not args.backbones
+    assert args.out_dir == os.path.join("out", "stage3", "eval", "step-0000007")
+
+
+def test_without_a_checkpoint_or_a_trained_last_stage_it_says_what_to_pass(tmp_path, monkeypatch, capsys):
+    """Nothing trained yet: a message naming --checkpoint (and --backbones), not scores of an untrained projector."""
+    from eval import parse_args
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        parse_args(["--split", "karpathy"])
+    error = capsys.readouterr().err
+    assert "no checkpoint in out/stage3" in error and "pass --checkpoint" in error and "--backbones" in error
+
+
+def test_the_untrained_projector_is_scored_only_when_asked(tmp_path, monkeypatch, capsys):
+    """--backbones scores the pretrained backbones joined by an untrained projector (sample.load_model without a
+    checkpoint); with --checkpoint as well it is refused, as the two name different models."""
+    from eval import parse_args
+    monkeypatch.chdir(tmp_path)
+    assert parse_args(["--backbones"]).checkpoint is None
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        parse_args(["--backbones", "--checkpoint", str(tmp_path)])
+    assert "pass one of them" in capsys.readouterr().err
 
 
 def test_greedy_and_beam_search_results_are_kept_apart():
     from eval import parse_args, result_path
-    greedy, beams = parse_args(["--out_dir", "o"]), parse_args(["--out_dir", "o", "--num_beams", "3"])
+    greedy = parse_args(["--backbones", "--out_dir", "o"])
+    beams = parse_args(["--backbones", "--out_dir", "o", "--num_beams", "3"])
     assert result_path(greedy, "metrics", "coco_test") == os.path.join("o", "metrics_coco_test.json")
     assert result_path(beams, "metrics", "coco_test") == os.path.join("o", "metrics_coco_test_beams3.json")
 
@@ -329,7 +367,7 @@ def test_pathvqa_task_writes_answers_and_their_metrics(evaluated, tmp_path):
 
 def test_missing_pathvqa_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="test.parquet"):
-        eval_main(["--task", "pathvqa", "--pathvqa_parquet", str(tmp_path / "test.parquet")])
+        eval_main(["--task", "pathvqa", "--pathvqa_parquet", str(tmp_path / "test.parquet"), "--backbones"])
 
 
 def test_pathvqa_rows_without_an_image_are_found_before_any_answering(tmp_path):
@@ -340,10 +378,10 @@ def test_pathvqa_rows_without_an_image_are_found_before_any_answering(tmp_path):
     pq.write_table(table.set_column(0, "image", pa.array(images, table.schema.field("image").type)),
                    tmp_path / "test-0.parquet")
     with pytest.raises(ValueError, match=r"1 PathVQA rows have no image, e.g. \['.*test-0.parquet row 1'\]"):
-        eval_main(["--task", "pathvqa", "--pathvqa_parquet", str(tmp_path)])
+        eval_main(["--task", "pathvqa", "--pathvqa_parquet", str(tmp_path), "--backbones"])
 
 
 def test_pathvqa_rows_without_an_answer_are_found_before_any_answering(tmp_path):
     write_pathvqa(tmp_path / "test-0.parquet", ["is there a nucleus?", "what organ is this?"], ["yes", None])
     with pytest.raises(ValueError, match=r"1 PathVQA rows lack a question or answer, e.g. \['.*test-0.parquet row 1'\]"):
-        eval_main(["--task", "pathvqa", "--pathvqa_parquet", str(tmp_path)])
+        eval_main(["--task", "pathvqa", "--pathvqa_parquet", str(tmp_path), "--backbones"])

@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
+import checkpoints
 import train
-from configurator import command_line_keys, merged
+from configurator import command_line_keys, configure, merged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {  # the demo's classes at the smallest sizes that still learn
@@ -34,7 +35,7 @@ def run_train(out_dir, launcher=(sys.executable,), **overrides):
 
 def final_weights(out_dir):
     from model import VLM
-    return VLM.load(train.latest_checkpoint(str(out_dir))).state_dict()
+    return VLM.load(checkpoints.latest_checkpoint(str(out_dir))).state_dict()
 
 
 # --- stages: what trains, at which learning rate ----------------------------------------------------------
@@ -59,18 +60,41 @@ PAPER_STAGES = {
 
 @pytest.mark.parametrize("stage", sorted(PAPER_STAGES))
 def test_each_stage_config_is_the_papers(stage):
-    from configurator import configure
     cfg = configure(dict(train.settings), [os.path.join(ROOT, "config", f"stage{stage}.py")])
     assert (cfg["dataset"], cfg["mask_kind"], cfg["noise_prob"], cfg["vision_lr"], cfg["projector_lr"],
-            cfg["language_lr"]) == PAPER_STAGES[stage] and cfg["stage"] == stage
+            cfg["language_lr"]) == PAPER_STAGES[stage] and cfg["out_dir"] == f"out/stage{stage}"
     # every stage: batch 128, AdamW (0.9, 0.999) with weight decay 0.01, cosine decay to 1e-8, clipped gradients
     assert (cfg["global_batch"], cfg["beta1"], cfg["beta2"], cfg["weight_decay"], cfg["min_lr"]) == (128, 0.9, 0.999, 0.01, 1e-8)
     assert cfg["grad_clip"] > 0 and cfg["init_from"] == ("" if stage == 0 else f"out/stage{stage - 1}")
 
 
-@pytest.mark.parametrize("stage, mask_kind, noise_prob", [(0, "bidirectional", 0.2), (1, "prefix", 0.0)])
-def test_stages_0_and_1_train_only_the_projector(stage, mask_kind, noise_prob):
-    cfg, tokenizer, model, trainable, optimizer = tiny_setup(stage=stage, mask_kind=mask_kind, noise_prob=noise_prob,
+def test_stage_is_not_a_setting():
+    """The out_dir names a stage; its recipe is its config file. A `stage` setting that only labelled the log
+    (--stage=0 alone trained stage 2's recipe) is refused like any unknown setting."""
+    with pytest.raises(KeyError, match="unknown setting 'stage'"):
+        configure(dict(train.settings), ["--stage=0"])
+
+
+def test_a_fixed_noise_token_replaces_the_stage_0_inputs():
+    """noise_token_id >= 0 makes Algorithm 1's noise that token (-1: uniformly random tokens). With every text
+    input noised (noise_prob=1), a stage-0 step trains on the batch whose real text tokens are all that token,
+    the labels unchanged."""
+    cfg, tokenizer, model, trainable, _ = tiny_setup(mask_kind="bidirectional", noise_prob=1.0, noise_token_id=5,
+                                                     vision_lr=0.0, language_lr=0.0)
+    batch = next(train.endless(train.open_stream(cfg, tokenizer, model)))
+
+    def loss(micro_batches, **changes):
+        return train.train_step(model, micro_batches, {**cfg, **changes}, torch.device("cpu"), trainable)[0].item()
+
+    all_fives = [{**b, "input_ids": torch.where(b["text_mask"], 5, b["input_ids"])} for b in batch]
+    assert any((b["input_ids"] != 5).any() for b in batch)
+    assert loss(batch) == pytest.approx(loss(all_fives, noise_prob=0.0), rel=1e-6)
+    assert loss(batch, noise_token_id=-1) != pytest.approx(loss(batch), rel=1e-3)  # random tokens instead
+
+
+@pytest.mark.parametrize("mask_kind, noise_prob", [("bidirectional", 0.2), ("prefix", 0.0)])  # stages 0 and 1
+def test_stages_0_and_1_train_only_the_projector(mask_kind, noise_prob):
+    cfg, tokenizer, model, trainable, optimizer = tiny_setup(mask_kind=mask_kind, noise_prob=noise_prob,
                                                              vision_lr=0.0, projector_lr=1e-2, language_lr=0.0)
     assert trainable == ["projector"]
     assert not model.vision.training and not model.language.training  # frozen modules stay in eval mode
@@ -97,7 +121,7 @@ def test_gradient_checkpointing_reaches_the_frozen_language_model(monkeypatch):
     monkeypatch.setattr(model_module, "checkpoint",
                         lambda block, *args, **kwargs: checkpointed.append(type(block).__name__) or checkpoint(block, *args, **kwargs))
     for gradient_checkpointing in (False, True):
-        cfg, tokenizer, model, trainable, _ = tiny_setup(stage=1, vision_lr=0.0, projector_lr=1e-2, language_lr=0.0,
+        cfg, tokenizer, model, trainable, _ = tiny_setup(vision_lr=0.0, projector_lr=1e-2, language_lr=0.0,
                                                          gradient_checkpointing=gradient_checkpointing)
         assert trainable == ["projector"] and not model.language.training
         batch = next(train.endless(train.open_stream(cfg, tokenizer, model)))
@@ -115,7 +139,7 @@ def test_micro_batches_divide_a_batch_without_changing_its_gradient():
     of the micro-batch means would differ."""
     import data
     import shapes
-    cfg, tokenizer, model, trainable, _ = tiny_setup(stage=3, shapes_questions=2)
+    cfg, tokenizer, model, trainable, _ = tiny_setup(shapes_questions=2)
     source = shapes.SyntheticShapes(4, image_size=32, questions=2)
     samples = [data.make_sample(source.record(i), tokenizer, 32, 256, data.DEFAULT_SYSTEM_PROMPT)[0] for i in range(4)]
     assert len({sum(label != data.IGNORE_INDEX for label in s["labels"]) for s in samples}) > 1
@@ -170,34 +194,23 @@ def test_no_weight_decay_on_biases_and_norms():
 
 
 @pytest.mark.parametrize("max_norm, clipped", [(1e-3, True), (1e3, False), (0.0, False)])  # 0: clipping is off
-def test_clipping_inside_the_optimizer_step_equals_clip_grad_norm(max_norm, clipped):
-    """train.clipped_step hands the clipping to fused AdamW's step (its grad_scale); the weights and moments
-    come out as after torch's own clip_grad_norm_ and a plain step, and the next step is not scaled.
-    grad_clip = 0 means no clipping, as in nanoGPT (not gradients divided by infinity)."""
-    runs = []
-    for clip in ("torch", "ours"):
-        torch.manual_seed(0)
-        _, _, model, _, optimizer = tiny_setup(projector_lr=1e-2, language_lr=1e-2, vision_lr=1e-2)
-        train.set_learning_rates(optimizer, 5, 10, train.settings)
-        images, input_ids = torch.randn(2, 3, 32, 32), torch.randint(0, model.config.language.vocab_size, (2, 6))
-        model(images, input_ids, labels=input_ids, mask_kind="prefix").backward()
-        params = [p for p in model.parameters() if p.requires_grad]
-        if clip == "torch":
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
-            optimizer.step()
-        else:
-            norm = train.gradient_norm(optimizer)
-            train.clipped_step(optimizer, norm, max_norm)
-            assert not hasattr(optimizer, "grad_scale")
-        runs.append((norm, [p.detach().clone() for p in params], optimizer.state_dict()["state"]))
-    (norm_torch, weights_torch, state_torch), (norm_ours, weights_ours, state_ours) = runs
-    assert norm_ours == pytest.approx(norm_torch.item(), rel=1e-6)
-    assert (max_norm < norm_torch.item() and max_norm > 0) == clipped
-    for a, b in zip(weights_torch, weights_ours):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    for i in state_torch:
-        torch.testing.assert_close(state_torch[i]["exp_avg"], state_ours[i]["exp_avg"])
-        torch.testing.assert_close(state_torch[i]["exp_avg_sq"], state_ours[i]["exp_avg_sq"])
+def test_gradients_are_clipped_to_grad_clip_and_0_turns_clipping_off(max_norm, clipped):
+    """train.clip_gradients clips the total norm of the gradients the optimizer steps on to grad_clip and returns
+    their norm before clipping, for the log. grad_clip = 0 means no clipping, as in nanoGPT (not gradients
+    divided by infinity)."""
+    torch.manual_seed(0)
+    _, _, model, _, optimizer = tiny_setup(projector_lr=1e-2, language_lr=1e-2, vision_lr=1e-2)
+    images, input_ids = torch.randn(2, 3, 32, 32), torch.randint(0, model.config.language.vocab_size, (2, 6))
+    model(images, input_ids, labels=input_ids, mask_kind="prefix").backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.grad.clone() for p in params]
+    norm = train.clip_gradients(optimizer, max_norm).item()
+    assert norm == pytest.approx(torch.nn.utils.get_total_norm(before).item(), rel=1e-6)
+    assert (0 < max_norm < norm) == clipped
+    after = torch.nn.utils.get_total_norm([p.grad for p in params]).item()
+    assert after == pytest.approx(max_norm if clipped else norm, rel=1e-4)
+    if not clipped:
+        assert all(torch.equal(p.grad, g) for p, g in zip(params, before))
 
 
 def test_random_backbones_take_the_language_models_tokenizer_when_none_is_named(tmp_path):
@@ -218,7 +231,7 @@ def test_global_batch_must_split_evenly():
 # --- runs through the command line ------------------------------------------------------------------------
 
 def test_a_short_run_learns(tmp_path):
-    metrics = run_train(tmp_path, stage=2, max_steps=60, vision_lr=5e-3, projector_lr=5e-3, language_lr=5e-3)
+    metrics = run_train(tmp_path, max_steps=60, vision_lr=5e-3, projector_lr=5e-3, language_lr=5e-3)
     first, last = metrics[0]["loss"], sum(m["loss"] for m in metrics[-5:]) / 5
     assert last < 0.5 * first, f"loss {first:.3f} -> {last:.3f}"
     assert os.path.exists(tmp_path / "loss.png")
@@ -228,7 +241,7 @@ def test_a_short_run_learns(tmp_path):
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     """Stage 0 (random input noise) with DataLoader workers: an interruption after step 3's checkpoint and a
     resume give the same losses and weights as one uninterrupted run, and the log holds each step once."""
-    stage0 = dict(stage=0, mask_kind="bidirectional", noise_prob=0.2, vision_lr=1e-3, projector_lr=1e-3,
+    stage0 = dict(mask_kind="bidirectional", noise_prob=0.2, vision_lr=1e-3, projector_lr=1e-3,
                   language_lr=0.0, max_steps=6, checkpoint_interval=3, num_workers=1, micro_batch=4)
     whole = run_train(tmp_path / "whole", **stage0)
     # the interrupted run: what a crash during step 5 leaves on disk, the checkpoint of step 3 and the log of 4
@@ -243,16 +256,16 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[n], b[n]) for n in a)
     from model import VLM
     # stage 0's bidirectional mask cannot be decoded under: its checkpoints caption under the prefix mask
-    assert VLM.load(train.latest_checkpoint(str(tmp_path / "resumed"))).config.mask_kind == "prefix"
+    assert VLM.load(checkpoints.latest_checkpoint(str(tmp_path / "resumed"))).config.mask_kind == "prefix"
 
 
-@pytest.mark.parametrize("packing", [{}, dict(stage=3, shapes_questions=2, pack_length=152)],
+@pytest.mark.parametrize("packing", [{}, dict(shapes_questions=2, pack_length=152)],
                          ids=["padded", "packed"])
 def test_ddp_two_processes_equal_one_process_with_twice_the_accumulation(tmp_path, packing):
     """torchrun with 2 gloo processes x 4 micro-batches of 1 sees the same 8 samples per step as 1 process x 8.
     Packed, each rank packs its own 4 conversations into rows of 152 tokens, so the ranks can run different
     numbers of micro-batches (here 3 and 4 in step 3); each still synchronises gradients once, on its last."""
-    common = {**dict(stage=2, max_steps=3, micro_batch=1, vision_lr=1e-3, projector_lr=1e-3, language_lr=1e-3), **packing}
+    common = {**dict(max_steps=3, micro_batch=1, vision_lr=1e-3, projector_lr=1e-3, language_lr=1e-3), **packing}
     single = run_train(tmp_path / "single", **common)
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517")
     double = run_train(tmp_path / "ddp", launcher=torchrun, **common)
@@ -282,7 +295,7 @@ def test_ddp_resume_continues_each_rank_where_it_stopped(tmp_path):
             Image.new("RGB", (32, 32), (8 * i, 100, 200 - 6 * i)).save(tmp_path / "images" / f"{i}.png")
             entries[-1]["image"] = f"{i}.png"
     (tmp_path / "data.json").write_text(json.dumps(entries))
-    common = dict(stage=2, max_steps=4, checkpoint_interval=2, micro_batch=1, seed=seed, data_format="llava_json",
+    common = dict(max_steps=4, checkpoint_interval=2, micro_batch=1, seed=seed, data_format="llava_json",
                   dataset=str(tmp_path / "data.json"), image_root=str(tmp_path / "images"), vision_lr=1e-3,
                   projector_lr=1e-3, language_lr=1e-3)
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518")
@@ -303,24 +316,24 @@ def test_a_resume_keeps_the_optimizer_state_and_takes_this_runs_settings(tmp_pat
         p.grad = torch.ones_like(p) if p.requires_grad else None
     optimizer.step()
     stream = train.open_stream(cfg, tokenizer, model)
-    train.save_checkpoint(cfg, model, tokenizer, optimizer, 1, stream.state_dict())
+    checkpoints.save_checkpoint(cfg, model, tokenizer, optimizer, 1, stream.state_dict())
     cfg, _, model, _, optimizer = tiny_setup(out_dir=str(tmp_path), projector_lr=1e-5, weight_decay=0.1, resume=True)
-    assert train.restore(train.latest_checkpoint(str(tmp_path)), model, optimizer, stream, cfg) == 1
+    assert checkpoints.restore(checkpoints.latest_checkpoint(str(tmp_path)), model, optimizer, stream, cfg) == 1
     projector = [group for group in optimizer.param_groups if group["name"] == "projector"]
     assert [(group["base_lr"], group["weight_decay"]) for group in projector] == [(1e-5, 0.1), (1e-5, 0.0)]
     moments = [optimizer.state[p]["exp_avg"] for group in projector for p in group["params"]]
     assert moments and all(torch.allclose(m, torch.full_like(m, 0.1)) for m in moments)  # (1 - beta1) x a gradient of 1
     # a checkpoint from before every rank's position was kept (one position and random state, rank 0's) resumes
-    path = os.path.join(train.latest_checkpoint(str(tmp_path)), "trainer.pt")
+    path = os.path.join(checkpoints.latest_checkpoint(str(tmp_path)), "trainer.pt")
     state = torch.load(path, weights_only=True)
     state.update(state.pop("ranks")[0])
     torch.save(state, path)
-    assert train.restore(train.latest_checkpoint(str(tmp_path)), model, optimizer, stream, cfg) == 1
+    assert checkpoints.restore(checkpoints.latest_checkpoint(str(tmp_path)), model, optimizer, stream, cfg) == 1
     # which modules train is not a setting a resume may change: the moments would not match the parameters
     cfg, _, model, _, optimizer = tiny_setup(out_dir=str(tmp_path), vision_lr=0.0, resume=True)
     with pytest.raises(ValueError, match=r"step-0000001 trained vision, projector, language, this run would train "
                                          r"projector, language: .* --init_from=.*step-0000001"):
-        train.restore(train.latest_checkpoint(str(tmp_path)), model, optimizer, stream, cfg)
+        checkpoints.restore(checkpoints.latest_checkpoint(str(tmp_path)), model, optimizer, stream, cfg)
 
 
 def test_float16_without_a_loss_scaler_is_refused_before_any_stage_trains():
@@ -331,8 +344,8 @@ def test_float16_without_a_loss_scaler_is_refused_before_any_stage_trains():
 
 
 def test_checkpoint_is_loadable_and_complete(tmp_path):
-    run_train(tmp_path, stage=2, max_steps=2, checkpoint_interval=1)
-    folder = train.latest_checkpoint(str(tmp_path))
+    run_train(tmp_path, max_steps=2, checkpoint_interval=1)
+    folder = checkpoints.latest_checkpoint(str(tmp_path))
     assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors", "tokenizer.json", "trainer.pt"]
     state = torch.load(os.path.join(folder, "trainer.pt"), weights_only=True)
     [this_rank] = state["ranks"]  # each rank's data position and random streams
@@ -359,7 +372,7 @@ def test_a_checkpoint_is_on_disk_before_latest_names_it(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", recorded_fsync)
     monkeypatch.setattr(os, "replace", recorded_replace)
-    train.write_checkpoint(cfg, model, tokenizer, optimizer, 7, [{"data": {}, "rng": train.rng_state()}])
+    checkpoints.write_checkpoint(cfg, model, tokenizer, optimizer, 7, [{"data": {}, "rng": checkpoints.rng_state()}])
     out_dir = os.path.realpath(tmp_path)
     folder = os.path.join(out_dir, "step-0000007")
     assert events[-6:] == [("fsync", folder + ".partial"), ("replace", folder), ("fsync", out_dir),
@@ -372,15 +385,14 @@ def test_a_checkpoint_is_on_disk_before_latest_names_it(tmp_path, monkeypatch):
 def test_a_stage_starts_from_the_previous_stages_out_dir(tmp_path):
     """config/stage2.py says init_from = "out/stage1": a run's out_dir stands for its newest checkpoint, every
     weight of it (stage 1 trains the vision tower and the projector here)."""
-    run_train(tmp_path / "stage1", stage=1, max_steps=3, checkpoint_interval=1, vision_lr=1e-2, projector_lr=1e-2,
+    run_train(tmp_path / "stage1", max_steps=3, checkpoint_interval=1, vision_lr=1e-2, projector_lr=1e-2,
               language_lr=0.0)
     cfg = merged(train.settings, {**TINY, "init_from": str(tmp_path / "stage1")}, "test")
     _, model = train.build_model(cfg)
     stage1, start = final_weights(tmp_path / "stage1"), model.state_dict()
     assert stage1.keys() == start.keys() and all(torch.equal(stage1[n], start[n]) for n in stage1)
-    from model import checkpoint_folder
     with pytest.raises(FileNotFoundError, match="neither a checkpoint .* nor a training run's out_dir"):
-        checkpoint_folder(str(tmp_path))
+        checkpoints.checkpoint_folder(str(tmp_path))
 
 
 def test_saving_keeps_this_checkpoint_and_the_one_before_and_not_an_earlier_runs_later_ones(tmp_path):
@@ -388,8 +400,8 @@ def test_saving_keeps_this_checkpoint_and_the_one_before_and_not_an_earlier_runs
     for stale in ("step-0001000", "step-0001500"):  # an earlier run that went further, in the same out_dir
         os.makedirs(tmp_path / stale)
     for step in (500, 501, 502):
-        train.save_checkpoint(cfg, model, tokenizer, optimizer, step, data_position={})
-        assert train.latest_checkpoint(str(tmp_path)) == str(tmp_path / f"step-{step:07d}")
+        checkpoints.save_checkpoint(cfg, model, tokenizer, optimizer, step, data_position={})
+        assert checkpoints.latest_checkpoint(str(tmp_path)) == str(tmp_path / f"step-{step:07d}")
     assert sorted(f for f in os.listdir(tmp_path) if f.startswith("step-")) == [
         "step-0000501", "step-0000502", "step-0001000", "step-0001500"]
 
@@ -397,8 +409,7 @@ def test_saving_keeps_this_checkpoint_and_the_one_before_and_not_an_earlier_runs
 def test_each_stage_starts_from_the_one_before_and_a_global_init_from_from_the_first():
     """--init_from with the demo's stages starts stage 0 there; stages 1-3 still start from the stage before
     (its out_dir stands for its newest checkpoint), unless a stage names its own starting point."""
-    stages = [dict(stage=0, out_dir="out/s0"), dict(stage=1, out_dir="out/s1"), dict(stage=2, out_dir="out/s2"),
-              dict(stage=3, out_dir="out/s3", init_from="")]
+    stages = [dict(out_dir="out/s0"), dict(out_dir="out/s1"), dict(out_dir="out/s2"), dict(out_dir="out/s3", init_from="")]
     runs = [merged({**train.settings, "init_from": "out/pretrained"}, stage, "test") for stage in stages]
     train.chain_stages(runs, stages)
     assert [cfg["init_from"] for cfg in runs] == ["out/pretrained", "out/s0", "out/s1", ""]
@@ -406,7 +417,7 @@ def test_each_stage_starts_from_the_one_before_and_a_global_init_from_from_the_f
 
 def test_a_stage_may_not_undo_the_command_line():
     """The demo's stages set max_steps each: --max_steps=5 would be silently undone, so it is an error."""
-    stages = [dict(stage=0, max_steps=30), dict(stage=1, max_steps=30)]
+    stages = [dict(out_dir="out/s0", max_steps=30), dict(out_dir="out/s1", max_steps=30)]
     train.check_stages_keep_command_line(stages, command_line_keys(["config/demo.py", "--device=cpu"]))
     with pytest.raises(ValueError, match=r"--max_steps is set again by stages\[0\] \(max_steps=30\)"):
         train.check_stages_keep_command_line(stages, command_line_keys(["config/demo.py", "--max_steps=5"]))
@@ -430,21 +441,21 @@ def test_stages_that_share_an_out_dir_are_refused(tmp_path):
     """Each stage's log and checkpoints live in its out_dir (the next stage starts from it): two stages in one
     folder would overwrite each other."""
     with pytest.raises(subprocess.CalledProcessError) as error:
-        run_train(tmp_path, stages=[dict(stage=0), dict(stage=1)])
+        run_train(tmp_path, stages=[dict(mask_kind="bidirectional", noise_prob=0.2), dict(mask_kind="prefix")])
     assert "the stages share an out_dir" in error.value.stderr
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     from safetensors.torch import load_file, save_file
-    run_train(tmp_path, stage=2, max_steps=2, checkpoint_interval=1)
-    last = train.latest_checkpoint(str(tmp_path))
+    run_train(tmp_path, max_steps=2, checkpoint_interval=1)
+    last = checkpoints.latest_checkpoint(str(tmp_path))
     weights = load_file(os.path.join(last, "model.safetensors"))
     weights["projector.fc2.bias"][0] = float("nan")  # a diverged run, in effect
     save_file(weights, os.path.join(last, "model.safetensors"))
     with pytest.raises(subprocess.CalledProcessError) as error:
-        run_train(tmp_path, stage=2, max_steps=4, checkpoint_interval=1, resume=True)
+        run_train(tmp_path, max_steps=4, checkpoint_interval=1, resume=True)
     assert "FloatingPointError" in error.value.stderr and "step 3: loss nan" in error.value.stderr
-    assert train.latest_checkpoint(str(tmp_path)) == last
+    assert checkpoints.latest_checkpoint(str(tmp_path)) == last
     assert sorted(f for f in os.listdir(tmp_path) if f.startswith("step-")) == ["step-0000001", "step-0000002"]
 
 
@@ -452,7 +463,7 @@ def test_packed_rows_train_like_padded_rows(tmp_path):
     """With pack_length, a batch's conversations share rows (data.pack_micro_batches: here micro-batches of one
     row of 256 tokens, so they divide the batch differently from the padded micro-batches of 4); each still
     sees only itself, and a batch's loss is the mean over its labels, so the losses are those of padded rows."""
-    common = dict(stage=3, shapes_questions=2, max_steps=3, vision_lr=1e-3, projector_lr=1e-3, language_lr=1e-3)
+    common = dict(shapes_questions=2, max_steps=3, vision_lr=1e-3, projector_lr=1e-3, language_lr=1e-3)
     cfg, tokenizer, model, _, _ = tiny_setup(pack_length=256, max_text_tokens=96, **common)  # demo.py's length
     micro_batches = next(iter(train.open_stream(cfg, tokenizer, model)))  # what the packed run trains on
     assert all("document" in batch for batch in micro_batches)
