@@ -3,7 +3,7 @@ spirit of nanoGPT's bench.py. One JSON line per case as it finishes, then a tabl
 
     python bench.py                                     # the speed issue's cases and stage 0, on one GPU (~6 minutes)
     python bench.py --stage 2 --micro_batch 32          # one training case
-    python bench.py --attention sdpa --no-compile       # every case on our plain reference path
+    python bench.py --no-fast_path --no-compile         # every case on our plain reference path
     python bench.py --compile_mode default              # every case compiled, without CUDA graphs
     python bench.py --generate                          # greedy captioning of 256 images
     python bench.py --device cpu --small                # a tiny model on the CPU: does the script work?
@@ -14,10 +14,10 @@ learning rates come from config/stage<N>.py, and a module whose learning rate is
 only the projector trains). The batches are synthetic, every text token labelled, as in the anchor
 (../shared/bench/anchor_transformers.py: the transformers stack, same shapes); run both on the same GPU to
 compare.
-On the GPU the default is the fast path: compiled blocks (in the stage's compile_mode), and the prefix mask run
-by blocks on flash-attention kernels (--attention flash; packed rows use FlexAttention's document masks);
---attention varlen runs what flash hands FlexAttention (packed rows, the other masks) as segments of tokens on
-flash's variable-length kernel; --attention sdpa --no-compile gives the plain reference path with a dense mask.
+On the GPU the default is train.py's: the fast path (fast_path.py: the prefix mask of padded rows by blocks on
+flash-attention kernels, FlexAttention for the other masks and packed rows, the chunked loss) with compiled
+blocks in the stage's compile_mode; --no-fast_path --no-compile gives the plain reference path (SDPA with the
+dense mask, F.cross_entropy over the full logits).
 """
 import argparse
 import gc
@@ -29,16 +29,17 @@ import time
 import torch
 
 import data
+import fast_path
 import train
 from configurator import configure, merged
-from model import ATTENTION_PATHS, IGNORE_INDEX, VLM, Qwen2Config, SigLIPConfig, VLMConfig, find_label_positions
+from model import IGNORE_INDEX, VLM, Qwen2Config, SigLIPConfig, VLMConfig, find_label_positions
 from sample import at_least
 
 # The speed issue's cases, most important first (a time limit cuts the last). `anchor`: the transformers
 # stack's images/s on one H200, same shapes; `target`: the issue's goal on that card.
 ISSUE_CASES = [
     dict(stage=2, micro_batch=16, text_len=144, anchor=80, target=200),
-    dict(stage=2, micro_batch=16, text_len=144, attention="sdpa", compile=False, anchor=80),  # the plain reference
+    dict(stage=2, micro_batch=16, text_len=144, fast_path=False, compile=False, anchor=80),  # the plain reference
     dict(generate=True, micro_batch=256, text_len=20, new_tokens=30),  # target: 5000 images in < 60 s
     dict(stage=1, micro_batch=32, text_len=144, anchor=204, target=400),
     dict(stage=0, micro_batch=32, text_len=144),  # stage 1's shape, bidirectional: FlexAttention, not flash calls
@@ -65,7 +66,7 @@ def parse_args():
     parser.add_argument("--packed", action="store_true", help="variable-length conversations packed into the rows")
     parser.add_argument("--generate", action="store_true", help="time greedy captioning instead of training")
     parser.add_argument("--new_tokens", type=at_least(1), default=30)
-    parser.add_argument("--attention", choices=ATTENTION_PATHS, help="default: flash on the GPU, sdpa on the CPU")
+    parser.add_argument("--fast_path", action=argparse.BooleanOptionalAction, help="default: on the GPU only")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="default: on the GPU only")
     parser.add_argument("--compile_mode", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                         help="torch.compile's mode for the blocks (default: the stage's, as train.py reads it, "
@@ -94,8 +95,8 @@ def main():
     results = []
     for case in cases(args):
         result = run_case(config, case, device)
-        if "error" in result and case["attention"] != "sdpa":  # still measure something: the same case on SDPA
-            result = run_case(config, dict(case, attention="sdpa"), device)
+        if "error" in result and case["fast_path"]:  # still measure something: the same case on the reference
+            result = run_case(config, dict(case, fast_path=False), device)
         results.append(result)
     print_table(results)
 
@@ -115,11 +116,11 @@ def run_case(config, case, device):
 def cases(args):
     """The cases to run, each a dict with every setting filled in."""
     fast = args.device.startswith("cuda")  # FlexAttention trains only on the GPU, and compiles fast only there
-    defaults = dict(attention="flash" if fast else "sdpa", compile=fast, compile_mode=args.compile_mode,
+    defaults = dict(fast_path=fast, compile=fast, compile_mode=args.compile_mode,
                     grad_ckpt=args.grad_ckpt, packed=False,
                     warmup=args.warmup, steps=args.steps, generate=False, new_tokens=args.new_tokens,
                     profile=args.profile)
-    for option in ("attention", "compile"):
+    for option in ("fast_path", "compile"):
         if getattr(args, option) is not None:
             defaults[option] = getattr(args, option)
     shape_given = any(getattr(args, option) is not None for option in ("micro_batch", "text_len", "labelled"))
@@ -132,7 +133,7 @@ def cases(args):
                        text_len=args.text_len or (20 if args.generate else 144))]
     for case in chosen:
         if not case["generate"] and case["compile_mode"] is None:
-            refused = train.cuda_graphs_refused(case["grad_ckpt"])
+            refused = train.cuda_graphs_refused({"gradient_checkpointing": case["grad_ckpt"], "fast_path": case["fast_path"]})
             case["compile_mode"] = "default" if refused else stage_settings(case["stage"], case["grad_ckpt"])["compile_mode"]
     if args.small:  # a batch the CPU finishes in seconds; the same cases otherwise
         for case in chosen:
@@ -146,7 +147,7 @@ def case_name(case):
         return f"generate_b{case['micro_batch']}_{case['new_tokens']}tok"
     packed = "_packed" if case["packed"] else ""
     labelled = f"_labelled{case['labelled']}" if case.get("labelled") else ""
-    return (f"stage{case['stage']}_b{case['micro_batch']}_text{case['text_len']}{labelled}{packed}_{case['attention']}"
+    return (f"stage{case['stage']}_b{case['micro_batch']}_text{case['text_len']}{labelled}{packed}_{'fast' if case['fast_path'] else 'reference'}"
             f"{compile_name(case)}{'_ckpt' if case['grad_ckpt'] else ''}")
 
 
@@ -164,12 +165,13 @@ def bench_training(config, case, device):
     stage = stage_settings(case["stage"], case["grad_ckpt"])
     with device:
         model = train.initialise(VLM(config))
-    model.attention = case["attention"]  # packed rows on "flash" take FlexAttention's document masks (VLM.mask)
     trainable = train.freeze_modules(model, stage)  # the same trainable parts and optimizer as train.py
     optimizer = train.make_optimizer(model, stage)
     train.set_learning_rates(optimizer, stage["warmup_steps"], 10 * stage["warmup_steps"], stage)
+    if case["fast_path"]:
+        fast_path.use_fast_path(model)
     if case["compile"]:
-        model.compile_blocks(case["compile_mode"])
+        fast_path.compile_blocks(model, case["compile_mode"])
     if case["packed"]:
         batch, n_images, n_tokens, padding = packed_batch(config, case, device, stage["pad_to_multiple"])
     else:
@@ -180,10 +182,7 @@ def bench_training(config, case, device):
     def step():
         torch.compiler.cudagraph_mark_step_begin()  # as train.py: CUDA graphs may reuse the last step's outputs
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            if case["packed"]:
-                loss = model.forward_packed(**batch, mask_kind=stage["mask_kind"])
-            else:
-                loss = model(**batch, mask_kind=stage["mask_kind"], noise_prob=stage["noise_prob"])
+            loss = model(**batch, mask_kind=stage["mask_kind"], noise_prob=stage["noise_prob"])
         loss.backward()
         train.clip_gradients(optimizer, stage["grad_clip"])
         optimizer.step()
@@ -223,15 +222,14 @@ def padded_batch(config, case, device):
     """Every sample [256 image | text_len text] tokens, every text token labelled (as in the anchor), or only the
     last `labelled` (the answer after an unlabelled prompt)."""
     B, T = case["micro_batch"], case["text_len"]
-    input_ids = torch.randint(0, config.language.vocab_size, (B, T))
-    labels = input_ids.clone()
-    labels[:, :T - min(case.get("labelled") or T, T)] = IGNORE_INDEX
-    batch = {"pixel_values": torch.randn(B, 3, config.vision.image_size, config.vision.image_size),
-             "input_ids": input_ids, "labels": labels, "text_mask": torch.ones(B, T, dtype=torch.bool),
-             "label_positions": find_label_positions(labels)}
-    batch = {k: v.to(device) for k, v in batch.items()}
     n_image_tokens = (config.vision.image_size // config.vision.patch_size) ** 2
-    return batch, B, B * (n_image_tokens + T), {}
+    input_ids = torch.randint(0, config.language.vocab_size, (B, n_image_tokens + T))  # one document per row
+    labels = input_ids.clone()
+    labels[:, :n_image_tokens + T - min(case.get("labelled") or T, T)] = IGNORE_INDEX
+    batch = {"pixel_values": torch.randn(B, 3, config.vision.image_size, config.vision.image_size),
+             "input_ids": input_ids, "labels": labels, "document": torch.zeros_like(input_ids),
+             "label_positions": find_label_positions(labels)}
+    return {k: v.to(device) for k, v in batch.items()}, B, B * (n_image_tokens + T), {}
 
 
 def conversation_lengths(n, longest, seed=0):

@@ -14,8 +14,9 @@ proves each piece equal to the reference, padded and packed, forward and gradien
     compile_blocks    each transformer block compiled (fusion), optionally replayed as a CUDA graph, with the
                       per-batch inputs in fixed memory (FixedInputs) and the gradients copied out (own_gradients)
 
-VLM.hidden_states asks `FastPath.inputs` for the mask and RoPE tables, VLM.forward asks
-`FastPath.next_token_loss` for the loss; model.attend runs whatever mask object it is handed.
+`use_fast_path(model)` switches a model over: then VLM.hidden_states asks `FastPath.inputs` for the mask and
+RoPE tables, VLM.forward asks `FastPath.next_token_loss` for the loss, and model.attend runs the mask object
+it is handed.
 """
 import torch
 import torch.nn.functional as F
@@ -32,11 +33,9 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes 
 fused_flex_attention = torch.compile(flex_attention, dynamic=False)
 
 
-def enable(model, compile_mode=None):
-    """Put the model on the fast path; with a compile_mode, compile its blocks too (compile_blocks)."""
+def use_fast_path(model):
+    """Put the model on the fast path: its masks and loss come from here (VLM.hidden_states, VLM.forward)."""
     model.fast_path = FastPath()
-    if compile_mode is not None:
-        compile_blocks(model, compile_mode)
     return model
 
 
@@ -228,7 +227,7 @@ def compile_blocks(model, mode="default", max_shapes=64):
     if mode in CUDA_GRAPH_MODES:
         if model.fast_path is None:
             raise ValueError(f"compile mode {mode!r} replays CUDA graphs, whose inputs the fast path keeps in place: "
-                             "fast_path.enable(model) first")
+                             "use_fast_path(model) first")
         model.fast_path.fixed = FixedInputs()
     for block in model.language.layers:
         block.compile(mode=mode, dynamic=False)
@@ -258,14 +257,17 @@ class FixedInputs:
 
 
 def uses_cuda_graphs(cfg):
-    return cfg["fast_path"] and cfg["compile"] and cfg["compile_mode"] in CUDA_GRAPH_MODES
+    """Whether train.py's settings replay the blocks as CUDA graphs."""
+    return cfg["compile"] and cfg["compile_mode"] in CUDA_GRAPH_MODES
 
 
 def cuda_graphs_refused(cfg):
-    """Why a run's settings cannot replay the blocks as CUDA graphs (measured on an H200), or None."""
+    """Why train.py's settings cannot replay the blocks as CUDA graphs (measured on an H200), or None."""
     if cfg["gradient_checkpointing"]:
         return ("gradient_checkpointing: running the blocks again in the backward pass breaks CUDA graph recording "
                 "(torch 2.11: 'graph recording observed an input tensor deallocate')")
+    if not cfg["fast_path"]:
+        return "fast_path=False: the fast path keeps the graphs' inputs where they were recorded (FixedInputs)"
     return None
 
 

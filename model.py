@@ -478,7 +478,7 @@ class VLM(nn.Module):
         self.projector = Projector(config.vision.hidden_size, config.projector_hidden, config.language.hidden_size)
         self.language = Qwen2(config.language)
         self.n_image_tokens = self.vision.n_patches
-        self.fast_path = None  # fast_path.FastPath once fast_path.enable(model): the same masks and loss, faster
+        self.fast_path = None  # fast_path.FastPath after fast_path.use_fast_path(model): the same masks and loss, faster
 
     def forward(self, pixel_values, input_ids, labels, document, mask_kind="prefix", noise_prob=0.0, noise_token_id=None,
                 generator=None, label_positions=None):

@@ -26,7 +26,8 @@ import shapes
 from checkpoints import checkpoint_folder, latest_checkpoint, restore, save_checkpoint, write_atomically
 from configurator import command_line_keys, configure, merged
 from distributed import log, rank, sum_over_ranks, world_size
-from model import ATTENTION_PATHS, CUDA_GRAPH_MODES, VLM, Qwen2Config, SigLIPConfig, VLMConfig
+from fast_path import compile_blocks, cuda_graphs_refused, own_gradients, use_fast_path, uses_cuda_graphs
+from model import VLM, Qwen2Config, SigLIPConfig, VLMConfig
 
 # -----------------------------------------------------------------------------
 # Settings: these globals are the defaults (the paper's stage 2). config/*.py and --key=value change the dict
@@ -75,11 +76,11 @@ checkpoint_interval = 500
 seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights stay fp32
-compile = torch.cuda.is_available()  # torch.compile each transformer block (model.compile_blocks)
-compile_mode = "reduce-overhead"  # blocks replayed as CUDA graphs; gradient checkpointing needs "default"
+fast_path = torch.cuda.is_available()  # the same loss and gradients by faster kernels (fast_path.py); False: the
+                              # reference (SDPA with the dense mask, full logits)
+compile = torch.cuda.is_available()  # torch.compile each transformer block (fast_path.compile_blocks)
+compile_mode = "reduce-overhead"  # blocks replayed as CUDA graphs (needs fast_path); gradient checkpointing: "default"
 gradient_checkpointing = False
-attention = "flash" if torch.cuda.is_available() else "sdpa"  # sdpa (dense mask) | flex (FlexAttention) | flash (prefix by
-                                                              # blocks) | varlen (flash + segments): model.VLM.mask
 peak_flops = 989e12           # the GPU's dense bf16 peak, the MFU's denominator here and in bench.py (H100/H200 SXM)
 eval_after = False            # the demo: caption new images ("val" and "heldout") and score them at the end
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list, dict))}
@@ -145,8 +146,10 @@ def train_stage(cfg):
             if cfg["pack_length"] else f"{stream.batch_size // cfg['micro_batch']} micro-batch(es) of {cfg['micro_batch']}")
     log(f"{cfg['out_dir']}: mask {cfg['mask_kind']}, noise {cfg['noise_prob']}, trainable {trainable}, "
         f"{total_steps} steps of {cfg['global_batch']} samples; on each of {world_size()} rank(s), {plan}")
+    if cfg["fast_path"]:
+        use_fast_path(model)
     if cfg["compile"]:
-        model.compile_blocks(cfg["compile_mode"])
+        compile_blocks(model, cfg["compile_mode"])
     runner = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size() > 1 else model
     batches = endless(stream)
     progress = tqdm(total=total_steps, initial=step, disable=rank() != 0, dynamic_ncols=True)
@@ -193,9 +196,7 @@ def setup_stage(cfg):
         torch.backends.cudnn.allow_tf32 = True
     accumulation_steps(cfg["global_batch"], cfg["micro_batch"], world_size())  # the batch splits evenly
     masks.check_kind(cfg["mask_kind"])
-    if cfg["attention"] not in ATTENTION_PATHS:
-        raise ValueError(f"unknown attention {cfg['attention']!r}; expected one of {ATTENTION_PATHS}")
-    refused = cuda_graphs_refused(cfg["gradient_checkpointing"])
+    refused = cuda_graphs_refused(cfg)
     if uses_cuda_graphs(cfg) and refused:
         raise ValueError(f"compile_mode={cfg['compile_mode']!r} with {refused}; set compile_mode='default'")
     tokenizer, model = build_model(cfg)
@@ -203,7 +204,6 @@ def setup_stage(cfg):
     # bidirectional one, which no decoder can follow (a new token cannot see the tokens after it, not yet made)
     model.config.mask_kind = "prefix" if cfg["mask_kind"] == "bidirectional" else cfg["mask_kind"]
     model.to(device)
-    model.attention = cfg["attention"]
     trainable = freeze_modules(model, cfg)
     return device, tokenizer, model, trainable, make_optimizer(model, cfg), open_stream(cfg, tokenizer, model)
 
@@ -263,35 +263,12 @@ def train_step(runner, micro_batches, cfg, device, trainable, noise_generator=No
     return total_loss, n_images, n_tokens, flops
 
 
-def uses_cuda_graphs(cfg):
-    return cfg["compile"] and cfg["compile_mode"] in CUDA_GRAPH_MODES
-
-
-def cuda_graphs_refused(gradient_checkpointing):
-    """Why a run cannot replay the blocks as CUDA graphs (measured on an H200), or None."""
-    if gradient_checkpointing:
-        return ("gradient_checkpointing: running the blocks again in the backward pass breaks CUDA graph recording "
-                "(torch 2.11: 'graph recording observed an input tensor deallocate')")
-    return None
-
-
-def own_gradients(model):
-    """CUDA graphs hand the compiled blocks' parameter gradients back in their own memory, which the next
-    micro-batch's replay overwrites (pytorch/pytorch#169545: accumulated gradients come out wrong, or the
-    step fails). Copied out once, after the first micro-batch, the later ones are added to them in place."""
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad = p.grad.clone()
-
-
 def batch_sizes(batch, n_image_tokens):
-    """(images, text tokens, labelled tokens) of a padded or packed batch, counted on the host (no GPU sync)."""
-    images = len(batch["pixel_values"])
-    if "document" in batch:  # packed rows: the documents' own tokens
-        text_tokens = (batch["document"] >= 0).sum().item() - images * n_image_tokens
-    else:
-        text_tokens = batch["input_ids"].numel()
-    return images, text_tokens, len(batch["label_positions"])
+    """(images, text tokens, labelled tokens) of a batch, counted on the host (no GPU sync). Padded rows compute
+    their padding too, and count it; packed rows count their documents' own tokens."""
+    images, rows = len(batch["pixel_values"]), batch["document"]
+    tokens = (rows >= 0).sum().item() if images > len(rows) else rows.numel()
+    return images, tokens - images * n_image_tokens, len(batch["label_positions"])
 
 
 def unwrap(runner):
@@ -408,10 +385,10 @@ def open_stream(cfg, tokenizer, model):
     """This rank's share of each global batch, in micro-batches, the images at the vision encoder's size."""
     image_size = model.config.vision.image_size
     return data.BatchStream(open_source(cfg, image_size), tokenizer, cfg["global_batch"] // world_size(),
-                            cfg["micro_batch"], image_size=image_size, max_text_tokens=cfg["max_text_tokens"],
+                            model.n_image_tokens, cfg["micro_batch"], image_size=image_size, max_text_tokens=cfg["max_text_tokens"],
                             seed=cfg["seed"], rank=rank(), world_size=world_size(), num_workers=cfg["num_workers"],
                             max_skip_fraction=cfg["max_skip_fraction"], pad_to_multiple=cfg["pad_to_multiple"],
-                            pack_length=cfg["pack_length"], n_image_tokens=model.n_image_tokens)
+                            pack_length=cfg["pack_length"])
 
 
 def endless(stream):

@@ -41,7 +41,7 @@ def test_every_case_runs_on_the_cpu():
     assert other_path.returncode == 0, other_path.stderr[-2000:]
     compiled = json.loads(next(line for line in other_path.stdout.splitlines() if line.startswith('{"case"')))
     assert compiled["case"].endswith("compile_ckpt") and math.isclose(compiled["first_loss"], stage2_b2.pop(), rel_tol=1e-5)
-    packed = next(r for r in training if r["case"].endswith("packed_sdpa"))
+    packed = next(r for r in training if r["case"].endswith("packed_reference"))
     assert packed["padding_packed"] < packed["padding_if_padded_to_longest"]
     generation = next(r for r in results if r["case"].startswith("generate"))
     assert generation["seconds_for_5000_images"] > 0 and generation["new_tokens"] == 8

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import data
+import fast_path
 import shapes
 import train
 from test_train import tiny_setup
@@ -26,8 +27,8 @@ def graphed_copy(eager, cfg):
     eager.to("cuda")
     graphed = copy.deepcopy(eager)
     for model in (eager, graphed):
-        model.attention = cfg["attention"]
-    graphed.compile_blocks(cfg["compile_mode"])
+        fast_path.use_fast_path(model)
+    fast_path.compile_blocks(graphed, cfg["compile_mode"])
     torch._dynamo.utils.counters.clear()
     return graphed
 
@@ -56,8 +57,8 @@ def assert_step_gives_eager_gradients(cfg, eager, graphed, micro_batches, traina
 
 
 def test_cuda_graphs_accumulate_gradients_as_eager_blocks_do():
-    cfg, tokenizer, eager, trainable, _ = tiny_setup(stage=2, device="cuda", global_batch=12, micro_batch=4,
-                                                     attention="flash", compile=True, compile_mode="reduce-overhead")
+    cfg, tokenizer, eager, trainable, _ = tiny_setup(device="cuda", global_batch=12, micro_batch=4, fast_path=True,
+                                                     compile=True, compile_mode="reduce-overhead")
     assert trainable == ["vision", "projector", "language"]
     graphed = graphed_copy(eager, cfg)
     batches = train.endless(train.open_stream(cfg, tokenizer, eager))
@@ -67,14 +68,12 @@ def test_cuda_graphs_accumulate_gradients_as_eager_blocks_do():
         assert_step_gives_eager_gradients(cfg, eager, graphed, micro_batches, trainable, step)
 
 
-# packed rows on FlexAttention's masks, or on segments of tokens for flash's kernel, which takes 16-bit inputs only
-@pytest.mark.parametrize("attention, dtype", [("flash", "float32"), ("varlen", "bfloat16")])
-def test_packed_rows_replay_the_graphs_each_with_its_own_mask(monkeypatch, attention, dtype):
-    """Every batch of packed rows has its own mask (a FlexAttention mask, or the boundaries of its segments
-    of tokens), built outside the blocks. model.FixedInputs keeps it (and RoPE's tables) at the addresses where the
-    graphs were recorded: after the first two steps (warm-up, recording), batches of the same shape but other
-    documents replay the graphs without recording anything, and each trains under its own mask (eager blocks'
-    gradients)."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_rows_replay_the_graphs_each_with_its_own_mask(monkeypatch, dtype):
+    """Every batch of packed rows has its own FlexAttention mask, built outside the blocks. fast_path.FixedInputs
+    keeps it (and RoPE's tables) at the addresses where the graphs were recorded: after the first two steps
+    (warm-up, recording), batches of the same shape but other documents replay the graphs without recording
+    anything, and each trains under its own mask (eager blocks' gradients)."""
     from torch._inductor import cudagraph_trees
     recordings = []
     record_function = cudagraph_trees.CUDAGraphTreeManager.record_function
@@ -84,7 +83,7 @@ def test_packed_rows_replay_the_graphs_each_with_its_own_mask(monkeypatch, atten
         return record_function(manager, *args, **kwargs)
     monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function", counted)
 
-    cfg, tokenizer, eager, trainable, _ = tiny_setup(stage=3, device="cuda", shapes_questions=2, attention=attention,
+    cfg, tokenizer, eager, trainable, _ = tiny_setup(device="cuda", shapes_questions=2, fast_path=True,
                                                      dtype=dtype, compile=True, compile_mode="reduce-overhead")
     source = shapes.SyntheticShapes(16, image_size=32, questions=2)
     samples = [data.make_sample(source.record(i), tokenizer, 32, 256, data.DEFAULT_SYSTEM_PROMPT)[0] for i in range(16)]

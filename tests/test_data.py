@@ -440,7 +440,8 @@ def test_truncated_texts_are_counted(tmp_path, tokenizer):
     full_length = len(encode_conversation(tokenizer, caption_row(0)["conversations"])[0])
     cut_into_answer = full_length - 3
     stream = make_stream(LlavaParquet(str(tmp_path)), tokenizer, max_text_tokens=cut_into_answer)
-    assert {micro_batch["input_ids"].shape[1] for batch in stream for micro_batch in batch} == {cut_into_answer}
+    # rows of [1 image slot | text] (make_stream's n_image_tokens)
+    assert {micro_batch["input_ids"].shape[1] for batch in stream for micro_batch in batch} == {1 + cut_into_answer}
     assert stream.counts == {"skipped": 0, "text_only": 0, "truncated": 8}
 
 
@@ -449,7 +450,8 @@ def test_a_batch_holds_the_clean_text_and_the_preprocessed_image(tokenizer):
     source = SyntheticShapes(1, image_size=32, questions=2)
     [[batch]] = make_stream(source, tokenizer, image_size=32)  # one batch of one micro-batch
     input_ids, labels = encode_conversation(tokenizer, source.record(0)["conversations"])
-    assert batch["input_ids"].tolist() == [input_ids] and batch["labels"].tolist() == [labels]
+    image_slot = [tokenizer.pad_id], [IGNORE_INDEX]  # make_stream's one image slot leads the row
+    assert batch["input_ids"].tolist() == [image_slot[0] + input_ids] and batch["labels"].tolist() == [image_slot[1] + labels]
     assert torch.equal(batch["pixel_values"][0], preprocess_image(source.record(0)["image"], image_size=32))
 
 

@@ -464,5 +464,5 @@ def test_compiled_blocks_give_the_same_loss_and_gradients():
 
 
 def test_cuda_graph_modes_need_the_fast_paths_fixed_inputs():
-    with pytest.raises(ValueError, match="fast_path.enable"):
+    with pytest.raises(ValueError, match="use_fast_path"):
         fast_path.compile_blocks(tiny_vlm(), "reduce-overhead")

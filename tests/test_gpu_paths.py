@@ -87,7 +87,7 @@ def test_packed_rows_on_the_gpus_kernels(model):
 @pytest.mark.parametrize("mask_kind", ["prefix", "bidirectional"])
 def test_compiled_blocks_as_train_py_runs_them(model, mask_kind):
     compiled = copy.deepcopy(model)
-    fast_path.enable(compiled, "default")
+    fast_path.compile_blocks(fast_path.use_fast_path(compiled), "default")
     assert_as_close_as_the_dense_mask_in_bf16(model, compiled, padded_batch([144, 100, 37]), mask_kind)
 
 

@@ -88,7 +88,7 @@ def test_cider_d_rewards_the_right_captions():
 
 def test_evaluate_demo_captions_and_questions_new_images(tmp_path, capsys):
     from test_train import tiny_setup
-    cfg, tokenizer, model, _, _ = tiny_setup(stage=3, shapes_questions=1)
+    cfg, tokenizer, model, _, _ = tiny_setup(shapes_questions=1)
     model.save(tmp_path / "checkpoint", tokenizer=tokenizer)
     evaluate_demo(str(tmp_path / "checkpoint"), cfg, n_images=2)
     printed = capsys.readouterr().out
