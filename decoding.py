@@ -7,6 +7,23 @@ import torch
 import torch.nn.functional as F
 
 
+class KVCache:
+    """Keys and values of the tokens seen so far, one pair per layer, for decoding token by token."""
+
+    def __init__(self):
+        self.layers = {}
+
+    def update(self, layer, k, v):
+        if layer in self.layers:
+            past_k, past_v = self.layers[layer]
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        self.layers[layer] = (k, v)
+        return k, v
+
+    def reorder(self, batch_index):  # beam search keeps the surviving beams' histories
+        self.layers = {i: (k[batch_index], v[batch_index]) for i, (k, v) in self.layers.items()}
+
+
 class Decoder:
     """Feeds one new token per sequence through the language model, attending to every real token so far."""
 

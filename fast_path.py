@@ -1,22 +1,17 @@
 """The fast path: what model.py computes, in the forms fast GPU kernels take (train.py's `fast_path` setting).
 
-model.py is the reference: attention is SDPA under the dense [L, L] mask of masks.attention_mask, and the loss
-is F.cross_entropy over the logits of every position. On a GPU both waste work: a dense mask keeps SDPA off
-its flash kernels and computes every masked score, and the logits of a stage-2 micro-batch over Qwen2's
-151,936 words take gigabytes. This module computes the same numbers another way; tests/test_fast_path.py
-proves each piece equal to the reference, padded and packed, forward and gradients.
+model.py is the reference: SDPA under the dense [L, L] mask of masks.attention_mask, and F.cross_entropy over
+the logits of every position. On a GPU both waste work: a dense mask keeps SDPA off its flash kernels and
+computes every masked score, and a micro-batch's logits over Qwen2's 151,936 words take gigabytes. This module
+computes the same numbers another way; tests/test_fast_path.py proves each piece equal to the reference.
 
-    PrefixBlocks      the prefix mask of right-padded rows as two flash-attention calls, and no mask tensor
-    FlexMask          every other mask, and packed rows, as a FlexAttention block mask: the kernel skips the
-                      128x128 blocks that are fully masked
-    next_token_loss   the output layer and cross-entropy only at labelled positions, a chunk of rows at a time,
-                      the gradients computed in the forward pass
-    compile_blocks    each transformer block compiled (fusion), optionally replayed as a CUDA graph, with the
-                      per-batch inputs in fixed memory (FixedInputs) and the gradients copied out (own_gradients)
+    PrefixBlocks      the prefix mask of right-padded rows as two flash-attention calls, no mask tensor
+    FlexMask          the other masks and packed rows as FlexAttention block masks: fully masked blocks skipped
+    next_token_loss   the output layer only at labelled positions, a chunk at a time, gradients in the forward
+    compile_blocks    each block compiled, optionally replayed as a CUDA graph (FixedInputs, own_gradients)
 
-`use_fast_path(model)` switches a model over: then VLM.hidden_states asks `FastPath.inputs` for the mask and
-RoPE tables, VLM.forward asks `FastPath.next_token_loss` for the loss, and model.attend runs the mask object
-it is handed.
+After `use_fast_path(model)`, VLM.hidden_states asks `FastPath.inputs` for the mask and RoPE tables,
+VLM.forward asks `FastPath.next_token_loss` for the loss, and model.attend runs the mask object it is handed.
 """
 import torch
 import torch.nn.functional as F
@@ -28,8 +23,8 @@ from model import IGNORE_INDEX, find_label_positions
 
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that record CUDA graphs
 
-# FlexAttention is fast only compiled: one fused kernel that skips the fully masked blocks. Run eagerly it is a
-# slow reference implementation, the only form on the CPU. Inside compiled blocks it is compiled with them.
+# FlexAttention is fast only compiled (one fused kernel); eager, the CPU's only form, it is a slow reference.
+# Inside compiled blocks it is compiled with them.
 fused_flex_attention = torch.compile(flex_attention, dynamic=False)
 
 
@@ -46,8 +41,7 @@ class FastPath:
         self.fixed = None  # FixedInputs, once the blocks replay as CUDA graphs
 
     def inputs(self, mask_kind, n_image_tokens, document, rope, packed):
-        """The stage's mask in the form its kernel takes, and the RoPE tables; under CUDA graphs, both in
-        memory that every batch of a shape reuses."""
+        """The stage's mask in the form its kernel takes, and the RoPE tables (under CUDA graphs, in FixedInputs)."""
         masks.check_kind(mask_kind)
         if mask_kind == "prefix" and not packed:  # right-padded rows, one document each (data.collate)
             mask = PrefixBlocks(n_image_tokens, document.shape[1])
@@ -69,12 +63,11 @@ class FastPath:
 # Attention: the masks as the kernels take them
 
 class PrefixBlocks:
-    """The prefix mask of right-padded rows (Fig. 3(b)) kept as its two blocks: the image block attends to
-    itself with no mask, and the text attends to every image token and causally to earlier text, a causal mask
-    aligned at the bottom right of the [text x (image + text)] block (`text_causal`, which SDPA runs as a
-    flash-attention call, not a matrix). Right padding needs nothing more: a real token never looks to its
-    right, where the pads are. Built once per batch outside the compiled blocks, which take it as an input
-    (torch.compile cannot build `text_causal` inside a graph without breaking it)."""
+    """The prefix mask of right-padded rows (Fig. 3(b)) as its two blocks: the image block attends to itself
+    with no mask; the text attends to every image token and causally to earlier text, a causal mask aligned at
+    the bottom right of the [text x (image + text)] block, which SDPA runs as a flash-attention call, not a
+    matrix. Right padding needs nothing more: a real token never looks right, where the pads are. Built outside
+    the compiled blocks (building `text_causal` inside one would break its graph)."""
 
     def __init__(self, n_image_tokens, seq_len):
         self.n_image_tokens = n_image_tokens
@@ -136,12 +129,10 @@ def placed(fixed, name, tensor):
 # The loss: the output layer a chunk at a time
 
 def next_token_loss(weight, rows, targets, chunk_size=4096):
-    """Mean cross-entropy of hidden states `rows` [N, D] through the output layer `weight` against `targets` [N].
-
-    The rows go through the 151,936-wide output layer a chunk at a time, so the full [N, vocab] logits never
-    exist: a chunk of 4096 rows holds a stage-2 micro-batch's labels (1.2 GB of bf16 logits), one matmul each
-    way. When training, each chunk's gradients are computed at once (LinearCrossEntropy) and its logits
-    dropped. A target of IGNORE_INDEX adds nothing to the sum but counts in the mean's denominator."""
+    """Mean cross-entropy of hidden states `rows` [N, D] through the output layer `weight` against `targets` [N],
+    a chunk of rows at a time, so that the [N, vocab] logits never exist whole (4096 rows hold a stage-2
+    micro-batch's labels: 1.2 GB of bf16 logits). When training, each chunk's gradients are computed at once
+    (LinearCrossEntropy) and its logits dropped. IGNORE_INDEX targets add nothing but count in the mean."""
     if len(targets) == 0:
         raise ValueError("no token of the batch carries a label: there is no loss to compute")
     if torch.is_grad_enabled() and (weight.requires_grad or rows.requires_grad):
@@ -212,16 +203,13 @@ fused_softmax_cross_entropy = torch.compile(softmax_cross_entropy, dynamic=True)
 # Compiled blocks and CUDA graphs
 
 def compile_blocks(model, mode="default", max_shapes=64):
-    """torch.compile each transformer block ("regional" compilation). The 27 vision and 24 language blocks share
-    two compiled graphs, so compiling takes a fraction of the whole model's time; inside a block the norms,
-    activations and RoPE fuse around the matmuls, and FlexAttention becomes one fused kernel. The language
-    blocks' shapes stay static (the fastest kernels; FlexAttention with dynamic shapes fails to compile on the
-    CPU): each new batch shape compiles anew, up to `max_shapes` of them (past torch's default of 8 a block
-    would silently run eagerly), so pad batches to a few lengths.
-
-    A mode in CUDA_GRAPH_MODES also records each block as a CUDA graph and replays it: at micro-batch 16 the
-    GPU runs a block's kernels faster than Python launches them, and a graph launches them all at once. The
-    per-batch inputs then go through FixedInputs, so that the graphs find them where they were recorded."""
+    """torch.compile each transformer block ("regional" compilation): the 27 vision and 24 language blocks share
+    two graphs, and inside a block the norms, activations and RoPE fuse around the matmuls and FlexAttention
+    becomes one kernel. The language blocks' shapes stay static (the fastest kernels; dynamic FlexAttention
+    fails to compile on the CPU): each batch shape compiles anew, up to `max_shapes` (past torch's default of
+    8 a block would silently run eagerly), so pad batches to a few lengths. A mode in CUDA_GRAPH_MODES also
+    replays each block as a CUDA graph (at micro-batch 16 the GPU runs a block faster than Python launches its
+    kernels); the per-batch inputs then go through FixedInputs, where the graphs were recorded."""
     config = torch._dynamo.config  # cache_size_limit: the name for the recompile limit in every torch >= 2.5
     config.cache_size_limit = max(config.cache_size_limit, max_shapes)
     if mode in CUDA_GRAPH_MODES:
@@ -238,13 +226,10 @@ def compile_blocks(model, mode="default", max_shapes=64):
 
 
 class FixedInputs:
-    """Buffers that hold the blocks' per-batch inputs at the same addresses, batch after batch.
-
-    A block replayed as a CUDA graph finds the tensors its backward pass keeps at the addresses where the graph
-    was recorded; where one of them, built for each batch outside the blocks (RoPE's tables, the mask and the
-    tensors its rule reads), lies elsewhere, the graphs are recorded again (on an H100, stage 0 ran at 52
-    images/s instead of 185). Each is copied into one buffer per name and shape, which the next batch of that
-    shape overwrites: its backward pass has run by then."""
+    """Buffers that hold the blocks' per-batch inputs (RoPE's tables, the mask and what its rule reads) at the
+    same addresses, batch after batch: a block replayed as a CUDA graph that finds one elsewhere is recorded
+    again (on an H100, stage 0 ran at 52 images/s instead of 185). One buffer per name and shape, which the next
+    batch of that shape overwrites: its backward pass has run by then."""
 
     def __init__(self):
         self.buffers = {}

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 import masks
-from decoding import Decoder, beam_search, greedy
+from decoding import Decoder, KVCache, beam_search, greedy
 
 IGNORE_INDEX = -100  # label of a token that carries no loss (PyTorch's cross_entropy default ignore_index)
 
@@ -38,10 +38,8 @@ def attend(q, k, v, mask):
 
 
 def shared_input_linear(x, *layers):
-    """x through several nn.Linear layers at once, as one matmul over their stacked weights; returns one output
-    per layer. Attention's q, k and v (and SwiGLU's gate and up) read the same input: one wide matmul keeps the
-    GPU busy where Qwen2's 128-wide k and v projections alone would not. The parameters stay separate, in the
-    official checkpoints' layout."""
+    """x through several nn.Linear layers as one matmul over their stacked weights (q, k and v; SwiGLU's gate and
+    up): one wide matmul keeps the GPU busy where Qwen2's 128-wide k and v alone would not."""
     weight = torch.cat([layer.weight for layer in layers])
     bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
     return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
@@ -127,8 +125,7 @@ class SigLIP(nn.Module):
         folder = resolve(name_or_path)
         config = read_json(os.path.join(folder, "config.json"))
         model = unloaded(cls, siglip_config(config, folder))
-        # the Hub's file holds the whole SigLIP (both towers) under "vision_model."; a lone vision tower carries
-        # that prefix where transformers 4 saved it, not where transformers 5 did
+        # the Hub's file holds both towers under "vision_model."; a lone tower saved by transformers 4 too, not by 5
         prefix = "vision_model." if has_tensor(folder, "vision_model.post_layernorm.weight") else ""
         state = read_safetensors(folder, prefix=prefix, skip=(prefix + "head.",))  # the pooling head is unused
         load_state(model, {n.removeprefix(prefix): t for n, t in state.items()}, rename=siglip_name, source=folder, dtype=dtype)
@@ -177,24 +174,6 @@ def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
-
-
-class KVCache:
-    """Keys and values of the tokens seen so far, one pair per layer, for decoding token by token."""
-
-    def __init__(self):
-        self.layers = {}
-
-    def update(self, layer, k, v):
-        if layer in self.layers:
-            past_k, past_v = self.layers[layer]
-            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-        self.layers[layer] = (k, v)
-        return k, v
-
-    def reorder(self, batch_index):
-        # beam search keeps the surviving beams' histories
-        self.layers = {i: (k[batch_index], v[batch_index]) for i, (k, v) in self.layers.items()}
 
 
 class Qwen2Attention(nn.Module):
@@ -330,22 +309,22 @@ def read_json(path):
         return json.load(f)
 
 
-def read_safetensors(folder, prefix="", skip=()):
-    """All tensors whose name starts with `prefix` (minus those starting with a `skip` entry), from
-    model.safetensors or from the shards listed in model.safetensors.index.json."""
+def safetensors_files(folder):
+    """model.safetensors, or the shards listed in model.safetensors.index.json."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
-        files = sorted(set(read_json(index)["weight_map"].values()))
-    elif os.path.exists(os.path.join(folder, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}")
+        return sorted(set(read_json(index)["weight_map"].values()))
+    if os.path.exists(os.path.join(folder, "model.safetensors")):
+        return ["model.safetensors"]
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}")
+
+
+def read_safetensors(folder, prefix="", skip=()):
+    """All tensors whose name starts with `prefix`, but for those starting with a `skip` entry."""
     state = {}
-    for file in files:
+    for file in safetensors_files(folder):
         with safe_open(os.path.join(folder, file), framework="pt") as f:
-            for name in f.keys():
-                if name.startswith(prefix) and not name.startswith(skip):
-                    state[name] = f.get_tensor(name)
+            state.update({n: f.get_tensor(n) for n in f.keys() if n.startswith(prefix) and not n.startswith(skip)})
     return state
 
 
@@ -389,13 +368,11 @@ def aliases(model):
 
 
 def has_tensor(folder, name):
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):
-        return name in read_json(index)["weight_map"]
-    if not os.path.exists(os.path.join(folder, "model.safetensors")):
-        return False  # read_safetensors names the missing file
-    with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
-        return name in f.keys()
+    for file in safetensors_files(folder):
+        with safe_open(os.path.join(folder, file), framework="pt") as f:
+            if name in f.keys():
+                return True
+    return False
 
 
 def siglip_name(name):
@@ -454,8 +431,7 @@ class VLMConfig:
     vision: SigLIPConfig
     language: Qwen2Config
     projector_hidden: int = 896  # the paper's Linear(1152 -> 896), GELU, Linear(896 -> 896)
-    # the mask generation decodes under: the one training used (paper 3.2), or prefix after stage 0
-    mask_kind: str = "prefix"
+    mask_kind: str = "prefix"  # the mask generation decodes under: training's (3.2), or prefix after stage 0
 
 
 class Projector(nn.Module):
@@ -483,13 +459,10 @@ class VLM(nn.Module):
     def forward(self, pixel_values, input_ids, labels, document, mask_kind="prefix", noise_prob=0.0, noise_token_id=None,
                 generator=None, label_positions=None):
         """The mean next-token cross-entropy over the labelled text (eq. 1): Algorithm 2, or Algorithm 1 under the
-        bidirectional mask with noise_prob > 0 (stage 0; `generator` draws the noise).
-
-        A batch is rows of [image | text] documents (masks.py): input_ids, labels, document [R, L], where each
-        document's first n_image_tokens positions are its image slots (any input id, no label) and `document`
-        is -1 on padding; pixel_values [N, 3, H, W] holds one image per document, in row order.
-        `label_positions` (where labels.flatten() carries a label, counted by data.py on the host) spare the fast
-        path a wait for the GPU."""
+        bidirectional mask with noise_prob > 0 (stage 0; `generator` draws the noise). A batch is rows of
+        [image | text] documents (data.collate, data.pack_documents): input_ids, labels, document [R, L], each
+        document's first n_image_tokens positions its image slots; pixel_values: one image per document, in row
+        order. `label_positions` (counted by data.py on the host) spare the fast path a wait for the GPU."""
         if noise_prob > 0:  # Algorithm 1, line 3: the text inputs get noise, the labels stay clean
             text = (document >= 0) & ~masks.image_slots(document, self.n_image_tokens)
             input_ids = masks.add_noise(input_ids, text, noise_prob, noise_token_id, self.config.language.vocab_size,
@@ -520,10 +493,10 @@ class VLM(nn.Module):
     @torch.no_grad()
     def generate(self, pixel_values, input_ids, text_mask, max_new_tokens=30, num_beams=1,
                  eos_ids=(151645, 151643), mask_kind=None, length_penalty=1.0, on_token=None):
-        """Decode from [image | prompt] with a KV cache; the prompts [B, T] may be padded on either side
-        (text_mask: True on real tokens). The prompt attends under `mask_kind` (default: config.mask_kind, the
-        training mask). `eos_ids`: <|im_end|> and <|endoftext|>. Returns each sample's new tokens, without the
-        end token; `on_token(tokens [B])` is called after each greedy step (-1 for a sample that has ended)."""
+        """Each prompt's new tokens, up to (not including) an end token (`eos_ids`: <|im_end|>, <|endoftext|>).
+        The prompts [B, T] may be padded on either side (text_mask: True on real tokens) and attend under
+        `mask_kind` (default: config.mask_kind, the training mask). `on_token(tokens [B])` is called after each
+        greedy step (-1 for a sample that has ended)."""
         image_tokens = self.projector(self.vision(pixel_values))
         if num_beams > 1:
             image_tokens, input_ids, text_mask = (t.repeat_interleave(num_beams, dim=0)
@@ -548,8 +521,7 @@ class VLM(nn.Module):
         return model.to(dtype)
 
     def save(self, folder, tokenizer=None):
-        """model.safetensors + config.json (+ tokenizer.json), each written under a temporary name and renamed,
-        so that a reader never sees half of one (checkpoints.py renames a whole checkpoint's folder)."""
+        """model.safetensors + config.json (+ tokenizer.json), each written under a temporary name and renamed."""
         os.makedirs(folder, exist_ok=True)
         state = {n: t.detach().contiguous() for n, t in self.state_dict().items()}
         if self.config.language.tie_word_embeddings:
@@ -577,12 +549,10 @@ class VLM(nn.Module):
         return {"vision": self.vision, "projector": self.projector, "language": self.language}
 
     def training_flops(self, n_text_tokens, n_label_tokens, trainable):
-        """Matrix-multiply FLOPs of one training sample, counted as 2 per multiply-add. A layer costs its forward
-        pass once, once more for its weights' gradients if it trains, and once more for its input's gradient
-        if anything before it trains. Attention's two products have no weights but two inputs each: where
-        gradients cross them, twice their forward (even in a frozen module: the language model in stages 0-1).
-        Attention counts the full S x S scores, whatever the mask. tests/test_model.py checks this count
-        against torch's FLOP counter."""
+        """Matrix-multiply FLOPs of one training sample (2 per multiply-add), for MFU. A layer costs its forward
+        once, once more for its weights' gradients if it trains, once more for its input's gradient if anything
+        before it trains; attention's two products (the full S x S scores) three times their forward where
+        gradients cross them, frozen or not. tests/test_model.py checks it against torch's FLOP counter."""
         v, l, hidden = self.config.vision, self.config.language, self.config.projector_hidden
         n, d = self.n_image_tokens, v.hidden_size
         s, h = n + n_text_tokens, l.hidden_size
@@ -607,8 +577,7 @@ VLM_ARCHITECTURE = "siglip-projector-qwen2"
 def place_images(text_tokens, image_tokens, image_slots):
     """The rows' embeddings [R, L, D] with each document's image tokens (image_tokens [N, n, D], in row order)
     in its image slots (image_slots [R, L])."""
-    # a stable sort of "is text" lists the slots' flat positions first, in row order; unlike nonzero(), it
-    # needs no count from the GPU, so the host does not wait for it
+    # a stable sort of "is text" lists the slots' flat positions first, in row order; unlike nonzero(), no wait for the GPU
     index = torch.argsort((~image_slots).flatten().int(), stable=True)[:image_tokens.shape[0] * image_tokens.shape[1]]
     flat = text_tokens.flatten(0, 1).index_copy(0, index, image_tokens.flatten(0, 1).to(text_tokens.dtype))
     return flat.view_as(text_tokens)
@@ -620,9 +589,8 @@ def find_label_positions(labels):
 
 
 def prompt_rows(input_ids, text_mask, n_image_tokens):
-    """Prompts [B, T] padded on either side -> rows [pads | image slots | prompt] and their `document` (0, and
-    -1 on the pads), laid out as training lays out a document; the pads go first, so every row ends on its
-    prompt's last token."""
+    """Prompts [B, T] padded on either side -> rows [pads | image slots | prompt] as training lays out a
+    document, and their `document` (-1 on the pads): the pads go first, so every row ends on its last token."""
     image = torch.ones_like(text_mask[:, :1], dtype=torch.bool).expand(-1, n_image_tokens)
     real = torch.cat([image, text_mask.bool()], dim=1)
     order = torch.argsort(real.int(), dim=1, stable=True)  # the pads first, the real tokens in their order

@@ -61,7 +61,7 @@ def test_kv_cache_greedy_equals_recomputing_everything(model_and_reference):
 def test_a_cache_is_used_only_with_positions_and_a_mask(model_and_reference):
     """After a prefill, new tokens sit at later positions and see the cached ones: the language model's defaults
     (positions from 0, a square causal mask) would be wrong, so with a cache it asks for both."""
-    from model import KVCache
+    from decoding import KVCache
     language, (_, ids) = model_and_reference[0].language, prompts()
     cache = KVCache()
     language(ids[:, :-1], cache=cache, position_ids=torch.arange(4).expand(3, 4), mask=torch.ones(1, 1, 4, 4).tril().bool())
