@@ -1,6 +1,5 @@
-"""Checkpoints: the weights that VLM.load, sample.py and eval.py read, and what an exact resume needs (optimizer,
-every rank's data position and random streams). A checkpoint is written into step-N.partial, renamed step-N,
-and then named in out_dir/latest, each on disk (fsync) before the next: `latest` names a complete checkpoint."""
+"""Checkpoints: the weights VLM.load reads and what an exact resume needs (optimizer, every rank's data position and
+random streams): written to step-N.partial, renamed step-N, named in out_dir/latest, each on disk before the next."""
 import errno
 import os
 import random
@@ -24,8 +23,7 @@ def latest_checkpoint(out_dir):
 
 
 def checkpoint_folder(path):
-    """A checkpoint folder as is, or a training run's out_dir as its newest checkpoint: train.py's init_from
-    and the --checkpoint of sample.py and eval.py take either (config/stage2.py starts from "out/stage1")."""
+    """A checkpoint folder as is, or a training run's out_dir as its newest checkpoint (stage2.py: "out/stage1")."""
     folder = latest_checkpoint(path) or path
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"{path} is neither a checkpoint (config.json + model.safetensors) nor a training "
@@ -34,8 +32,7 @@ def checkpoint_folder(path):
 
 
 def save_checkpoint(cfg, model, tokenizer, optimizer, step, data_position):
-    """Rank 0 writes the checkpoint, with every rank's data position and random streams (a rank that skips a
-    batch of bad samples reads ahead of the others); every rank waits until it is complete."""
+    """Rank 0 writes it, with each rank's data position and random streams (one that skips bad samples reads ahead)."""
     ranks = gather_from_ranks({"data": data_position, "rng": rng_state()})
     if rank() == 0:
         write_checkpoint(cfg, model, tokenizer, optimizer, step, ranks)
@@ -44,32 +41,25 @@ def save_checkpoint(cfg, model, tokenizer, optimizer, step, data_position):
 
 
 def write_checkpoint(cfg, model, tokenizer, optimizer, step, ranks):
-    out_dir = cfg["out_dir"]
-    folder = os.path.join(out_dir, f"step-{step:07d}")
-    partial = folder + ".partial"
+    out_dir, name = cfg["out_dir"], f"step-{step:07d}"
+    folder, partial = os.path.join(out_dir, name), os.path.join(out_dir, name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save(partial, tokenizer=tokenizer)
     trainer_state = {"step": step, "optimizer": optimizer.state_dict(), "ranks": ranks, "config": cfg}
     torch.save(trainer_state, os.path.join(partial, "trainer.pt"))
-    flush_to_disk(partial)
+    for file in os.listdir(partial):  # a power cut may lose this checkpoint, never leave `latest` naming lost files
+        with open(os.path.join(partial, file), "rb") as f:
+            os.fsync(f.fileno())
+    flush_entries(partial)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)
     flush_entries(out_dir)  # the rename itself on disk before `latest` names the folder
-    write_atomically(os.path.join(out_dir, "latest"), os.path.basename(folder))
+    write_atomically(os.path.join(out_dir, "latest"), name)
     # keep this checkpoint and the one before it; a later step's folder is an earlier run's, not this run's to prune
     earlier = sorted(f for f in os.listdir(out_dir)
-                     if f.startswith("step-") and not f.endswith(".partial") and f < os.path.basename(folder))
+                     if f.startswith("step-") and not f.endswith(".partial") and f < name)
     for old in earlier[:-1]:
         shutil.rmtree(os.path.join(out_dir, old))
-
-
-def flush_to_disk(folder):
-    """Every file of the folder, and its list of them, on disk: a power cut may then lose the newest
-    checkpoint, but never leave `latest` naming files that did not reach the disk."""
-    for name in os.listdir(folder):
-        with open(os.path.join(folder, name), "rb") as f:
-            os.fsync(f.fileno())
-    flush_entries(folder)
 
 
 def flush_entries(folder):
@@ -99,11 +89,9 @@ def restore(folder, model, optimizer, stream, cfg):
     """Weights, optimizer moments, and this rank's random streams and data position; returns the step. The
     optimizer's settings (learning rates, weight decay, betas, fused) stay this run's: a resume may change them."""
     state = torch.load(os.path.join(folder, "trainer.pt"), map_location="cpu", weights_only=True)  # data, never code
-    # checkpoints written before each rank's position was kept hold rank 0's, which every rank then takes
-    ranks = state.get("ranks") or [{"data": state["data"], "rng": state["rng"]}] * world_size()
-    if len(ranks) != world_size():
-        raise ValueError(f"{folder} was saved by {len(ranks)} rank(s), not {world_size()}: resume on as many, "
-                         "or the data would not continue where it stopped")
+    if len(state["ranks"]) != world_size():
+        raise ValueError(f"{folder} was saved by {len(state['ranks'])} rank(s), not {world_size()}: resume on as "
+                         "many, or the data would not continue where it stopped")
     model.load_state_dict(VLM.load(folder).state_dict())
     saved = state["optimizer"]
     trained, training = (list(dict.fromkeys(group["name"] for group in groups))  # the modules, each once
@@ -115,10 +103,10 @@ def restore(folder, model, optimizer, stream, cfg):
     saved["param_groups"] = [{**this_run, "params": group["params"]}
                              for this_run, group in zip(optimizer.state_dict()["param_groups"], saved["param_groups"])]
     optimizer.load_state_dict(saved)
-    stream.load_state_dict(ranks[rank()]["data"])
-    set_rng_state(ranks[rank()]["rng"])
-    changed = sorted(key for key, value in state["config"].items() if key != "resume" and cfg.get(key, value) != value)
-    log(f"resumed from {folder} at step {state['step']}" + (f"; changed since: {', '.join(changed)}" if changed else ""))
+    stream.load_state_dict(state["ranks"][rank()]["data"])
+    set_rng_state(state["ranks"][rank()]["rng"])
+    changed = ", ".join(sorted(k for k, v in state["config"].items() if k != "resume" and cfg.get(k, v) != v))
+    log(f"resumed from {folder} at step {state['step']}" + (f"; changed since: {changed}" if changed else ""))
     return state["step"]
 
 

@@ -4,11 +4,9 @@
     torchrun --nproc_per_node=8 train.py config/stage2.py        # the paper's stage 2 on 8 GPUs
     python train.py config/stage1.py --micro_batch=16 --resume=True
 
-Every stage is the same loop: pick the trainable modules and their learning rates, pick the attention mask
-(stage 0: bidirectional + input noise, Algorithm 1; stages 1-3: prefix, Algorithm 2), then minimise the
-next-token loss on the text (eq. 1) for one epoch with AdamW and a cosine schedule. Each stage starts from
-the previous stage's checkpoint.
-"""
+Every stage is the same loop: pick the trainable modules and their learning rates, the attention mask (stage 0:
+bidirectional + input noise, Algorithm 1; stages 1-3: prefix, Algorithm 2), then minimise the next-token loss on
+the text (eq. 1) for one epoch with AdamW and a cosine schedule, from the previous stage's checkpoint."""
 import contextlib
 import json
 import math
@@ -30,16 +28,14 @@ from fast_path import compile_blocks, cuda_graphs_refused, own_gradients, use_fa
 from model import VLM, Qwen2Config, SigLIPConfig, VLMConfig
 
 # -----------------------------------------------------------------------------
-# Settings: these globals are the defaults (the paper's stage 2). config/*.py and --key=value change the dict
-# `settings` built from them below, which each stage reads as `cfg`.
+# Settings, by default the paper's stage 2: config/*.py and --key=value change `settings`; stages read it as `cfg`
 # model
 vision = "google/siglip-so400m-patch14-224"  # a Hub id or a local folder
 language = "Qwen/Qwen2.5-0.5B"
 init_from = ""                # our checkpoint to start from (the previous stage); empty: the pretrained backbones
 projector_hidden = 896
-vision_config = {}            # either one non-empty: both towers randomly initialised, SigLIP of these sizes and
-language_config = {}          # Qwen2 of those (vocab_size: the tokenizer's), instead of `vision` and `language` (the demo)
-tokenizer = ""                # without init_from: a folder or Hub id ("shapes": the demo's own); empty: the language model's
+vision_config, language_config = {}, {}  # either set: random SigLIP and Qwen2 of these sizes (vocab: the tokenizer's)
+tokenizer = ""                # without init_from: a folder or Hub id ("shapes": the demo's); empty: `language`'s
 # data
 dataset = "lmms-lab/LLaVA-ReCap-558K"
 data_format = "parquet"       # parquet | llava_json | pathvqa | karpathy | synthetic
@@ -76,14 +72,14 @@ checkpoint_interval = 500
 seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights stay fp32
-fast_path = torch.cuda.is_available()  # the same loss and gradients by faster kernels (fast_path.py); False: the
-                              # reference (SDPA with the dense mask, full logits)
+fast_path = torch.cuda.is_available()  # same loss and gradients by faster kernels; False: SDPA, dense mask, full logits
 compile = torch.cuda.is_available()  # torch.compile each transformer block (fast_path.compile_blocks)
 compile_mode = "reduce-overhead"  # blocks replayed as CUDA graphs (needs fast_path); gradient checkpointing: "default"
 gradient_checkpointing = False
 peak_flops = 989e12           # the GPU's dense bf16 peak, the MFU's denominator here and in bench.py (H100/H200 SXM)
 eval_after = False            # the demo: caption new images ("val" and "heldout") and score them at the end
-settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list, dict))}
+settings = {k: v for k, v in globals().items()
+            if not k.startswith("_") and isinstance(v, (int, float, bool, str, list, dict))}
 # -----------------------------------------------------------------------------
 
 
@@ -101,9 +97,17 @@ def main():
     distributed.teardown()
 
 
+def check_stages_keep_command_line(stages, given):
+    """A stage's own settings win, so one that would undo a --key=value is an error, not a silent change."""
+    for i, overrides in enumerate(stages):
+        undone = sorted(given & set(overrides))
+        if undone:
+            raise ValueError(f"--{undone[0]} is set again by stages[{i}] ({undone[0]}={overrides[undone[0]]!r}), which "
+                             "wins: change it in the config's stages, or train one stage (--stages=[])")
+
+
 def chain_stages(runs, stages):
-    """Each stage starts from the one before's out_dir (its newest checkpoint; paper 3.4) unless it names an
-    init_from of its own; a global init_from is where the first stage starts."""
+    """A stage without its own init_from starts from the previous one's out_dir (paper 3.4); the first, a global one."""
     for before, cfg, overrides in zip(runs, runs[1:], stages[1:]):
         if "init_from" not in overrides:
             cfg["init_from"] = before["out_dir"]
@@ -116,24 +120,12 @@ def check_runs(runs):
         raise ValueError(f"the stages share an out_dir ({out_dirs}): give each stage its own")
     for cfg in runs:
         if cfg["pad_to_multiple"] < 1:
-            raise ValueError(f"pad_to_multiple={cfg['pad_to_multiple']}: text lengths are rounded up to a multiple of it, "
-                             "so it must be at least 1 (1: no rounding)")
+            raise ValueError(f"pad_to_multiple={cfg['pad_to_multiple']}: text lengths are rounded up to a multiple "
+                             "of it, so it must be at least 1 (1: no rounding)")
         if cfg["dtype"] not in ("bfloat16", "float32"):
             raise ValueError(f"dtype={cfg['dtype']!r}: train in 'bfloat16' (as the paper) or 'float32'; float16 "
                              "would need a loss scaler, which this loop does not have")
 
-
-def check_stages_keep_command_line(stages, given):
-    """A stage's own settings win, so one that would undo a --key=value is an error, not a silent change."""
-    for i, overrides in enumerate(stages):
-        undone = sorted(given & set(overrides))
-        if undone:
-            raise ValueError(f"--{undone[0]} is set again by stages[{i}] ({undone[0]}={overrides[undone[0]]!r}), which "
-                             "wins: change it in the config's stages, or train one stage (--stages=[])")
-
-
-# -----------------------------------------------------------------------------
-# One stage
 
 def train_stage(cfg):
     """Train one stage; returns the folder of its final checkpoint."""
@@ -143,7 +135,8 @@ def train_stage(cfg):
     if total_steps <= 0:
         raise ValueError(f"nothing to train: max_steps={cfg['max_steps']} and epochs={cfg['epochs']}")
     plan = (f"packed into micro-batches of at most {stream.pack_rows} row(s) of {cfg['pack_length']} tokens"
-            if cfg["pack_length"] else f"{stream.batch_size // cfg['micro_batch']} micro-batch(es) of {cfg['micro_batch']}")
+            if cfg["pack_length"] else
+            f"{stream.batch_size // cfg['micro_batch']} micro-batch(es) of {cfg['micro_batch']}")
     log(f"{cfg['out_dir']}: mask {cfg['mask_kind']}, noise {cfg['noise_prob']}, trainable {trainable}, "
         f"{total_steps} steps of {cfg['global_batch']} samples; on each of {world_size()} rank(s), {plan}")
     if cfg["fast_path"]:
@@ -156,8 +149,7 @@ def train_stage(cfg):
     while step < total_steps:
         started = time.perf_counter()
         set_learning_rates(optimizer, step, total_steps, cfg)
-        # stage 0's noise: per rank, and the same after a resume
-        noise_generator = torch.Generator(device).manual_seed(cfg["seed"] + 1000 * step + rank())
+        noise_generator = torch.Generator(device).manual_seed(cfg["seed"] + 1000 * step + rank())  # per rank, resumable
         loss, n_images, n_tokens, flops = train_step(runner, next(batches), cfg, device, trainable, noise_generator)
         grad_norm = clip_gradients(optimizer, cfg["grad_clip"]).item()
         loss = sum_over_ranks(loss.item(), device) / world_size()  # the batch's loss, over all ranks
@@ -185,7 +177,7 @@ def train_stage(cfg):
     progress.close()
     if rank() == 0:
         plot_losses(metrics_path, os.path.join(cfg["out_dir"], "loss.png"))
-    return latest_checkpoint(cfg["out_dir"])  # the stage's result: its newest checkpoint
+    return latest_checkpoint(cfg["out_dir"])
 
 
 def setup_stage(cfg):
@@ -196,12 +188,10 @@ def setup_stage(cfg):
         torch.backends.cudnn.allow_tf32 = True
     accumulation_steps(cfg["global_batch"], cfg["micro_batch"], world_size())  # the batch splits evenly
     masks.check_kind(cfg["mask_kind"])
-    refused = cuda_graphs_refused(cfg)
-    if uses_cuda_graphs(cfg) and refused:
+    if uses_cuda_graphs(cfg) and (refused := cuda_graphs_refused(cfg)):
         raise ValueError(f"compile_mode={cfg['compile_mode']!r} with {refused}; set compile_mode='default'")
     tokenizer, model = build_model(cfg)
-    # the mask sample.py and eval.py decode under, saved with the checkpoints: the training mask, except stage 0's
-    # bidirectional one, which no decoder can follow (a new token cannot see the tokens after it, not yet made)
+    # sample.py and eval.py decode under the training mask, but prefix for stage 0's: no token sees ones not yet made
     model.config.mask_kind = "prefix" if cfg["mask_kind"] == "bidirectional" else cfg["mask_kind"]
     model.to(device)
     trainable = freeze_modules(model, cfg)
@@ -214,7 +204,7 @@ def start_or_resume(cfg, model, optimizer, stream):
     resume_from = cfg["resume"] and latest_checkpoint(cfg["out_dir"])
     if resume_from:
         step = restore(resume_from, model, optimizer, stream, cfg)
-        if rank() == 0:
+        if rank() == 0 and os.path.exists(metrics_path):  # a lost log has no steps to drop
             keep_metrics_until(metrics_path, step)
         return step, metrics_path
     if cfg["resume"]:  # a job that is restarted until it is done resumes if it can
@@ -225,29 +215,28 @@ def start_or_resume(cfg, model, optimizer, stream):
     return 0, metrics_path
 
 
-def accumulation_steps(global_batch, micro_batch, n_ranks):
+def accumulation_steps(global_batch, micro_batch, ranks):
     """Micro-steps per optimizer step, so that the global batch is the paper's 128 on any number of GPUs."""
-    if global_batch % (micro_batch * n_ranks):
-        raise ValueError(f"global_batch {global_batch} is not a multiple of micro_batch {micro_batch} x {n_ranks} ranks")
-    return global_batch // (micro_batch * n_ranks)
+    if global_batch % (micro_batch * ranks):
+        raise ValueError(f"global_batch {global_batch} is not a multiple of micro_batch {micro_batch} x {ranks} ranks")
+    return global_batch // (micro_batch * ranks)
 
 
 def train_step(runner, micro_batches, cfg, device, trainable, noise_generator=None):
-    """Forward and backward over one batch's micro-batches, gradients synchronised on the last. Each micro-batch's
-    mean loss counts by its share of the global batch's labelled tokens (all ranks), so the gradient is that of
-    the batch's mean loss per token (eq. 1) however micro-batches and ranks divide it. Returns this rank's part."""
-    n_image_tokens = unwrap(runner).n_image_tokens
-    sizes = [batch_sizes(batch, n_image_tokens) for batch in micro_batches]
+    """Forward and backward over a batch's micro-batches (DDP syncs on the last). Each mean loss counts by its share of
+    the global batch's labels: the mean loss per token's gradient (eq. 1), however split. Returns this rank's part."""
+    model = runner.module if isinstance(runner, DDP) else runner
+    sizes = [batch_sizes(batch, model.n_image_tokens) for batch in micro_batches]
     n_labels = sum_over_ranks(sum(labelled for _, _, labelled in sizes), device)
     noise_token_id = cfg["noise_token_id"] if cfg["noise_token_id"] >= 0 else None  # None: random tokens
+    autocast = torch.autocast(device.type, dtype=getattr(torch, cfg["dtype"]), enabled=cfg["dtype"] != "float32")
     total_loss = torch.zeros((), device=device)
     n_images = n_tokens = flops = 0
     for i, (batch, (images, text_tokens, labelled)) in enumerate(zip(micro_batches, sizes)):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or not isinstance(runner, DDP) else runner.no_sync()
-        autocast = torch.autocast(device.type, dtype=getattr(torch, cfg["dtype"]), enabled=cfg["dtype"] != "float32")
-        torch.compiler.cudagraph_mark_step_begin()  # compile_mode reduce-overhead: the last step's graph outputs are free
+        torch.compiler.cudagraph_mark_step_begin()  # reduce-overhead: the last step's graph outputs are free
         with sync:
             with autocast:
                 loss = runner(**batch, mask_kind=cfg["mask_kind"], noise_prob=cfg["noise_prob"],
@@ -255,46 +244,37 @@ def train_step(runner, micro_batches, cfg, device, trainable, noise_generator=No
             share = labelled * world_size() / n_labels  # DDP averages the ranks' gradients: undo its division
             (loss * share).backward()
         if i == 0 and not last and uses_cuda_graphs(cfg):
-            own_gradients(unwrap(runner))
+            own_gradients(model)
         total_loss += loss.detach() * share
         n_images += images
-        n_tokens += images * n_image_tokens + text_tokens
-        flops += images * unwrap(runner).training_flops(text_tokens / images, labelled / images, trainable)
+        n_tokens += images * model.n_image_tokens + text_tokens
+        flops += images * model.training_flops(text_tokens / images, labelled / images, trainable)
     return total_loss, n_images, n_tokens, flops
 
 
 def batch_sizes(batch, n_image_tokens):
-    """(images, text tokens, labelled tokens) of a batch, counted on the host (no GPU sync). Padded rows compute
-    their padding too, and count it; packed rows count their documents' own tokens."""
+    """(images, text tokens, labelled tokens) counted on the host (no GPU sync); padding too, unless rows are packed."""
     images, rows = len(batch["pixel_values"]), batch["document"]
     tokens = (rows >= 0).sum().item() if images > len(rows) else rows.numel()
     return images, tokens - images * n_image_tokens, len(batch["label_positions"])
 
-
-def unwrap(runner):
-    return runner.module if isinstance(runner, DDP) else runner
-
-
-# -----------------------------------------------------------------------------
-# Model, trainable parts and optimizer
 
 def build_model(cfg):
     """The tokenizer and the VLM: our previous checkpoint, or the pretrained backbones (or random ones)."""
     if cfg["init_from"]:
         folder = checkpoint_folder(cfg["init_from"])  # a checkpoint, or the previous stage's out_dir: its newest one
         return data.Tokenizer.from_pretrained(folder), VLM.load(folder)  # a checkpoint holds its tokenizer
-    if cfg["vision_config"] or cfg["language_config"]:
-        tokenizer = (shapes.shapes_tokenizer() if cfg["tokenizer"] == "shapes"
-                     else data.Tokenizer.from_pretrained(cfg["tokenizer"] or cfg["language"]))
-        torch.manual_seed(cfg["seed"])
-        language_config = Qwen2Config(**{"vocab_size": tokenizer.vocab_size, **cfg["language_config"]})
-        if language_config.vocab_size < tokenizer.vocab_size:
-            raise ValueError(f"language_config vocab_size {language_config.vocab_size} < the tokenizer's {tokenizer.vocab_size}")
-        model = VLM(VLMConfig(SigLIPConfig(**cfg["vision_config"]), language_config, cfg["projector_hidden"]))
-        return tokenizer, initialise(model)
-    tokenizer = data.Tokenizer.from_pretrained(cfg["tokenizer"] or cfg["language"])
-    torch.manual_seed(cfg["seed"])  # the new projector's initialisation
-    return tokenizer, VLM.from_pretrained(cfg["vision"], cfg["language"], cfg["projector_hidden"])
+    random_towers = cfg["vision_config"] or cfg["language_config"]
+    tokenizer = (shapes.shapes_tokenizer() if random_towers and cfg["tokenizer"] == "shapes"
+                 else data.Tokenizer.from_pretrained(cfg["tokenizer"] or cfg["language"]))
+    torch.manual_seed(cfg["seed"])  # the random towers' initialisation, or the new projector's
+    if not random_towers:
+        return tokenizer, VLM.from_pretrained(cfg["vision"], cfg["language"], cfg["projector_hidden"])
+    qwen2 = Qwen2Config(**{"vocab_size": tokenizer.vocab_size, **cfg["language_config"]})
+    if qwen2.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"language_config vocab_size {qwen2.vocab_size} < the tokenizer's {tokenizer.vocab_size}")
+    model = VLM(VLMConfig(SigLIPConfig(**cfg["vision_config"]), qwen2, cfg["projector_hidden"]))
+    return tokenizer, initialise(model)
 
 
 def initialise(model, std=0.02):
@@ -308,19 +288,15 @@ def initialise(model, std=0.02):
 
 
 def freeze_modules(model, cfg):
-    """A module whose learning rate is 0 is frozen (paper 3.4: stages 0-1 train the projector only): no gradients,
-    no optimizer, eval mode. Gradient checkpointing applies to frozen modules too: the projector's gradient passes
-    back through the frozen language model (stages 0-1)."""
-    trainable = []
-    for name, module in model.parameter_groups().items():
-        learns = cfg[f"{name}_lr"] > 0
-        module.requires_grad_(learns)
-        module.train(learns)
-        module.gradient_checkpointing = cfg["gradient_checkpointing"]
-        if learns:
-            trainable.append(name)
+    """A module whose learning rate is 0 is frozen (paper 3.4: stages 0-1 train the projector only): no gradients, no
+    optimizer, eval mode."""
+    trainable = [name for name in model.parameter_groups() if cfg[f"{name}_lr"] > 0]
     if not trainable:
         raise ValueError("every learning rate is 0: nothing to train")
+    for name, module in model.parameter_groups().items():
+        module.requires_grad_(name in trainable)
+        module.train(name in trainable)
+        module.gradient_checkpointing = cfg["gradient_checkpointing"]  # frozen too: the projector's gradient crosses it
     return trainable
 
 
@@ -331,64 +307,51 @@ def make_optimizer(model, cfg):
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             continue
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups.append({"name": name, "params": decay, "weight_decay": cfg["weight_decay"], "base_lr": cfg[f"{name}_lr"]})
-        groups.append({"name": name, "params": no_decay, "weight_decay": 0.0, "base_lr": cfg[f"{name}_lr"]})
+        decay, no_decay = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+        groups += [{"name": name, "params": decay, "weight_decay": cfg["weight_decay"], "base_lr": cfg[f"{name}_lr"]},
+                   {"name": name, "params": no_decay, "weight_decay": 0.0, "base_lr": cfg[f"{name}_lr"]}]
     return torch.optim.AdamW(groups, lr=0.0, betas=(cfg["beta1"], cfg["beta2"]), fused=True)
 
 
 def clip_gradients(optimizer, max_norm):
-    """Clip the total norm of the gradients the optimizer steps on (all as one vector) to max_norm (paper 4.2);
-    0 or less: no clipping, as in nanoGPT. Returns their norm before clipping, for the log."""
+    """Clip the total gradient norm to max_norm (paper 4.2; 0 or less: none, as nanoGPT); returns it before clipping."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if max_norm <= 0:
         return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
-def learning_rate(base_lr, step, total_steps, cfg):
-    """Linear warm-up (ours: README), then cosine decay to `min_lr` (paper 4.2)."""
-    warmup = min(cfg["warmup_steps"], total_steps // 10)
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return cfg["min_lr"] + (base_lr - cfg["min_lr"]) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def set_learning_rates(optimizer, step, total_steps, cfg):
+    """Each group's rate from its base_lr: linear warm-up (ours: README), then cosine decay to `min_lr` (paper 4.2)."""
+    warmup, min_lr = min(cfg["warmup_steps"], total_steps // 10), cfg["min_lr"]
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    decay = 0.5 * (1 + math.cos(math.pi * progress))
     for group in optimizer.param_groups:
-        group["lr"] = learning_rate(group["base_lr"], step, total_steps, cfg)
-
-
-# -----------------------------------------------------------------------------
-# Data and logging
-
-def open_source(cfg, image_size):
-    """Where the samples come from, by `data_format` (data.py, section 4)."""
-    fmt, where = cfg["data_format"], cfg["dataset"]
-    if fmt == "parquet":
-        return data.LlavaParquet(where)
-    if fmt == "pathvqa":
-        return data.PathVQAParquet(where, pattern="train-*.parquet")
-    if fmt == "llava_json":
-        return data.LlavaJson(where, cfg["image_root"])
-    if fmt == "karpathy":
-        return data.KarpathyCaptions(where, cfg["image_root"], split="train")
-    if fmt == "synthetic":
-        return shapes.SyntheticShapes(cfg["shapes_samples"], split="train", image_size=image_size, seed=cfg["seed"],
-                                      questions=cfg["shapes_questions"])
-    raise ValueError(f"unknown data_format {fmt!r}: parquet, pathvqa, llava_json, karpathy or synthetic")
+        base_lr = group["base_lr"]
+        group["lr"] = base_lr * (step + 1) / warmup if step < warmup else min_lr + (base_lr - min_lr) * decay
 
 
 def open_stream(cfg, tokenizer, model):
-    """This rank's share of each global batch, in micro-batches, the images at the vision encoder's size."""
-    image_size = model.config.vision.image_size
-    return data.BatchStream(open_source(cfg, image_size), tokenizer, cfg["global_batch"] // world_size(),
-                            model.n_image_tokens, cfg["micro_batch"], image_size=image_size, max_text_tokens=cfg["max_text_tokens"],
-                            seed=cfg["seed"], rank=rank(), world_size=world_size(), num_workers=cfg["num_workers"],
-                            max_skip_fraction=cfg["max_skip_fraction"], pad_to_multiple=cfg["pad_to_multiple"],
-                            pack_length=cfg["pack_length"])
+    """This rank's share of each global batch, in micro-batches, from the `data_format` source (data.py, section 4)."""
+    fmt, where, image_size = cfg["data_format"], cfg["dataset"], model.config.vision.image_size
+    if fmt == "parquet":
+        source = data.LlavaParquet(where)
+    elif fmt == "pathvqa":
+        source = data.PathVQAParquet(where, pattern="train-*.parquet")
+    elif fmt == "llava_json":
+        source = data.LlavaJson(where, cfg["image_root"])
+    elif fmt == "karpathy":
+        source = data.KarpathyCaptions(where, cfg["image_root"], split="train")
+    elif fmt == "synthetic":
+        source = shapes.SyntheticShapes(cfg["shapes_samples"], split="train", image_size=image_size, seed=cfg["seed"],
+                                        questions=cfg["shapes_questions"])
+    else:
+        raise ValueError(f"unknown data_format {fmt!r}: parquet, pathvqa, llava_json, karpathy or synthetic")
+    return data.BatchStream(
+        source, tokenizer, cfg["global_batch"] // world_size(), model.n_image_tokens, cfg["micro_batch"],
+        image_size=image_size, max_text_tokens=cfg["max_text_tokens"], seed=cfg["seed"], rank=rank(),
+        world_size=world_size(), num_workers=cfg["num_workers"], max_skip_fraction=cfg["max_skip_fraction"],
+        pad_to_multiple=cfg["pad_to_multiple"], pack_length=cfg["pack_length"])
 
 
 def endless(stream):
@@ -398,18 +361,13 @@ def endless(stream):
 
 
 def keep_metrics_until(path, step):
-    """Drop the log of the steps after `step`, the checkpoint resumed from (they are trained and logged again),
-    and a line cut short by the crash."""
-    if not os.path.exists(path):
-        return
+    """Drop the log of the steps after `step`, the checkpoint resumed from: they are trained and logged again."""
     kept = []
     with open(path) as f:
         for line in f:
-            try:
+            with contextlib.suppress(json.JSONDecodeError):  # a line cut short by the crash
                 if json.loads(line)["step"] <= step:
                     kept.append(line)
-            except json.JSONDecodeError:
-                pass
     write_atomically(path, "".join(kept))
 
 
