@@ -22,14 +22,11 @@ from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-# IGNORE_INDEX labels carry no loss; batches list the labelled positions on the host (find_label_positions), so
-# the training step never waits for the GPU to count them
 from model import IGNORE_INDEX, find_label_positions, local_or_hub
 
 logger = logging.getLogger(__name__)
 
 # --- 1. Tokenizer -----------------------------------------------------------------------------------------
-
 # Qwen2's pre-tokenizer (its tokenizer.json): words, single digits, punctuation and whitespace runs, then BPE
 QWEN_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -51,13 +48,11 @@ def read_merges(path):
 
 
 def use_qwen_pipeline(tokenizer):
-    """Qwen2's steps around BPE: NFC, the regex split, bytes as printable characters (ByteLevel: any UTF-8 text
-    has a token sequence and decodes back exactly)."""
+    """Qwen2's steps around BPE: NFC, the regex split, ByteLevel (bytes as characters: any UTF-8 text round-trips)."""
     tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    split = pre_tokenizers.Split(Regex(QWEN_SPLIT_REGEX), behavior="isolated", invert=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
     tokenizer.decoder = decoders.ByteLevel()
 
 
@@ -115,13 +110,12 @@ class Tokenizer:
         return token_id
 
     def encode(self, text):
-        """Special tokens written in the text become their ids; no BOS. For a dataset's or a user's text: encode_text."""
+        """Special tokens written in the text become their ids; no BOS. For a dataset's or user's text: encode_text."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_text(self, text):
-        """The text as written: a special token's name in it ("<|im_end|>" quoted) is encoded as its characters (the
-        chat format adds markers as ids: turn_ids). Non-special added tokens ("<tool_call>") still match, as in
-        transformers."""
+        """The text as written: a special token's name in it ("<|im_end|>" quoted) becomes its characters (turn_ids
+        adds the markers as ids); non-special added tokens ("<tool_call>") still match, as in transformers."""
         self.tokenizer.encode_special_tokens = True
         try:
             return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -139,11 +133,10 @@ class Tokenizer:
 
 
 # --- 2. Chat format (ChatML, as Qwen2.5 was trained with) -------------------------------------------------
-
-# LLaVA-NeXT's system turn for Qwen (its preprocess_qwen), in training and inference alike; Qwen2.5's own
-# template would say "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+# LLaVA-NeXT's system turn for Qwen (its preprocess_qwen), not Qwen2.5's ("You are Qwen, created by Alibaba Cloud. ...")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 LLAVA_ROLES = {"human": "user", "gpt": "assistant"}
+SHORT_CAPTION_PROMPT = "Write a short caption for the image."
 
 
 def chat_prompt(messages, add_generation_prompt=True, system_prompt=DEFAULT_SYSTEM_PROMPT):
@@ -161,8 +154,7 @@ def with_system_turn(messages, system_prompt):
 
 
 def turn_ids(tokenizer, role, content):
-    """One turn, "<|im_start|>{role}\\n{content}<|im_end|>\\n", as token ids: the markers as ids, the rest as
-    text, so a content that quotes a marker cannot end its turn early."""
+    """One turn as token ids: the markers as ids, the rest as text, so a content quoting one cannot end its turn."""
     return [tokenizer.im_start_id, *tokenizer.encode_text(f"{role}\n{content}"), tokenizer.im_end_id,
             *tokenizer.encode_text("\n")]
 
@@ -208,18 +200,16 @@ def conversation_messages(conversation):
 
 
 def turn_text(text):
-    """A turn as the model reads it in training and at inference (sample.prompt_ids): without LLaVA's <image>
-    placeholder, as the image tokens come before all text (paper 3.1), nor the whitespace around it (LLaVA strips
-    the turn that held it; here every turn, so a question reads the same with or without it)."""
+    """A turn as the model reads it in training and at inference (sample.prompt_ids): without LLaVA's <image> (the
+    image tokens lead all text, paper 3.1), every turn stripped, so a question reads the same with or without it."""
     return text.replace("<image>", "").strip()
 
 
 def encode_conversation(tokenizer, conversation, system_prompt=DEFAULT_SYSTEM_PROMPT):
     """LLaVA turns -> (input_ids, labels), one ChatML sequence however many turns (paper 3.4, stage 3). labels[i] =
-    input_ids[i] where the token carries loss (the model shifts), else IGNORE_INDEX. Loss falls on each answer and
-    its <|im_end|> (the model learns to stop); not on system and user turns, the "<|im_start|>assistant\n" header
-    (at inference the prompt ends with it, so it is encoded apart), nor the "\n" after <|im_end|> (generation stops
-    there)."""
+    input_ids[i] (the model shifts) on each answer and its <|im_end|> (the model learns to stop), else IGNORE_INDEX:
+    system and user turns, the "<|im_start|>assistant\n" header (the prompt at inference ends with it, so it is
+    encoded apart) and the "\n" after <|im_end|> (generation stops there)."""
     input_ids, labels = [], []
     for message in with_system_turn(conversation_messages(conversation), system_prompt):
         if message["role"] == "assistant":
@@ -234,13 +224,11 @@ def encode_conversation(tokenizer, conversation, system_prompt=DEFAULT_SYSTEM_PR
 
 
 # --- 3. Images (the same steps as transformers' SiglipImageProcessor) -------------------------------------
-
 IMAGE_MEAN = IMAGE_STD = 0.5  # SigLIP's, for every channel: pixels land in [-1, 1]
 
 
 def to_rgb(image):
-    """Any PIL mode -> RGB, transparent pixels laid over white (as transformers does), not dropped to whatever
-    colour they happen to store."""
+    """Any PIL mode -> RGB, transparent pixels laid over white (as transformers does), not left their stored colour."""
     if image.mode == "RGB":
         return image
     if "A" in image.getbands() or "transparency" in image.info:
@@ -271,17 +259,15 @@ def preprocess_image(image, image_size=224):
 
 
 # --- 4. Sources -------------------------------------------------------------------------------------------
-# A source lists its samples in chunks, `chunk_sizes` (from metadata, nothing decoded); `read(chunk, rows)` gives
-# those rows of a chunk, in order, as records {"name": where the row is, for messages, "image": bytes | path | PIL
-# image | None (text only), "conversations": LLaVA turns}. A chunk is read at once: a parquet row group, or all the
-# samples reached by index. Images are decoded later, in the DataLoader workers.
+# A source lists its samples in chunks (each read at once: a parquet row group, or all samples reached by index) as
+# `chunk_sizes`, from metadata; `read(chunk, rows)` gives those rows of a chunk, in order, as records {"name": where
+# the row is, for messages, "image": bytes | path | PIL image | None (text only), "conversations": LLaVA turns}.
 
 def find_files(path_or_repo, pattern):
-    """Files matching `pattern` in a local folder (recursively) or a Hub dataset repo (downloading only those);
-    a single local file as is."""
+    """Files matching `pattern` in a local folder (recursively) or a Hub dataset repo (downloading only those, in
+    its folders too: data/train-00000-of-00004.parquet); a single local file as is."""
     if os.path.isfile(path_or_repo):
         return [path_or_repo]
-    # a Hub dataset keeps its shards in a folder (data/train-00000-of-00004.parquet): match there too
     folder = local_or_hub(path_or_repo, allow_patterns=[pattern, f"*/{pattern}"], repo_type="dataset")
     files = sorted(glob.glob(os.path.join(folder, "**", pattern), recursive=True))
     if not files:
@@ -304,37 +290,34 @@ def parquet_image(cell):
     return cell
 
 
-def check_image_column(path, schema):
-    """The image column must hold what parquet_image reads: anything else is a layout we do not know."""
-    kind = schema.field("image").type
-    if pa.types.is_struct(kind):
-        known = bool({"bytes", "path"} & {field.name for field in kind})
-    else:  # null: a shard of text-only rows
-        known = any(is_kind(kind) for is_kind in (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_string,
-                                                  pa.types.is_large_string, pa.types.is_null))
-    if not known:
-        raise ValueError(f"{path}: the image column is {kind}; expected {{bytes, path}} (as Hugging Face datasets "
-                         "writes images), binary (encoded images) or string (file paths)")
-
-
 class LlavaParquet:
-    """LLaVA-ReCap 118K / 558K and LLaVA-NeXT-Data: parquet shards (columns id, image {bytes, path},
-    conversations) in a file, a folder or a Hub dataset repo, the files picked by `pattern` (e.g.
-    "data/train-*.parquet"). Streamed a row group at a time (one in a worker's memory), never loaded whole."""
+    """LLaVA-ReCap 118K / 558K and LLaVA-NeXT-Data: parquet shards (id, image {bytes, path}, conversations) in a
+    file, folder or Hub dataset repo, picked by `pattern` ("data/train-*.parquet"); read a row group at a time."""
     columns = ["id", "image", "conversations"]
 
     def __init__(self, path_or_repo, pattern="*.parquet"):
         self.chunks, self.chunk_sizes = [], []  # chunks: (file, row group, index of its first row in the file)
         for path in find_files(path_or_repo, pattern):
             metadata = open_parquet(path).metadata
-            schema = metadata.schema.to_arrow_schema()
-            missing = set(self.columns) - set(schema.names)
-            if missing:
-                raise ValueError(f"{path} lacks the columns {sorted(missing)} of the {type(self).__name__} layout")
-            check_image_column(path, schema)
+            self.check_layout(path, metadata.schema.to_arrow_schema())
             sizes = [metadata.row_group(group).num_rows for group in range(metadata.num_row_groups)]
             self.chunks += [(path, group, sum(sizes[:group])) for group in range(len(sizes))]
             self.chunk_sizes += sizes
+
+    def check_layout(self, path, schema):
+        """The layout's columns must be there, the image column holding what parquet_image reads."""
+        missing = set(self.columns) - set(schema.names)
+        if missing:
+            raise ValueError(f"{path} lacks the columns {sorted(missing)} of the {type(self).__name__} layout")
+        kind = schema.field("image").type
+        if pa.types.is_struct(kind):
+            known = bool({"bytes", "path"} & {field.name for field in kind})
+        else:  # null: a shard of text-only rows
+            known = any(is_kind(kind) for is_kind in (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_string,
+                                                      pa.types.is_large_string, pa.types.is_null))
+        if not known:
+            raise ValueError(f"{path}: the image column is {kind}; expected {{bytes, path}} (as Hugging Face datasets "
+                             "writes images), binary (encoded images) or string (file paths)")
 
     def read(self, chunk, rows):
         path, group, first_row = self.chunks[chunk]
@@ -351,8 +334,7 @@ class LlavaParquet:
 
 
 class PathVQAParquet(LlavaParquet):
-    """PathVQA (flaviagiammarino/path-vqa): parquet with image {bytes, path}, question, answer -> one-turn
-    conversations. Pick the split with `pattern`, e.g. "train-*.parquet"."""
+    """PathVQA (flaviagiammarino/path-vqa): parquet (image, question, answer); `pattern` picks the split, "train-*"."""
     columns = ["image", "question", "answer"]
 
     def record(self, row, name):
@@ -361,9 +343,8 @@ class PathVQAParquet(LlavaParquet):
 
 
 class IndexedSource:
-    """A source of samples reached by index, with no file to read first: one chunk (so the shuffle is a full
-    one), its records made one at a time as a worker gets to them. Subclasses give record(index) and `entries`
-    (or __len__)."""
+    """Samples reached by index, no file to read first: one chunk (so the shuffle is a full one), its records made
+    one at a time as a worker gets to them. Subclasses give record(index) and `entries` (or __len__)."""
 
     def __len__(self):
         return len(self.entries)
@@ -377,8 +358,7 @@ class IndexedSource:
 
 
 class LlavaJson(IndexedSource):
-    """LLaVA's own layout: a JSON list of {id, image: path relative to image_folder, conversations}; entries
-    without "image" are text-only."""
+    """LLaVA's own layout: a JSON list of {id, image (a path in image_folder; none: text-only), conversations}."""
 
     def __init__(self, json_path, image_folder):
         with open(json_path, encoding="utf-8") as f:
@@ -401,13 +381,9 @@ class LlavaJson(IndexedSource):
                 "conversations": entry.get("conversations")}
 
 
-SHORT_CAPTION_PROMPT = "Write a short caption for the image."
-
-
 class KarpathyCaptions(IndexedSource):
     """COCO / Flickr30k / Flickr8k captions in Karpathy's split files (dataset_coco.json), one sample per (image,
-    reference sentence), for caption fine-tuning; split="train" takes train + restval, as is usual. Images are at
-    image_root/filepath/filename (COCO) or image_root/filename (Flickr)."""
+    reference sentence); split="train" takes train + restval, as usual. Images: image_root/[filepath/]filename."""
 
     def __init__(self, json_path, image_root, split="train", prompt=SHORT_CAPTION_PROMPT):
         with open(json_path, encoding="utf-8") as f:
@@ -424,7 +400,6 @@ class KarpathyCaptions(IndexedSource):
 
 
 # --- 5. Batches -------------------------------------------------------------------------------------------
-
 def make_sample(record, tokenizer, image_size, max_text_tokens, system_prompt):
     """A record -> ({"pixel_values", "input_ids", "labels"}, whether the text was truncated). A bad conversation
     or image raises ValueError naming the record; the text goes first, as it is cheap and spares the decoding."""
@@ -468,41 +443,33 @@ def fill_rows(lengths, max_len):
             if lengths[second] > room_after_first or lengths[second] in tried:
                 continue
             tried.add(lengths[second])
-            row, room = top_up([first, second], room_after_first - lengths[second], others[:k] + others[k + 1:], lengths)
+            row, room = [first, second], room_after_first - lengths[second]
+            for i in others[:k] + others[k + 1:]:
+                if lengths[i] <= room:
+                    row, room = row + [i], room - lengths[i]
             if room < best_room:
                 best, best_room = row, room
         rows.append(best)
-        taken = set(best)
-        left = [i for i in others if i not in taken]
+        left = [i for i in others if i not in best]
     return rows
 
 
-def top_up(row, room, candidates, lengths):
-    """Add to `row` each of `candidates` (longest first) that still fits in `room`."""
-    for i in candidates:
-        if lengths[i] <= room:
-            row, room = row + [i], room - lengths[i]
-    return row, room
-
-
 def pack_documents(samples, max_len, n_image_tokens, pad_id=0, rows=None, pad_to_multiple=1):
-    """Pack [image | text] documents (samples as for collate: pixel_values [3, H, W], 1-D input_ids and labels) into
-    `rows` of fill_rows (lists of sample indices; all by default), so variable-length conversations waste little on
-    padding. Rows are as long as the fullest, rounded up to `pad_to_multiple` (few shapes for compiled blocks), at
-    most max_len (None: no limit): a batch's last rows are often far from full.
-    Returns "pixel_values" [N, 3, H, W], one image per document in row order; "input_ids", "labels", "document"
-    [rows, length], a document's image slots first (input pad_id, label IGNORE_INDEX), then its text; `document`
-    numbers each row's documents 0, 1, ... and marks padding -1; "label_positions": the entries of labels.flatten()
-    that carry a label (find_label_positions). These are VLM.forward's arguments."""
-    lengths = document_lengths(samples, n_image_tokens)
+    """Pack [image | text] documents (make_sample's samples) into `rows` of fill_rows (lists of sample indices; all
+    by default), so variable-length conversations waste little on padding. Rows are as long as the fullest, rounded
+    up to `pad_to_multiple` (few shapes for compiled blocks), at most max_len (None: no limit): a batch's last rows
+    are often far from full. Returns VLM.forward's arguments: "pixel_values" [N, 3, H, W], one per document in row
+    order; "input_ids", "labels", "document" [rows, length], each document's image slots (input pad_id, label
+    IGNORE_INDEX) then its text, `document` numbering a row's documents 0, 1, ... and padding -1; "label_positions",
+    labels.flatten()'s labelled entries, listed on the host (find_label_positions): the step never waits for the GPU."""
+    lengths = [n_image_tokens + len(s["input_ids"]) for s in samples]
     if rows is None:
         rows = fill_rows(lengths, max_len)
     fullest = max(sum(lengths[i] for i in docs) for docs in rows)
     length = -(-fullest // pad_to_multiple) * pad_to_multiple
     length = length if max_len is None else min(max_len, length)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-    document = torch.full((len(rows), length), -1, dtype=torch.long)
+    input_ids, labels, document = (torch.full((len(rows), length), fill, dtype=torch.long)
+                                   for fill in (pad_id, IGNORE_INDEX, -1))
     for r, docs in enumerate(rows):
         start = 0
         for d, i in enumerate(docs):
@@ -517,16 +484,10 @@ def pack_documents(samples, max_len, n_image_tokens, pad_id=0, rows=None, pad_to
 
 
 def pack_micro_batches(samples, max_len, n_image_tokens, pack_rows, pad_id=0, pad_to_multiple=1):
-    """All of `samples` packed into rows (fill_rows), cut into micro-batches of at most `pack_rows` rows, each as
-    long as its fullest row allows (pack_documents)."""
-    filled = fill_rows(document_lengths(samples, n_image_tokens), max_len)
+    """`samples` packed into rows (fill_rows), cut into micro-batches of at most `pack_rows` rows (pack_documents)."""
+    filled = fill_rows([n_image_tokens + len(s["input_ids"]) for s in samples], max_len)
     return [pack_documents(samples, max_len, n_image_tokens, pad_id, filled[i:i + pack_rows], pad_to_multiple)
             for i in range(0, len(filled), pack_rows)]
-
-
-def document_lengths(samples, n_image_tokens):
-    """Tokens of each [image | text] document."""
-    return [n_image_tokens + len(s["input_ids"]) for s in samples]
 
 
 def shuffled_order(chunk_sizes, seed, epoch):
@@ -540,9 +501,8 @@ def shuffled_order(chunk_sizes, seed, epoch):
 
 
 class WorkerBatches(IterableDataset):
-    """What each DataLoader worker runs on the samples still to come, (chunk ids, row ids). Batch b is samples
-    [b*B, (b+1)*B); worker w of W builds batches w, w+W, ... and the DataLoader takes one from each worker in
-    turn, so batches arrive in order whatever the number of workers."""
+    """What each DataLoader worker runs on the samples still to come, (chunk ids, row ids): batch b is samples
+    [b*B, (b+1)*B); worker w of W builds batches w, w+W, ..., taken in turn by the DataLoader, so in order."""
 
     def __init__(self, stream, chunk_ids, row_ids):
         self.stream, self.chunk_ids, self.row_ids = stream, chunk_ids, row_ids
@@ -563,35 +523,28 @@ class WorkerBatches(IterableDataset):
             yield from zip(run, self.stream.source.read(int(chunk), self.row_ids[run].tolist()))
 
 
-def new_counts():
-    """Counters over the run, for the trainer's log: bad samples and text-only rows skipped, texts cut to max_text_tokens."""
-    return {"skipped": 0, "text_only": 0, "truncated": 0}
-
-
 class BatchStream:
-    """The batches one rank trains on, decoded by `num_workers` DataLoader workers; each iteration is the rest of
-    the epoch. A batch, one optimizer step's samples on this rank (`batch_size`: over all ranks), is micro-batches
-    small enough for the GPU: `micro_batch` samples padded to the longest (collate); or, with `pack_length`, the
-    whole batch packed into rows of that many tokens, at most `pack_rows` rows (a padded micro-batch's tokens) per
-    micro-batch, each as long as its fullest row (pack_micro_batches). Packing the whole batch, not each micro-batch,
-    leaves fewer rows part-empty: on bench.py's stand-in for stage 3, 1.9% of the tokens pad on one GPU, 4.5% on
-    eight (16 conversations a rank and step), against 36% for padded micro-batches.
-    Order: a shuffle of the source per (seed, epoch), whatever num_workers; rank r takes samples r, r + world_size,
-    ... (disjoint, equal steps; an epoch's last < world_size are left out). Bad samples (unreadable image, malformed
-    conversation) are skipped with a warning naming them, and counted; over max_skip_fraction of an epoch's, a
-    RuntimeError. Text-only rows are skipped and counted too (the image leads every sequence, paper 3.1;
-    LLaVA-NeXT-Data has some by design). A batch that loses samples keeps its place, smaller (one that loses all is
-    dropped, the one case where ranks could step unequally), so `state_dict()` resumes at the next unseen batch."""
+    """The batches one rank trains on, each iteration the rest of the epoch, decoded by `num_workers` DataLoader
+    workers. A batch, this rank's `batch_size` samples of an optimizer step, is micro-batches: `micro_batch` samples
+    padded to the longest (collate), or with `pack_length` the whole batch packed into rows of that many tokens,
+    `pack_rows` (a padded micro-batch's tokens) per micro-batch (pack_micro_batches), which leaves fewer rows part-empty
+    than packing each micro-batch: on bench.py's stand-in for stage 3, 1.9% of the tokens pad on one GPU, 4.5% on eight
+    (16 conversations a rank and step), 36% in padded micro-batches. Order: a shuffle of the source per (seed, epoch),
+    whatever num_workers; rank r takes samples r, r + world_size, ... (an epoch's last < world_size left out). Bad
+    samples (unreadable image, malformed conversation) are skipped with a warning naming them, text-only rows (the image
+    leads every sequence, paper 3.1; LLaVA-NeXT-Data has some) silently; both are counted, and bad ones past
+    max_skip_fraction of an epoch's raise RuntimeError. A batch that loses samples keeps its place, smaller (one that
+    loses all is dropped: ranks may then step unequally), so `state_dict()` resumes at the next unseen one."""
+    counted = ("skipped", "text_only", "truncated")  # for the trainer's log; "truncated": texts cut to max_text_tokens
 
     def __init__(self, source, tokenizer, batch_size, n_image_tokens, micro_batch=None, image_size=224,
                  max_text_tokens=512, system_prompt=DEFAULT_SYSTEM_PROMPT, seed=0, rank=0, world_size=1, num_workers=2,
                  max_skip_fraction=0.01, pad_to_multiple=1, pack_length=0):
         self.source, self.tokenizer, self.batch_size = source, tokenizer, batch_size
-        self.micro_batch = micro_batch or batch_size
+        self.micro_batch, self.n_image_tokens = micro_batch or batch_size, n_image_tokens
         self.image_size, self.max_text_tokens, self.system_prompt = image_size, max_text_tokens, system_prompt
         self.seed, self.rank, self.world_size, self.num_workers = seed, rank, world_size, num_workers
-        self.max_skip_fraction, self.pad_to_multiple = max_skip_fraction, pad_to_multiple
-        self.pack_length, self.n_image_tokens = pack_length, n_image_tokens
+        self.max_skip_fraction, self.pad_to_multiple, self.pack_length = max_skip_fraction, pad_to_multiple, pack_length
         if pack_length and pack_length < n_image_tokens + max_text_tokens:
             raise ValueError(f"pack_length={pack_length} cannot hold one sample of {n_image_tokens} image tokens + "
                              f"max_text_tokens={max_text_tokens}")
@@ -599,14 +552,12 @@ class BatchStream:
         self.samples_per_epoch = sum(source.chunk_sizes) // world_size
         if self.samples_per_epoch == 0:
             raise ValueError(f"the source has {sum(source.chunk_sizes)} samples, fewer than world_size={world_size}")
-        self.epoch, self.samples_consumed, self.counts = 0, 0, new_counts()
+        self.epoch, self.samples_consumed, self.counts = 0, 0, dict.fromkeys(self.counted, 0)
 
-    def __len__(self):
-        """Batches per epoch, on this rank."""
+    def __len__(self):  # batches per epoch, on this rank
         return math.ceil(self.samples_per_epoch / self.batch_size)
 
     def __iter__(self):
-        """The rest of the current epoch's batches; the next iteration starts the next epoch."""
         chunk_ids, row_ids = shuffled_order(self.source.chunk_sizes, self.seed, self.epoch)
         start, mine = self.samples_consumed, slice(self.rank, self.world_size * self.samples_per_epoch, self.world_size)
         workers = WorkerBatches(self, chunk_ids[mine][start:], row_ids[mine][start:])  # this rank's samples still to come
@@ -626,7 +577,7 @@ class BatchStream:
 
     def build_batch(self, records):
         """Runs in a worker: records -> {"batch": its micro-batches, or None if all were skipped, "counts"}."""
-        samples, counts = [], new_counts()
+        samples, counts = [], dict.fromkeys(self.counted, 0)
         for record in records:
             if record["image"] is None:
                 counts["text_only"] += 1
@@ -642,7 +593,6 @@ class BatchStream:
         return {"batch": self.micro_batches(samples) if samples else None, "counts": counts}
 
     def micro_batches(self, samples):
-        """A batch's samples as micro-batches: padded rows of one sample each, or packed rows."""
         if self.pack_length:
             return pack_micro_batches(samples, self.pack_length, self.n_image_tokens, self.pack_rows, self.tokenizer.pad_id,
                                       self.pad_to_multiple)

@@ -3,30 +3,24 @@
     python eval.py --split karpathy              # COCO, Flickr30k, Flickr8k test; the newest checkpoint of out/stage3
     python eval.py --split karpathy --datasets coco --num_beams 3 --checkpoint out/stage2
     python eval.py --split karpathy --backbones  # the pretrained backbones joined by an untrained projector
-    torchrun --nproc_per_node 8 eval.py --split karpathy
+    torchrun --nproc_per_node 8 eval.py --split karpathy  # each rank answers its share; rank 0 scores and writes
     python eval.py --task pathvqa --pathvqa_parquet data/path-vqa/test.parquet --checkpoint out/pathvqa
 
---checkpoint takes a checkpoint or a training run's out_dir (its newest checkpoint); without it, the newest
-checkpoint of the recipe's last stage (config/stage3.py's out_dir). --split karpathy is the Karpathy test split
-(5000 COCO, 1000 Flickr30k, 1000 Flickr8k images); the files' other splits (val, train, COCO's restval) work too:
+Without --checkpoint, the newest checkpoint of the recipe's last stage (config/stage3.py's out_dir) is evaluated.
+The Karpathy test split has 5000 COCO, 1000 Flickr30k and 1000 Flickr8k images; the files' other splits work too:
 
     {karpathy_dir}/dataset_{coco,flickr30k,flickr8k}.json   Karpathy's caption_datasets.zip
     {image_root}/{dataset}/[{filepath}/]{filename}          as in those files (only COCO's entries have a filepath)
     so {image_root}/{dataset} is train.py's image_root for karpathy data, e.g. data/images/coco (a symlink will do).
 
 Captions are scored as the COCO caption evaluation (pycocoevalcap, on Java) scores them: PTBTokenizer, then
-BLEU-1..4, METEOR, ROUGE_L and CIDEr-D, and SPICE with --spice (it downloads Stanford CoreNLP on first use).
-Results go to --out_dir (default: eval/{checkpoint's name} beside the checkpoint, e.g. out/stage3/eval/step-0006089,
-out of the way of train.py, which prunes older checkpoint folders; with --backbones, out-eval):
+BLEU-1..4, METEOR, ROUGE_L, CIDEr-D (and SPICE), printed like the paper's Table 6 (x100). Results go to --out_dir,
+by default beside the checkpoint, out of the way of train.py's pruning; with --num_beams N > 1 names end in _beamsN:
 
     captions_{dataset}_{split}.json   COCO results format, [{"image_id", "caption"}]; image_id: COCO's image id,
                                       or the Flickr file name without extension (a number for Flickr30k)
     metrics_{dataset}_{split}.json    {"dataset", "settings", "scores": {metric: score}}, unscaled
-    answers_pathvqa_{split}.json, metrics_pathvqa_{split}.json   for --task pathvqa (--pathvqa_split)
-
-each name ending in _beamsN with --num_beams N > 1, and the scores are printed like the paper's Table 6 (x100).
-Under torchrun each rank answers its share of the samples and rank 0 gathers, scores and writes.
-"""
+    answers_pathvqa_{split}.json, metrics_pathvqa_{split}.json   for --task pathvqa (--pathvqa_split)"""
 import argparse
 import json
 import os
@@ -79,10 +73,9 @@ def ptb_tokenize(captions):
 
 
 def score(predictions, references, spice=False):
-    """COCO caption metrics of predictions {image_id: caption} against references {image_id: [captions]}:
-    {"Bleu_1".."Bleu_4", "METEOR", "ROUGE_L", "CIDEr"(, "SPICE")}, unscaled (CIDEr-D, its similarities times 10,
-    goes past 1 for good captions; the rest lie in 0-1). Both must cover the same images: CIDEr-D takes its IDF
-    from the references of the scored images, so scoring a subset of them would silently change it."""
+    """COCO caption metrics of predictions {image_id: caption} against references {image_id: [captions]}: Bleu_1..4,
+    METEOR, ROUGE_L, CIDEr (, SPICE), unscaled (CIDEr-D, similarities times 10, passes 1 for good captions; the rest in
+    0-1). Both must cover the same images: CIDEr-D's IDF comes from the scored images' references."""
     if predictions.keys() != references.keys():
         unscored = sorted(map(str, references.keys() - predictions.keys()))
         unknown = sorted(map(str, predictions.keys() - references.keys()))
@@ -153,13 +146,12 @@ def karpathy_samples(karpathy_dir, dataset, split, image_root, prompt):
     try:
         with open(path) as f:
             images = json.load(f)["images"]
-        chosen = [image for image in images if image["split"] == wanted]
-        samples = [karpathy_sample(image, dataset, image_root, prompt) for image in chosen]
+        samples = [karpathy_sample(image, dataset, image_root, prompt) for image in images if image["split"] == wanted]
         splits = sorted({image["split"] for image in images})
     except (ValueError, KeyError, TypeError) as error:  # json's decoding errors are ValueErrors
         raise ValueError(f"{path} is not laid out as Karpathy's split files ({{'images': [{{'split', 'filename', "
                          f"'sentences': [{{'raw'}}]}}, ...]}}): {error!r}") from error
-    if not chosen:
+    if not samples:
         raise ValueError(f"{path} has no split {split!r}; its splits are {splits}, and 'karpathy' means {KARPATHY_TEST!r}")
     missing = [s["image"] for s in samples if not os.path.exists(s["image"])]
     if missing:
@@ -169,7 +161,6 @@ def karpathy_samples(karpathy_dir, dataset, split, image_root, prompt):
 
 
 def karpathy_sample(image, dataset, image_root, prompt):
-    """One entry of a Karpathy file as a sample, keyed by its image id."""
     path = os.path.join(image_root, dataset, image.get("filepath", ""), image["filename"])
     return {"key": image_id(image), "image": path, "name": path, "prompt": prompt,
             "references": [sentence["raw"] for sentence in image["sentences"]]}
@@ -292,7 +283,6 @@ def parse_args(argv=None):
                          "--checkpoint with a checkpoint or a training run's out_dir (or --backbones to score the "
                          "pretrained backbones joined by an untrained projector)")
         args.checkpoint = checkpoint_folder(LAST_STAGE)
-    # beside the checkpoint, not in it: train.py deletes a run's older checkpoint folders as it goes
     folder, name = os.path.split(os.path.normpath(args.checkpoint or "."))
     args.out_dir = args.out_dir or (os.path.join(folder, "eval", name) if args.checkpoint else "out-eval")
     return args

@@ -4,8 +4,7 @@
     python sample.py --checkpoint out/stage3 --image a.jpg --image b.jpg,c.jpg --num_beams 3
     python sample.py --image cat.jpg    # no --checkpoint: SigLIP + Qwen2.5 joined by an untrained projector
 
-Each image is answered on its own; one image under greedy decoding streams its answer. eval.py uses `answer()`.
-"""
+Each image is answered on its own; one image under greedy decoding streams its answer. eval.py uses `answer()`."""
 import argparse
 
 import torch
@@ -26,10 +25,9 @@ def at_least(minimum):
 
 
 def add_model_args(parser):
-    """The arguments that choose the model; shared with eval.py."""
+    """The arguments that choose the model (default backbones: the paper's, as train.py's); shared with eval.py."""
     parser.add_argument("--checkpoint", type=checkpoint_folder, help="our checkpoint, or a training run's out_dir (its "
                         "newest); without it the --vision and --language backbones, joined by an untrained projector")
-    # the backbones: the paper's, as train.py's
     parser.add_argument("--vision", default="google/siglip-so400m-patch14-224", help="SigLIP folder or Hub id")
     parser.add_argument("--language", default="Qwen/Qwen2.5-0.5B", help="Qwen2 folder or Hub id")
     parser.add_argument("--tokenizer", help="tokenizer folder or Hub id; default: the checkpoint's, else --language's")
@@ -54,8 +52,7 @@ def load_model(args, device=None):
 
 
 def prompt_ids(tokenizer, prompt):
-    """The question as a ChatML user turn after the system turn, cleaned as in training (data.turn_text), ending
-    where the answer starts. No image placeholder: the image tokens always come before the text."""
+    """The question as a chat turn, cleaned as in training (data.turn_text), ending where the answer starts."""
     return chat_ids(tokenizer, [{"role": "user", "content": turn_text(prompt)}])
 
 
@@ -68,8 +65,7 @@ def left_pad(sequences, pad_id):
 
 
 class TokenPrinter:
-    """An on_token callback that prints one answer as it grows: the new part of all its tokens decoded, since
-    one character can span several byte-level tokens."""
+    """An on_token callback printing one answer as it grows, all its tokens decoded (a character may span several)."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.printed = tokenizer, [], 0
