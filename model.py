@@ -113,12 +113,21 @@ class SigLIP(nn.Module):
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.gradient_checkpointing = False
 
-    def forward(self, pixel_values):
+    def forward(self, pixel_values, feature_layer=-1):
+        """-1: the last layer's output through post_layernorm (transformers' last_hidden_state); -k: the output of
+        the k-th layer from the end, without the norm (transformers' hidden_states[-k]): later layers do not run."""
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
         x = x.flatten(2).transpose(1, 2) + self.position_embedding.weight
-        for layer in self.layers:
+        for layer in self.layers[:self.layers_run(feature_layer)]:
             x = checkpoint(layer, x, use_reentrant=False) if self.gradient_checkpointing and x.requires_grad else layer(x)
-        return self.post_layernorm(x)
+        return self.post_layernorm(x) if feature_layer == -1 else x
+
+    def layers_run(self, feature_layer):
+        """How many layers run for the features of `feature_layer` (forward)."""
+        if not -len(self.layers) <= feature_layer <= -1:
+            raise ValueError(f"vision_feature_layer {feature_layer}: from -1 (the last layer, normed) to "
+                             f"-{len(self.layers)} (the first)")
+        return len(self.layers) + 1 + feature_layer if feature_layer < -1 else len(self.layers)
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=torch.float32):
@@ -431,6 +440,8 @@ class VLMConfig:
     vision: SigLIPConfig
     language: Qwen2Config
     projector_hidden: int = 896  # the paper's Linear(1152 -> 896), GELU, Linear(896 -> 896)
+    # LLaVA-OneVision's image features, which the paper follows: layer 26 of so400m's 27, without the final norm
+    vision_feature_layer: int = -2
     mask_kind: str = "prefix"  # the mask generation decodes under: training's (3.2), or prefix after stage 0
 
 
@@ -454,6 +465,7 @@ class VLM(nn.Module):
         self.projector = Projector(config.vision.hidden_size, config.projector_hidden, config.language.hidden_size)
         self.language = Qwen2(config.language)
         self.n_image_tokens = self.vision.n_patches
+        self.vision.layers_run(config.vision_feature_layer)  # a feature layer the encoder has
         self.fast_path = None  # fast_path.FastPath after fast_path.use_fast_path(model): the same masks and loss, faster
 
     def forward(self, pixel_values, input_ids, labels, document, mask_kind="prefix", noise_prob=0.0, noise_token_id=None,
@@ -467,14 +479,23 @@ class VLM(nn.Module):
             text = (document >= 0) & ~masks.image_slots(document, self.n_image_tokens)
             input_ids = masks.add_noise(input_ids, text, noise_prob, noise_token_id, self.config.language.vocab_size,
                                         generator)
-        image_tokens = self.projector(self.vision(pixel_values))                     # V <- projector(vision(image))
-        hidden = self.hidden_states(image_tokens, input_ids, document, mask_kind)
+        hidden = self.hidden_states(self.image_tokens(pixel_values), input_ids, document, mask_kind)
         if self.fast_path is not None:  # the output layer only where a label is, a chunk at a time
             return self.fast_path.next_token_loss(hidden, labels, label_positions, self.language.lm_head.weight)
         logits = self.language.lm_head(hidden).float()
         # position t predicts the token at t + 1: the last image token predicts the first text token. Image slots
         # carry no label, so a packed document's last token predicts nothing of the next document.
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+
+    def image_tokens(self, pixel_values):
+        """V <- projector(vision(image)) (section 3.1): the vision features of config.vision_feature_layer."""
+        return self.projector(self.vision(pixel_values, self.config.vision_feature_layer))
+
+    def unused_parameters(self):
+        """The vision encoder's parts after the feature layer: never run, so never trained."""
+        unused = list(self.vision.layers[self.vision.layers_run(self.config.vision_feature_layer):])
+        return [p for module in unused + [self.vision.post_layernorm] * (self.config.vision_feature_layer != -1)
+                for p in module.parameters()]
 
     def hidden_states(self, image_tokens, input_ids, document, mask_kind, cache=None):
         """Algorithm 2's forward pass: the language model over each document's [image tokens | text tokens] under
@@ -497,7 +518,7 @@ class VLM(nn.Module):
         The prompts [B, T] may be padded on either side (text_mask: True on real tokens) and attend under
         `mask_kind` (default: config.mask_kind, the training mask). `on_token(tokens [B])` is called after each
         greedy step (-1 for a sample that has ended)."""
-        image_tokens = self.projector(self.vision(pixel_values))
+        image_tokens = self.image_tokens(pixel_values)
         if num_beams > 1:
             image_tokens, input_ids, text_mask = (t.repeat_interleave(num_beams, dim=0)
                                                   for t in (image_tokens, input_ids, text_mask))
@@ -511,11 +532,12 @@ class VLM(nn.Module):
         return beam_search(step, logits, max_new_tokens, num_beams, length_penalty)
 
     @classmethod
-    def from_pretrained(cls, vision, language, projector_hidden=896, dtype=torch.float32):
+    def from_pretrained(cls, vision, language, projector_hidden=896, vision_feature_layer=-2, dtype=torch.float32):
         """The paper's starting point: pretrained SigLIP and Qwen2 joined by a freshly initialised projector."""
         vision_model = SigLIP.from_pretrained(vision, dtype)
         language_model = Qwen2.from_pretrained(language, dtype)
-        model = unloaded(cls, VLMConfig(vision_model.config, language_model.config, projector_hidden))
+        config = VLMConfig(vision_model.config, language_model.config, projector_hidden, vision_feature_layer)
+        model = unloaded(cls, config)
         model.vision, model.language = vision_model, language_model
         model.projector = Projector(vision_model.config.hidden_size, projector_hidden, language_model.config.hidden_size)
         return model.to(dtype)
@@ -541,7 +563,7 @@ class VLM(nn.Module):
             raise ValueError(f"{folder} is not a checkpoint of this project (config.json architecture "
                              f"{config.get('architecture')!r}, expected {VLM_ARCHITECTURE!r})")
         model = unloaded(cls, VLMConfig(SigLIPConfig(**config["vision"]), Qwen2Config(**config["language"]),
-                                        config["projector_hidden"], config["mask_kind"]))
+                                        config["projector_hidden"], config["vision_feature_layer"], config["mask_kind"]))
         load_state(model, read_safetensors(folder), rename=lambda n: n, source=folder, dtype=dtype)
         return model
 
@@ -554,15 +576,15 @@ class VLM(nn.Module):
         before it trains; attention's two products (the full S x S scores) three times their forward where
         gradients cross them, frozen or not. tests/test_model.py checks it against torch's FLOP counter."""
         v, l, hidden = self.config.vision, self.config.language, self.config.projector_hidden
-        n, d = self.n_image_tokens, v.hidden_size
+        n, d, vision_layers = self.n_image_tokens, v.hidden_size, self.vision.layers_run(self.config.vision_feature_layer)
         s, h = n + n_text_tokens, l.hidden_size
         kv = l.num_key_value_heads * h // l.num_attention_heads
         vision, projector, language = (name in trainable for name in ("vision", "projector", "language"))
         layer = lambda forward, weights_train, input_needs_gradient: forward * (1 + weights_train + input_needs_gradient)
         attention = lambda forward, gradients_cross: forward * (3 if gradients_cross else 1)
         return (layer(2 * n * v.num_channels * v.patch_size ** 2 * d, vision, False)  # the patch embedding
-                + layer(v.num_hidden_layers * 2 * n * (4 * d * d + 2 * d * v.intermediate_size), vision, vision)
-                + attention(v.num_hidden_layers * 4 * n * n * d, vision)
+                + layer(vision_layers * 2 * n * (4 * d * d + 2 * d * v.intermediate_size), vision, vision)
+                + attention(vision_layers * 4 * n * n * d, vision)
                 + layer(2 * n * d * hidden, projector, vision)
                 + layer(2 * n * hidden * h, projector, vision or projector)
                 + layer(l.num_hidden_layers * 2 * s * (2 * h * h + 2 * h * kv + 3 * h * l.intermediate_size),

@@ -34,6 +34,7 @@ vision = "google/siglip-so400m-patch14-224"  # a Hub id or a local folder
 language = "Qwen/Qwen2.5-0.5B"
 init_from = ""                # our checkpoint to start from (the previous stage); empty: the pretrained backbones
 projector_hidden = 896
+vision_feature_layer = -2     # image features: -2, LLaVA-OneVision's (layer 26 of 27, no final norm); -1, the last, normed
 vision_config, language_config = {}, {}  # either set: random SigLIP and Qwen2 of these sizes (vocab: the tokenizer's)
 tokenizer = ""                # without init_from: a folder or Hub id ("shapes": the demo's); empty: `language`'s
 # data
@@ -263,17 +264,22 @@ def build_model(cfg):
     """The tokenizer and the VLM: our previous checkpoint, or the pretrained backbones (or random ones)."""
     if cfg["init_from"]:
         folder = checkpoint_folder(cfg["init_from"])  # a checkpoint, or the previous stage's out_dir: its newest one
-        return data.Tokenizer.from_pretrained(folder), VLM.load(folder)  # a checkpoint holds its tokenizer
+        model = VLM.load(folder)
+        if model.config.vision_feature_layer != cfg["vision_feature_layer"]:
+            raise ValueError(f"vision_feature_layer={cfg['vision_feature_layer']}, but {folder} was trained on the "
+                             f"features of layer {model.config.vision_feature_layer}: a later stage takes the same ones")
+        return data.Tokenizer.from_pretrained(folder), model  # a checkpoint holds its tokenizer
     random_towers = cfg["vision_config"] or cfg["language_config"]
     tokenizer = (shapes.shapes_tokenizer() if random_towers and cfg["tokenizer"] == "shapes"
                  else data.Tokenizer.from_pretrained(cfg["tokenizer"] or cfg["language"]))
     torch.manual_seed(cfg["seed"])  # the random towers' initialisation, or the new projector's
     if not random_towers:
-        return tokenizer, VLM.from_pretrained(cfg["vision"], cfg["language"], cfg["projector_hidden"])
+        return tokenizer, VLM.from_pretrained(cfg["vision"], cfg["language"], cfg["projector_hidden"],
+                                              cfg["vision_feature_layer"])
     qwen2 = Qwen2Config(**{"vocab_size": tokenizer.vocab_size, **cfg["language_config"]})
     if qwen2.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"language_config vocab_size {qwen2.vocab_size} < the tokenizer's {tokenizer.vocab_size}")
-    model = VLM(VLMConfig(SigLIPConfig(**cfg["vision_config"]), qwen2, cfg["projector_hidden"]))
+    model = VLM(VLMConfig(SigLIPConfig(**cfg["vision_config"]), qwen2, cfg["projector_hidden"], cfg["vision_feature_layer"]))
     return tokenizer, initialise(model)
 
 
@@ -297,6 +303,8 @@ def freeze_modules(model, cfg):
         module.requires_grad_(name in trainable)
         module.train(name in trainable)
         module.gradient_checkpointing = cfg["gradient_checkpointing"]  # frozen too: the projector's gradient crosses it
+    for p in model.unused_parameters():  # past the vision feature layer: no gradient ever reaches them
+        p.requires_grad_(False)
     return trainable
 
 

@@ -40,7 +40,7 @@ def one_document_rows(model, pixels, ids, labels=None):
 def greedy_without_cache(model, pixels, ids, steps, mask_kind="prefix"):
     """The definition: recompute the whole sequence for every new token and take the argmax."""
     with torch.no_grad():
-        image_tokens = model.projector(model.vision(pixels))
+        image_tokens = model.image_tokens(pixels)
         for _ in range(steps):
             rows = one_document_rows(model, pixels, ids)
             hidden = model.hidden_states(image_tokens, rows["input_ids"], rows["document"], mask_kind)
@@ -53,7 +53,8 @@ def test_kv_cache_greedy_equals_recomputing_everything(model_and_reference):
     model, _ = model_and_reference
     pixels, ids = prompts()
     expected = greedy_without_cache(model, pixels, ids, steps=8)[:, ids.shape[1]:]
-    got = model.generate(pixels, ids, torch.ones_like(ids, dtype=torch.bool), max_new_tokens=8, eos_ids=(EOS,))
+    got = model.generate(pixels, ids, torch.ones_like(ids, dtype=torch.bool), max_new_tokens=8,
+                         eos_ids=(-1,))  # no token ends: all 8 steps compared
     assert got == expected.tolist()
     assert len(set(sum(got, []))) > 3  # a varied path, so the comparison means something
 
@@ -69,24 +70,27 @@ def test_a_cache_is_used_only_with_positions_and_a_mask(model_and_reference):
         language(ids[:, -1:], cache=cache)
 
 
-def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(model_and_reference):
+def test_beam_search_with_a_beam_per_word_finds_the_most_likely_continuation(model_and_reference):
+    """With as many beams as words and no end token, two steps of beam search keep every first token, so the
+    search is exhaustive: it must return the most probable two-token continuation, found here by brute force
+    over all 300 x 300 of them; greedy, which looks one token ahead, misses it here."""
     model, _ = model_and_reference
-    pixels, ids = prompts(batch=2, seed=2)
-    text_mask = torch.ones_like(ids, dtype=torch.bool)
-
-    def log_prob(sample, new_tokens):
-        sequence = torch.cat([ids[sample:sample + 1], torch.tensor([new_tokens])], dim=1)
-        labels = sequence.clone()
-        labels[:, :ids.shape[1]] = -100
-        with torch.no_grad():
-            mean = model(**one_document_rows(model, pixels[sample:sample + 1], sequence, labels))
-        return -mean.item() * len(new_tokens)
-
-    greedy = model.generate(pixels, ids, text_mask, max_new_tokens=6, eos_ids=(EOS,))
-    beams = model.generate(pixels, ids, text_mask, max_new_tokens=6, num_beams=4, eos_ids=(EOS,))
-    for sample in range(2):
-        assert len(beams[sample]) == 6  # no end token in this vocabulary's path: full length
-        assert log_prob(sample, beams[sample]) >= log_prob(sample, greedy[sample]) - 1e-4
+    pixels, ids = prompts(batch=1, seed=2)
+    vocab = model.config.language.vocab_size
+    [beams] = model.generate(pixels, ids, torch.ones_like(ids, dtype=torch.bool), max_new_tokens=2, num_beams=vocab,
+                             eos_ids=(-1,))
+    [greedy] = model.generate(pixels, ids, torch.ones_like(ids, dtype=torch.bool), max_new_tokens=2, eos_ids=(-1,))
+    with torch.no_grad():  # every first token after the prompt, and the log-probabilities of every second one
+        sequences = torch.cat([ids.expand(vocab, -1), torch.arange(vocab)[:, None]], dim=1)
+        rows = one_document_rows(model, pixels.expand(vocab, -1, -1, -1), sequences)
+        hidden = model.hidden_states(model.image_tokens(pixels).expand(vocab, -1, -1), rows["input_ids"],
+                                     rows["document"], "prefix")
+        log_probs = torch.log_softmax(model.language.lm_head(hidden).float(), dim=-1)
+        first = log_probs[0, -2]  # the prompt's last position: the same in every row
+        total = first[:, None] + log_probs[:, -1]  # [first token, second token]
+    best = divmod(total.argmax().item(), vocab)
+    assert beams == list(best)
+    assert total[tuple(greedy)] < total[best]  # here greedy's first choice leads to a less likely pair
 
 
 def test_left_and_right_padding_give_the_unpadded_captions(model_and_reference):
@@ -139,7 +143,7 @@ def test_greedy_equals_transformers_generate(model_and_reference):
     # the end token: one that the first prompt's greedy path reaches, so that stopping is compared too
     eos = model.generate(pixels, ids, text_mask, max_new_tokens=8, mask_kind="causal", eos_ids=(EOS,))[0][3]
     with torch.no_grad():  # [pads | image | prompt]: transformers' left padding, positions after the pads
-        image_tokens = model.projector(model.vision(pixels))
+        image_tokens = model.image_tokens(pixels)
         sequences = [torch.cat([image, model.language.embed_tokens(row[real])])
                      for image, row, real in zip(image_tokens, ids, text_mask)]
         longest = max(len(sequence) for sequence in sequences)
@@ -165,7 +169,7 @@ def test_beam_search_equals_transformers_generate(model_and_reference, length_pe
         greedy = model.generate(pixels, ids, text_mask, max_new_tokens=10, mask_kind="causal", eos_ids=(EOS,))
         end = collections.Counter(token for caption in greedy for token in caption[1:]).most_common(1)[0][0]
         with torch.no_grad():
-            embeds = torch.cat([model.projector(model.vision(pixels)), model.language.embed_tokens(ids)], dim=1)
+            embeds = torch.cat([model.image_tokens(pixels), model.language.embed_tokens(ids)], dim=1)
             expected = reference.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
                                           max_new_tokens=8, do_sample=False, num_beams=3, length_penalty=length_penalty,
                                           eos_token_id=end, pad_token_id=end)

@@ -26,7 +26,7 @@ N_IMAGE = 256
 def model():
     torch.manual_seed(0)
     config = VLMConfig(SigLIPConfig(image_size=224, patch_size=14, hidden_size=128, intermediate_size=256,
-                                    num_hidden_layers=1, num_attention_heads=2),
+                                    num_hidden_layers=2, num_attention_heads=2),
                        Qwen2Config(vocab_size=1000, hidden_size=896, intermediate_size=1024, num_hidden_layers=2,
                                    num_attention_heads=14, num_key_value_heads=2), projector_hidden=128)
     return VLM(config).to(DEVICE)

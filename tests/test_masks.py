@@ -129,7 +129,7 @@ def hidden_states(model, image_tokens, ids, mask_kind):
 
 def image_and_text_outputs(model, pixels, ids, mask_kind):
     with torch.no_grad():
-        hidden = hidden_states(model, model.projector(model.vision(pixels)), ids, mask_kind)
+        hidden = hidden_states(model, model.image_tokens(pixels), ids, mask_kind)
     return hidden[:, :model.n_image_tokens], hidden[:, model.n_image_tokens:]
 
 

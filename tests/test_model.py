@@ -30,6 +30,50 @@ def test_siglip_matches_transformers(tmp_path, seed):
     assert max_diff(got, expected) < 1e-5, f"max abs diff {max_diff(got, expected):.2e}"
 
 
+@pytest.mark.parametrize("feature_layer", [-1, -2, -3])
+def test_siglip_feature_layers_match_transformers_hidden_states(tmp_path, feature_layer):
+    """-1 is transformers' last_hidden_state (the last layer through post_layernorm); -k, for k > 1, is its
+    hidden_states[-k], the k-th layer from the end without the norm: -2 is LLaVA-OneVision's image feature."""
+    reference = save_siglip(tmp_path, num_hidden_layers=3)
+    ours = SigLIP.from_pretrained(str(tmp_path)).eval()
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        out = reference(pixel_values=pixels, output_hidden_states=True)
+        expected = out.last_hidden_state if feature_layer == -1 else out.hidden_states[feature_layer]
+        got = ours(pixels, feature_layer)
+    assert max_diff(got, expected) < 1e-5
+    assert not torch.allclose(got, ours(pixels, -1 if feature_layer != -1 else -2))  # the layers do differ
+
+
+def test_layers_after_the_feature_layer_do_not_run_and_do_not_train(tmp_path):
+    """At -2 the last vision layer and the final norm never run: changing them changes nothing, train.py
+    freezes them (no gradient ever reaches them, and DDP would wait for one), and the FLOP count leaves them out."""
+    from test_train import tiny_setup
+    _, _, model, _, optimizer = tiny_setup(vision_feature_layer=-2)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model.image_tokens(pixels)
+        model.vision.layers[-1].mlp.fc2.weight.add_(1.0)
+        model.vision.post_layernorm.weight.add_(1.0)
+        assert torch.equal(model.image_tokens(pixels), before)
+    unused = {id(p) for p in model.unused_parameters()}
+    assert unused == {id(p) for p in [*model.vision.layers[-1].parameters(), *model.vision.post_layernorm.parameters()]}
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not unused & stepped and all(not p.requires_grad for p in model.unused_parameters())
+    trainable = ["vision", "projector", "language"]
+    at_layer_minus_2 = model.training_flops(40, 12, trainable)
+    model.config.vision_feature_layer = -1
+    assert model.training_flops(40, 12, trainable) > at_layer_minus_2
+
+
+def test_a_feature_layer_the_encoder_lacks_is_refused():
+    from model import Qwen2Config, SigLIPConfig, VLMConfig
+    with pytest.raises(ValueError, match="vision_feature_layer -3: from -1 .* to -2"):
+        VLM(VLMConfig(SigLIPConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=32, num_attention_heads=2),
+                      Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1), 32, vision_feature_layer=-3))
+
+
 def features_diff(ours, reference, size=56):
     pixels = torch.randn(2, 3, size, size)
     with torch.no_grad():
@@ -211,7 +255,7 @@ def test_a_tied_matrix_stored_twice_must_be_one_matrix(tmp_path):
     under both names loads only where the two are equal: two different matrices cannot be one parameter."""
     from model import Qwen2Config, SigLIPConfig, VLMConfig
     config = VLMConfig(SigLIPConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64,
-                                    num_hidden_layers=1, num_attention_heads=2),
+                                    num_hidden_layers=2, num_attention_heads=2),
                        Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True), 32)
     VLM(config).save(tmp_path)
@@ -233,11 +277,13 @@ def test_full_size_siglip_so400m_matches_transformers(tmp_path):
     ours = SigLIP.from_pretrained(str(tmp_path)).eval()
     pixels = torch.rand(2, 3, 224, 224) * 2 - 1
     with torch.no_grad():
-        got, expected = ours(pixels), reference(pixel_values=pixels).last_hidden_state
-    assert got.shape == (2, 256, 1152)
-    diff = max_diff(got, expected)
-    print(f"SigLIP so400m full size: max abs diff {diff:.2e}")
-    assert diff < 1e-4, f"max abs diff {diff:.2e}"
+        out = reference(pixel_values=pixels, output_hidden_states=True)
+        for feature_layer, expected in [(-1, out.last_hidden_state), (-2, out.hidden_states[-2])]:  # LLaVA-OneVision's
+            got = ours(pixels, feature_layer)
+            assert got.shape == (2, 256, 1152)
+            diff = max_diff(got, expected)
+            print(f"SigLIP so400m full size, feature layer {feature_layer}: max abs diff {diff:.2e}")
+            assert diff < 1e-4, f"max abs diff {diff:.2e}"
 
 
 def test_full_size_qwen25_05b_matches_transformers(tmp_path):
