@@ -6,7 +6,8 @@ computes every masked score, and a micro-batch's logits over Qwen2's 151,936 wor
 computes the same numbers another way; tests/test_fast_path.py proves each piece equal to the reference.
 
     PrefixBlocks      the prefix mask of right-padded rows as two flash-attention calls, no mask tensor
-    FlexMask          the other masks and packed rows as FlexAttention block masks: fully masked blocks skipped
+    FlexMask          the other masks (prefix_prompt too) and packed rows as FlexAttention block masks:
+                      fully masked blocks are skipped
     next_token_loss   the output layer only at labelled positions, a chunk at a time, gradients in the forward
     compile_blocks    each block compiled, optionally replayed as a CUDA graph (FixedInputs, own_gradients)
 
@@ -40,13 +41,13 @@ class FastPath:
     def __init__(self):
         self.fixed = None  # FixedInputs, once the blocks replay as CUDA graphs
 
-    def inputs(self, mask_kind, n_image_tokens, document, rope, packed):
+    def inputs(self, mask_kind, n_image_tokens, document, rope, packed, labelled=None):
         """The stage's mask in the form its kernel takes, and the RoPE tables (under CUDA graphs, in FixedInputs)."""
         masks.check_kind(mask_kind)
         if mask_kind == "prefix" and not packed:  # right-padded rows, one document each (data.collate)
             mask = PrefixBlocks(n_image_tokens, document.shape[1])
         else:
-            mask = FlexMask(block_mask(mask_kind, n_image_tokens, document, self.fixed))
+            mask = FlexMask(block_mask(mask_kind, n_image_tokens, document, labelled, self.fixed))
         if self.fixed is not None:
             rope = tuple(self.fixed(name, table) for name, table in zip(("cos", "sin"), rope))
         return mask, rope
@@ -91,20 +92,20 @@ class FlexMask:
         return flex(q, k, v, block_mask=self.block_mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
-def mask_mod(mask_kind, image, document):
+def mask_mod(mask_kind, both_ways, document):
     """masks.attention_mask one entry at a time, as FlexAttention takes it: may query q of row b attend to key
-    k? `image` marks the image slots (masks.image_slots)."""
+    k? `both_ways` marks each document's prefix block (masks.prefix_block)."""
     def may_attend(b, h, q, k):
         allowed = document[b, q] == document[b, k]                         # a document sees only itself
         if mask_kind == "causal":
             allowed = allowed & (k <= q)
-        if mask_kind == "prefix":
-            allowed = allowed & ((k <= q) | (image[b, q] & image[b, k]))  # Fig. 3(b): image block bidirectional
+        if mask_kind in ("prefix", "prefix_prompt"):  # Fig. 3(b): the prefix block bidirectional
+            allowed = allowed & ((k <= q) | (both_ways[b, q] & both_ways[b, k]))
         return (allowed & (document[b, k] >= 0)) | (q == k)               # pads hidden; each token sees itself
     return may_attend
 
 
-def block_mask(mask_kind, n_image_tokens, document, fixed=None):
+def block_mask(mask_kind, n_image_tokens, document, labelled=None, fixed=None):
     """masks.attention_mask as a FlexAttention BlockMask, built once per batch: per 128-token query block it
     lists the key blocks that are not fully masked, and the kernel computes only those (for the prefix mask, 11
     of 16 at 256 image + 144 text tokens, bench.py's stage-2 shape; nearer half for long texts).
@@ -113,8 +114,9 @@ def block_mask(mask_kind, n_image_tokens, document, fixed=None):
     memory that every batch of their shape reuses."""
     rows, seq_len = document.shape
     document = placed(fixed, "document", document)
-    image = placed(fixed, "image", masks.image_slots(document, n_image_tokens))
-    mask = create_block_mask(mask_mod(mask_kind, image, document), rows, None, seq_len, seq_len, device=document.device)
+    both_ways = placed(fixed, "both_ways", masks.prefix_block(mask_kind, n_image_tokens, document, labelled))
+    mask = create_block_mask(mask_mod(mask_kind, both_ways, document), rows, None, seq_len, seq_len,
+                             device=document.device)
     for name, value in vars(mask).items():  # the block lists (their names and number vary between torch versions)
         if isinstance(value, torch.Tensor):
             setattr(mask, name, placed(fixed, name, value))

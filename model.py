@@ -466,7 +466,7 @@ class VLM(nn.Module):
         self.language = Qwen2(config.language)
         self.n_image_tokens = self.vision.n_patches
         self.vision.layers_run(config.vision_feature_layer)  # a feature layer the encoder has
-        self.fast_path = None  # fast_path.FastPath after fast_path.use_fast_path(model): the same masks and loss, faster
+        self.fast_path = None  # a fast_path.FastPath after fast_path.use_fast_path(model): the same, faster
 
     def forward(self, pixel_values, input_ids, labels, document, mask_kind="prefix", noise_prob=0.0, noise_token_id=None,
                 generator=None, label_positions=None):
@@ -479,7 +479,8 @@ class VLM(nn.Module):
             text = (document >= 0) & ~masks.image_slots(document, self.n_image_tokens)
             input_ids = masks.add_noise(input_ids, text, noise_prob, noise_token_id, self.config.language.vocab_size,
                                         generator)
-        hidden = self.hidden_states(self.image_tokens(pixel_values), input_ids, document, mask_kind)
+        hidden = self.hidden_states(self.image_tokens(pixel_values), input_ids, document, mask_kind,
+                                    labelled=labels != IGNORE_INDEX)  # where prefix_prompt's prompt ends
         if self.fast_path is not None:  # the output layer only where a label is, a chunk at a time
             return self.fast_path.next_token_loss(hidden, labels, label_positions, self.language.lm_head.weight)
         logits = self.language.lm_head(hidden).float()
@@ -497,18 +498,19 @@ class VLM(nn.Module):
         return [p for module in unused + [self.vision.post_layernorm] * (self.config.vision_feature_layer != -1)
                 for p in module.parameters()]
 
-    def hidden_states(self, image_tokens, input_ids, document, mask_kind, cache=None):
+    def hidden_states(self, image_tokens, input_ids, document, mask_kind, cache=None, labelled=None):
         """Algorithm 2's forward pass: the language model over each document's [image tokens | text tokens] under
-        the stage's mask (sections 3.1, 3.2); the final-norm hidden states [R, L, D]."""
+        the stage's mask (sections 3.1, 3.2); the final-norm hidden states [R, L, D]. `labelled` marks the
+        answer tokens, for prefix_prompt's mask (None: a prompt, to be answered)."""
         text_tokens = self.language.embed_tokens(input_ids)
         slots = masks.image_slots(document, self.n_image_tokens)
         sequence = place_images(text_tokens, image_tokens, slots)                    # L <- concat(V, T)
         rope = self.language.rope(masks.document_positions(document))
         if self.fast_path is None or cache is not None:
-            mask = masks.attention_mask(mask_kind, self.n_image_tokens, document)    # attn_mask <- update_attention
+            mask = masks.attention_mask(mask_kind, self.n_image_tokens, document, labelled)  # update_attention
         else:  # the same mask in the forms the fast kernels take (fast_path.py)
             packed = len(image_tokens) > len(document)
-            mask, rope = self.fast_path.inputs(mask_kind, self.n_image_tokens, document, rope, packed)
+            mask, rope = self.fast_path.inputs(mask_kind, self.n_image_tokens, document, rope, packed, labelled)
         return self.language.hidden_states(sequence, mask, rope, cache)
 
     @torch.no_grad()
@@ -562,8 +564,8 @@ class VLM(nn.Module):
         if config.get("architecture") != VLM_ARCHITECTURE:
             raise ValueError(f"{folder} is not a checkpoint of this project (config.json architecture "
                              f"{config.get('architecture')!r}, expected {VLM_ARCHITECTURE!r})")
-        model = unloaded(cls, VLMConfig(SigLIPConfig(**config["vision"]), Qwen2Config(**config["language"]),
-                                        config["projector_hidden"], config["vision_feature_layer"], config["mask_kind"]))
+        sizes = SigLIPConfig(**config["vision"]), Qwen2Config(**config["language"]), config["projector_hidden"]
+        model = unloaded(cls, VLMConfig(*sizes, config["vision_feature_layer"], config["mask_kind"]))
         load_state(model, read_safetensors(folder), rename=lambda n: n, source=folder, dtype=dtype)
         return model
 
@@ -576,7 +578,8 @@ class VLM(nn.Module):
         before it trains; attention's two products (the full S x S scores) three times their forward where
         gradients cross them, frozen or not. tests/test_model.py checks it against torch's FLOP counter."""
         v, l, hidden = self.config.vision, self.config.language, self.config.projector_hidden
-        n, d, vision_layers = self.n_image_tokens, v.hidden_size, self.vision.layers_run(self.config.vision_feature_layer)
+        n, d = self.n_image_tokens, v.hidden_size
+        vision_layers = self.vision.layers_run(self.config.vision_feature_layer)
         s, h = n + n_text_tokens, l.hidden_size
         kv = l.num_key_value_heads * h // l.num_attention_heads
         vision, projector, language = (name in trainable for name in ("vision", "projector", "language"))
@@ -599,7 +602,8 @@ VLM_ARCHITECTURE = "siglip-projector-qwen2"
 def place_images(text_tokens, image_tokens, image_slots):
     """The rows' embeddings [R, L, D] with each document's image tokens (image_tokens [N, n, D], in row order)
     in its image slots (image_slots [R, L])."""
-    # a stable sort of "is text" lists the slots' flat positions first, in row order; unlike nonzero(), no wait for the GPU
+    # a stable sort of "is text" lists the slots' flat positions first, in row order: unlike nonzero(), the host
+    # does not wait for the GPU
     index = torch.argsort((~image_slots).flatten().int(), stable=True)[:image_tokens.shape[0] * image_tokens.shape[1]]
     flat = text_tokens.flatten(0, 1).index_copy(0, index, image_tokens.flatten(0, 1).to(text_tokens.dtype))
     return flat.view_as(text_tokens)

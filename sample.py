@@ -36,7 +36,8 @@ def add_model_args(parser):
                         help="default: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--max_new_tokens", type=at_least(1), default=30)
     parser.add_argument("--num_beams", type=at_least(1), default=1, help="1 = greedy decoding, more = beam search")
-    parser.add_argument("--mask_kind", choices=["prefix", "causal"], help="the mask to decode under; default: the "
+    parser.add_argument("--mask_kind", choices=["prefix", "prefix_prompt", "causal"],
+                        help="the mask to decode under; default: the "
                         "one the checkpoint was trained under (prefix without one, and after stage 0's bidirectional)")
 
 

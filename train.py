@@ -34,7 +34,7 @@ vision = "google/siglip-so400m-patch14-224"  # a Hub id or a local folder
 language = "Qwen/Qwen2.5-0.5B"
 init_from = ""                # our checkpoint to start from (the previous stage); empty: the pretrained backbones
 projector_hidden = 896
-vision_feature_layer = -2     # image features: -2, LLaVA-OneVision's (layer 26 of 27, no final norm); -1, the last, normed
+vision_feature_layer = -2     # -2: LLaVA-OneVision's image features (layer 26 of 27, unnormed); -1: the last, normed
 vision_config, language_config = {}, {}  # either set: random SigLIP and Qwen2 of these sizes (vocab: the tokenizer's)
 tokenizer = ""                # without init_from: a folder or Hub id ("shapes": the demo's); empty: `language`'s
 # data
@@ -49,7 +49,7 @@ num_workers = 4
 shapes_samples = 4000         # data_format synthetic: how many shape images (shapes.SyntheticShapes)
 shapes_questions = 0          # ... and how many question turns follow each caption
 # the stage (paper 3.4): config/stage<N>.py sets these
-mask_kind = "prefix"          # bidirectional (stage 0) | prefix (stages 1-3) | causal (the LLaVA baseline)
+mask_kind = "prefix"          # bidirectional (stage 0) | prefix (stages 1-3) | causal (LLaVA) | prefix_prompt
 noise_prob = 0.0              # stage 0: share of text inputs replaced by noise (Algorithm 1)
 noise_token_id = -1           # stage 0's noise: -1, uniformly random tokens (Algorithm 1); >= 0, this token id
 vision_lr = 5e-6              # a learning rate of 0 freezes the module
@@ -267,7 +267,7 @@ def build_model(cfg):
         model = VLM.load(folder)
         if model.config.vision_feature_layer != cfg["vision_feature_layer"]:
             raise ValueError(f"vision_feature_layer={cfg['vision_feature_layer']}, but {folder} was trained on the "
-                             f"features of layer {model.config.vision_feature_layer}: a later stage takes the same ones")
+                             f"features of layer {model.config.vision_feature_layer}: a later stage takes the same")
         return data.Tokenizer.from_pretrained(folder), model  # a checkpoint holds its tokenizer
     random_towers = cfg["vision_config"] or cfg["language_config"]
     tokenizer = (shapes.shapes_tokenizer() if random_towers and cfg["tokenizer"] == "shapes"
@@ -279,7 +279,8 @@ def build_model(cfg):
     qwen2 = Qwen2Config(**{"vocab_size": tokenizer.vocab_size, **cfg["language_config"]})
     if qwen2.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"language_config vocab_size {qwen2.vocab_size} < the tokenizer's {tokenizer.vocab_size}")
-    model = VLM(VLMConfig(SigLIPConfig(**cfg["vision_config"]), qwen2, cfg["projector_hidden"], cfg["vision_feature_layer"]))
+    siglip = SigLIPConfig(**cfg["vision_config"])
+    model = VLM(VLMConfig(siglip, qwen2, cfg["projector_hidden"], cfg["vision_feature_layer"]))
     return tokenizer, initialise(model)
 
 

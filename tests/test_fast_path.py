@@ -74,8 +74,9 @@ def flex_backward_on_cpu(monkeypatch):
 @pytest.mark.parametrize("mask_kind", masks.MASK_KINDS)
 def test_mask_mod_is_the_dense_mask_entry_by_entry(mask_kind):
     document = torch.tensor([[0] * 10, [0] * 7 + [-1] * 3, [0] * 5 + [1] * 4 + [-1]])  # full, padded, packed
-    rule = fast_path.mask_mod(mask_kind, masks.image_slots(document, N_IMAGE), document)
-    assert torch.equal(create_mask(rule, 3, 1, 10, 10), masks.attention_mask(mask_kind, N_IMAGE, document))
+    labelled = torch.tensor([[0] * 7 + [1] * 3, [0] * 5 + [1, 1, 0, 0, 0], [0] * 8 + [1, 0]]).bool()  # the answers
+    rule = fast_path.mask_mod(mask_kind, masks.prefix_block(mask_kind, N_IMAGE, document, labelled), document)
+    assert torch.equal(create_mask(rule, 3, 1, 10, 10), masks.attention_mask(mask_kind, N_IMAGE, document, labelled))
 
 
 def test_block_mask_skips_fully_masked_blocks():
@@ -128,11 +129,13 @@ def test_block_lists_name_exactly_the_blocks_the_dense_mask_needs(mask_kind, pac
         earlier, document = packed_rows([[0, 90, 250], [0, 40]]), packed_rows([[0, 130, 200, 290], [0, 256]])
     else:
         earlier, document = packed_rows([[0, 260], [0, 300]]), packed_rows([[0, 300], [0, 170]])
-    dense = masks.attention_mask(mask_kind, n_image, document)
+    labelled = torch.arange(300) % 7 == 0  # a label every 7 tokens: each document's prompt ends somewhere
+    labelled = labelled.expand_as(document) & ~masks.image_slots(document, n_image)
+    dense = masks.attention_mask(mask_kind, n_image, document, labelled)
     inputs = fast_path.FixedInputs() if fixed else None
     if fixed:
         fast_path.block_mask(mask_kind, n_image, earlier, fixed=inputs)
-    block_mask = fast_path.block_mask(mask_kind, n_image, document, fixed=inputs)
+    block_mask = fast_path.block_mask(mask_kind, n_image, document, labelled, fixed=inputs)
     needed, all_allowed = blocks_needed(dense)
     assert torch.equal(block_mask.to_dense()[:, 0].bool(), needed)
     full = listed_full_blocks(block_mask)
@@ -148,8 +151,10 @@ def test_flex_attention_matches_sdpa_with_padding(mask_kind, flex_backward_on_cp
     k, v = (torch.randn(2, 2, 20, 16, requires_grad=True) for _ in range(2))  # GQA: 2 key-value heads
     document = torch.zeros(2, 20, dtype=torch.long)
     document[1, 13:] = -1
-    dense = attend(q, k, v, masks.attention_mask(mask_kind, 6, document))
-    flex = attend(q, k, v, fast_path.FlexMask(fast_path.block_mask(mask_kind, 6, document)))
+    labelled = torch.zeros(2, 20, dtype=torch.bool)
+    labelled[:, 9:] = True  # a prompt of 3 tokens after the 6 image tokens, then the answer
+    dense = attend(q, k, v, masks.attention_mask(mask_kind, 6, document, labelled))
+    flex = attend(q, k, v, fast_path.FlexMask(fast_path.block_mask(mask_kind, 6, document, labelled)))
     assert (dense - flex).abs().max() < 1e-5
     target = torch.randn_like(dense)
     dense_grads = torch.autograd.grad((dense * target).sum(), (q, k, v))

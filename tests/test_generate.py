@@ -38,22 +38,29 @@ def one_document_rows(model, pixels, ids, labels=None):
 
 
 def greedy_without_cache(model, pixels, ids, steps, mask_kind="prefix"):
-    """The definition: recompute the whole sequence for every new token and take the argmax."""
+    """The definition: recompute the whole sequence for every new token and take the argmax; the new tokens
+    are the answer (labelled: causal under prefix_prompt, the prompt before them both ways)."""
+    prompt_length = model.n_image_tokens + ids.shape[1]
     with torch.no_grad():
         image_tokens = model.image_tokens(pixels)
         for _ in range(steps):
             rows = one_document_rows(model, pixels, ids)
-            hidden = model.hidden_states(image_tokens, rows["input_ids"], rows["document"], mask_kind)
+            answer = torch.arange(rows["input_ids"].shape[1]) >= prompt_length
+            hidden = model.hidden_states(image_tokens, rows["input_ids"], rows["document"], mask_kind,
+                                         labelled=answer.expand_as(rows["document"]))
             next_token = model.language.lm_head(hidden[:, -1]).argmax(-1)
             ids = torch.cat([ids, next_token[:, None]], dim=1)
     return ids
 
 
-def test_kv_cache_greedy_equals_recomputing_everything(model_and_reference):
+@pytest.mark.parametrize("mask_kind", ["prefix", "prefix_prompt", "causal"])
+def test_kv_cache_greedy_equals_recomputing_everything(model_and_reference, mask_kind):
+    """The prefill runs the prompt under the mask (prefix_prompt: image and prompt both ways), then each new
+    token sees everything before it."""
     model, _ = model_and_reference
     pixels, ids = prompts()
-    expected = greedy_without_cache(model, pixels, ids, steps=8)[:, ids.shape[1]:]
-    got = model.generate(pixels, ids, torch.ones_like(ids, dtype=torch.bool), max_new_tokens=8,
+    expected = greedy_without_cache(model, pixels, ids, steps=8, mask_kind=mask_kind)[:, ids.shape[1]:]
+    got = model.generate(pixels, ids, torch.ones_like(ids, dtype=torch.bool), max_new_tokens=8, mask_kind=mask_kind,
                          eos_ids=(-1,))  # no token ends: all 8 steps compared
     assert got == expected.tolist()
     assert len(set(sum(got, []))) > 3  # a varied path, so the comparison means something

@@ -55,6 +55,30 @@ def test_packed_documents_each_get_their_own_mask_on_the_diagonal(mask_kind):
         assert torch.equal(expected[:7, :7], masks.prefix(7, 4))
 
 
+def test_prefix_prompt_opens_the_block_over_image_and_prompt_and_keeps_answers_causal():
+    """PaliGemma's prefix-LM: 2 image tokens, a prompt of 2 (no label), an answer of 2 (labelled). The prompt
+    sees the whole image and prompt, the image sees the prompt too; the answer is causal. A second turn's
+    question, after the first answer, is not in the block. Without labels (a prompt being answered) the
+    whole prompt is the block."""
+    document = torch.zeros(1, 6, dtype=torch.long)
+    labelled = torch.tensor([[F, F, F, F, T, T]])
+    assert masks.attention_mask("prefix_prompt", 2, document, labelled)[0, 0].tolist() == [
+        [T, T, T, T, F, F],
+        [T, T, T, T, F, F],
+        [T, T, T, T, F, F],
+        [T, T, T, T, F, F],
+        [T, T, T, T, T, F],
+        [T, T, T, T, T, T],
+    ]
+    assert torch.equal(masks.attention_mask("prefix_prompt", 2, document, labelled)[0, 0], masks.prefix_prompt(6, 4))
+    second_turn = torch.tensor([[F, F, F, T, F, T]])  # answer at 3, a question at 4, an answer at 5
+    assert masks.prefix_block("prefix_prompt", 2, document, second_turn).tolist() == [[T, T, T, F, F, F]]
+    packed = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, -1]])
+    labelled = torch.tensor([[F, F, F, T, F, F, T, T, F]])
+    assert masks.prefix_block("prefix_prompt", 2, packed, labelled).tolist() == [[T, T, T, F, T, T, F, F, F]]
+    assert masks.prefix_block("prefix_prompt", 2, packed).tolist() == [[T] * 8 + [F]]
+
+
 def test_positions_restart_in_every_document():
     document = torch.tensor([[0, 0, 0, 1, 1, 1, 1, -1]])
     assert masks.document_positions(document).tolist() == [[0, 1, 2, 0, 1, 2, 3, 0]]
@@ -102,9 +126,10 @@ def test_stage_0_reads_noised_inputs_and_predicts_the_clean_text(tiny_backbones)
     assert torch.equal(noised, expected) and not torch.allclose(noised, clean)
 
 
-def test_drawing_shows_the_two_masks_of_figure_3(tmp_path):
+def test_drawing_shows_the_two_masks_of_figure_3_and_the_prefix_over_the_prompt(tmp_path):
     """`python masks.py`: (a) every cell green; (b) the image block green, the text causal, no image token
-    seeing text. Four image and four text tokens, cells of 28 pixels, panels 40 pixels apart."""
+    seeing text; (c) the block of image and 2 prompt tokens green. Four image and four text tokens, cells of
+    28 pixels, panels 40 pixels apart."""
     from PIL import Image
     image = Image.open(masks.draw(str(tmp_path / "masks.png"))).convert("RGB")
     green, red = (60, 170, 80), (210, 60, 60)
@@ -115,6 +140,8 @@ def test_drawing_shows_the_two_masks_of_figure_3(tmp_path):
     assert cell(1, 0, 3) == green and cell(1, 0, 4) == red   # image sees image, not text
     assert cell(1, 4, 0) == green and cell(1, 4, 5) == red   # text sees the image, not later text
     assert cell(1, 6, 5) == green
+    assert cell(2, 0, 5) == green and cell(2, 4, 5) == green and cell(2, 5, 6) == red  # the prompt in the block
+    assert cell(2, 6, 7) == red and cell(2, 7, 6) == green   # the answers causal
 
 
 # --- the model honours the masks ---------------------------------------------------------------------
@@ -162,3 +189,24 @@ def test_under_prefix_image_tokens_see_later_image_tokens_but_not_under_causal(t
 
     assert torch.equal(first_image_output(image_tokens, "causal"), first_image_output(later_changed, "causal"))
     assert not torch.allclose(first_image_output(image_tokens, "prefix"), first_image_output(later_changed, "prefix"))
+
+
+def test_under_prefix_prompt_the_prompt_sees_later_prompt_tokens_but_not_the_answer(tiny_backbones):
+    """The image and the prompt (before the first label) read each other both ways; the answer stays causal."""
+    model = VLM.from_pretrained(*map(str, tiny_backbones), projector_hidden=32).eval()
+    n = model.n_image_tokens
+    ids = torch.randint(0, 300, (1, n + 6))
+    labelled = torch.zeros_like(ids, dtype=torch.bool)
+    labelled[:, n + 3:] = True  # a prompt of 3 tokens, an answer of 3
+    image_tokens = model.image_tokens(torch.randn(1, 3, 56, 56))
+
+    def outputs(ids, mask_kind):
+        with torch.no_grad():
+            return model.hidden_states(image_tokens, ids, torch.zeros_like(ids), mask_kind, labelled=labelled)
+    last_prompt, first_answer = ids.clone(), ids.clone()
+    last_prompt[0, n + 2] = (ids[0, n + 2] + 1) % 300
+    first_answer[0, n + 3] = (ids[0, n + 3] + 1) % 300
+    base = outputs(ids, "prefix_prompt")
+    assert not torch.allclose(outputs(last_prompt, "prefix_prompt")[:, :n + 2], base[:, :n + 2])  # seen by all
+    assert torch.equal(outputs(first_answer, "prefix_prompt")[:, :n + 3], base[:, :n + 3])  # seen by none before
+    assert torch.equal(outputs(last_prompt, "prefix")[:, :n + 2], outputs(ids, "prefix")[:, :n + 2])  # Fig. 3(b)
