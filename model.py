@@ -439,7 +439,9 @@ def qwen2_config(config, source):
 class VLMConfig:
     vision: SigLIPConfig
     language: Qwen2Config
-    projector_hidden: int = 896  # the paper's Linear(1152 -> 896), GELU, Linear(896 -> 896)
+    # ours: LLaVA-OneVision's mlp2x_gelu at Qwen2.5-0.5B's width, 1.84M parameters; the paper's Table 4 says 18M,
+    # which a 2-layer MLP from 1152 to 896 reaches only with a hidden width near 8,800 (the paper gives none)
+    projector_hidden: int = 896
     # LLaVA-OneVision's image features, which the paper follows: layer 26 of so400m's 27, without the final norm
     vision_feature_layer: int = -2
     mask_kind: str = "prefix"  # the mask generation decodes under: training's (3.2), or prefix after stage 0
