@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
@@ -328,11 +328,18 @@ def safetensors_files(folder):
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}")
 
 
+def open_safetensors(path):
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as error:  # a truncated file (a copy cut short, a full disk) or not safetensors at all
+        raise ValueError(f"{path} is damaged or not a safetensors file: {error}") from error
+
+
 def read_safetensors(folder, prefix="", skip=()):
     """All tensors whose name starts with `prefix`, but for those starting with a `skip` entry."""
     state = {}
     for file in safetensors_files(folder):
-        with safe_open(os.path.join(folder, file), framework="pt") as f:
+        with open_safetensors(os.path.join(folder, file)) as f:
             state.update({n: f.get_tensor(n) for n in f.keys() if n.startswith(prefix) and not n.startswith(skip)})
     return state
 
@@ -378,7 +385,7 @@ def aliases(model):
 
 def has_tensor(folder, name):
     for file in safetensors_files(folder):
-        with safe_open(os.path.join(folder, file), framework="pt") as f:
+        with open_safetensors(os.path.join(folder, file)) as f:
             if name in f.keys():
                 return True
     return False

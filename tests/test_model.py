@@ -243,6 +243,16 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
         VLM.load(str(tmp_path / "qwen"))
 
 
+def test_a_truncated_weights_file_is_named(tmp_path):
+    """A copy cut short (or a full disk) leaves a safetensors file whose header promises more than it holds:
+    the error names the file, for our checkpoints (sample.py, eval.py, --init_from) and the backbones alike."""
+    save_qwen2(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=f"{weights} is damaged or not a safetensors file"):
+        Qwen2.from_pretrained(str(tmp_path))
+
+
 def test_missing_weights_file_is_named(tmp_path):
     save_qwen2(tmp_path)
     (tmp_path / "model.safetensors").unlink()
