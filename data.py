@@ -136,7 +136,10 @@ class Tokenizer:
 # LLaVA-NeXT's system turn for Qwen (its preprocess_qwen), not Qwen2.5's ("You are Qwen, created by Alibaba Cloud. ...")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 LLAVA_ROLES = {"human": "user", "gpt": "assistant"}
-SHORT_CAPTION_PROMPT = "Write a short caption for the image."
+# the short-caption instruction: config/caption_coco.py trains on it, eval.py and sample.py ask it by default.
+# InternVL's fine-tuning turns COCO's Karpathy train split into dialogues with it (LLaVA-1.5: TextCaps), and
+# lmms-eval asks it for COCO and Flickr30k captions, so zero-shot scores compare with published ones
+SHORT_CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
 
 
 def chat_prompt(messages, add_generation_prompt=True, system_prompt=DEFAULT_SYSTEM_PROMPT):
@@ -383,7 +386,8 @@ class LlavaJson(IndexedSource):
 
 class KarpathyCaptions(IndexedSource):
     """COCO / Flickr30k / Flickr8k captions in Karpathy's split files (dataset_coco.json), one sample per (image,
-    reference sentence); split="train" takes train + restval, as usual. Images: image_root/[filepath/]filename."""
+    reference sentence): an epoch trains on every caption once, each image ~5 times (COCO train + restval: 113,287
+    images, 566,747 samples); split="train" takes train + restval, as usual. Images: image_root/[filepath/]filename."""
 
     def __init__(self, json_path, image_root, split="train", prompt=SHORT_CAPTION_PROMPT):
         with open(json_path, encoding="utf-8") as f:

@@ -1,4 +1,6 @@
-"""Evaluation: image captioning on the Karpathy test splits (paper Table 6) and PathVQA (paper Table 9).
+"""Evaluation: image captioning on the Karpathy test splits (paper 4.4, Table 6) and PathVQA (paper 4.5; its
+metrics are ours: the paper's Table 9 shows examples only). Table 6's COCO column is full-shot (a checkpoint of
+config/caption_coco.py), Flickr30k and Flickr8k are zero-shot: README, Evaluation.
 
     python eval.py --split karpathy              # COCO, Flickr30k, Flickr8k test; the newest checkpoint of out/stage3
     python eval.py --split karpathy --datasets coco --num_beams 3 --checkpoint out/stage2
@@ -260,7 +262,8 @@ def parse_args(argv=None):
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated, from " + ",".join(DATASETS))
     parser.add_argument("--karpathy_dir", default="data/karpathy")
     parser.add_argument("--image_root", default="data/images")
-    parser.add_argument("--prompt", default=SHORT_CAPTION_PROMPT, help="default: data.KarpathyCaptions's")
+    parser.add_argument("--prompt", default=SHORT_CAPTION_PROMPT,
+                        help=f"default: {SHORT_CAPTION_PROMPT!r}, which config/caption_coco.py trains on")
     parser.add_argument("--pathvqa_parquet", default="data/path-vqa/test.parquet",
                         help="a PathVQA parquet file, a folder of them, or the Hub repo flaviagiammarino/path-vqa")
     parser.add_argument("--pathvqa_split", default="test", help="in a folder or repo, the files {split}-*.parquet")

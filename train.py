@@ -56,7 +56,7 @@ vision_lr = 5e-6              # a learning rate of 0 freezes the module
 projector_lr = 2e-3
 language_lr = 2e-5
 stages = []                   # several stages in one run: a list of dicts of the settings that differ (the demo)
-# optimisation (paper 4.2)
+# optimisation (paper 4.2; gradient accumulation and clipping: 3.5)
 global_batch = 128
 micro_batch = 16              # per GPU; accumulation makes up the global batch (packed: this many samples' tokens)
 epochs = 1
@@ -185,7 +185,7 @@ def setup_stage(cfg):
     """Check the stage's settings, then build its model, trainable parts, optimizer and data stream."""
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if cfg["device"] == "cuda" else cfg["device"])
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 where bf16 autocast does not reach (paper 4.2)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 where bf16 autocast does not reach (paper 3.5)
         torch.backends.cudnn.allow_tf32 = True
     accumulation_steps(cfg["global_batch"], cfg["micro_batch"], world_size())  # the batch splits evenly
     masks.check_kind(cfg["mask_kind"])
@@ -323,7 +323,7 @@ def make_optimizer(model, cfg):
 
 
 def clip_gradients(optimizer, max_norm):
-    """Clip the total gradient norm to max_norm (paper 4.2; 0 or less: none, as nanoGPT); returns it before clipping."""
+    """Clip the total gradient norm to max_norm (paper 3.5; 0 or less: none, as nanoGPT); returns it before clipping."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if max_norm <= 0:
         return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])

@@ -277,6 +277,16 @@ def test_karpathy_split_gives_one_sample_per_train_and_restval_sentence(tmp_path
     assert len(KarpathyCaptions(str(tmp_path / "dataset_coco.json"), "/coco", split="test")) == 1
 
 
+def test_karpathy_captions_ask_the_one_sentence_caption_instruction(tmp_path):
+    """config/caption_coco.py trains on the instruction eval.py asks by default (LLaVA-NeXT and lmms-eval's)."""
+    images = [{"filename": "a.jpg", "split": "train", "sentences": [{"raw": "A dog."}]}]
+    (tmp_path / "dataset_flickr8k.json").write_text(json.dumps({"images": images, "dataset": "flickr8k"}))
+    record, = KarpathyCaptions(str(tmp_path / "dataset_flickr8k.json"), "/flickr8k").read(0, [0])
+    assert record["image"] == "/flickr8k/a.jpg" and record["conversations"] == [
+        {"from": "human", "value": "Provide a one-sentence caption for the provided image."},
+        {"from": "gpt", "value": "A dog."}]
+
+
 # --- the batch stream: order, sharding, resuming ------------------------------------------------------------
 
 def make_stream(source, tokenizer, **overrides):

@@ -265,6 +265,23 @@ def test_image_ids_match_coco_format_reference_files():
     assert image_id({"filename": "1000268201_693b08cb0e.jpg"}) == "1000268201_693b08cb0e"  # Flickr8k
 
 
+def test_captions_are_asked_as_the_coco_fine_tune_was_trained_and_decoded_greedily(karpathy_root):
+    """The default instruction is config/caption_coco.py's training one (data.KarpathyCaptions's), so full-shot
+    COCO asks what was trained and zero-shot Flickr asks what published harnesses ask; --prompt changes it. The
+    README states the decoding defaults: greedy, at most 30 new tokens."""
+    import inspect
+    from data import KarpathyCaptions
+    from eval import parse_args
+    args = parse_args(["--backbones"])
+    assert args.prompt == "Provide a one-sentence caption for the provided image."
+    assert args.prompt == inspect.signature(KarpathyCaptions).parameters["prompt"].default
+    assert (args.num_beams, args.max_new_tokens) == (1, 30)
+    samples = karpathy_samples(str(karpathy_root / "karpathy"), "flickr8k", "karpathy", str(karpathy_root / "images"),
+                               args.prompt)
+    assert {s["prompt"] for s in samples} == {"Provide a one-sentence caption for the provided image."}
+    assert parse_args(["--backbones", "--prompt", "Caption it."]).prompt == "Caption it."
+
+
 def test_a_runs_out_dir_stands_for_its_newest_checkpoint(tmp_path):
     """The scores and their settings name the checkpoint that was scored, not a folder that moves on. They go
     beside it, not into it: train.py deletes a run's older step-N folders as it trains on."""

@@ -70,6 +70,20 @@ def test_each_stage_config_is_the_papers(stage):
     assert cfg["grad_clip"] > 0 and cfg["init_from"] == ("" if stage == 0 else f"out/stage{stage - 1}")
 
 
+def test_caption_coco_config_is_the_full_shot_fine_tune_from_stage_3():
+    """Table 6's COCO column is full-shot (paper 4.4): one epoch on COCO's Karpathy train + restval, every caption
+    once, from stage 3, under the prefix mask, at stage 3's learning rates (the paper gives none for this fine-tune)."""
+    cfg = configure(dict(train.settings), [os.path.join(ROOT, "config", "caption_coco.py")])
+    stage3 = configure(dict(train.settings), [os.path.join(ROOT, "config", "stage3.py")])
+    assert (cfg["data_format"], os.path.basename(cfg["dataset"]), cfg["mask_kind"], cfg["noise_prob"]) == (
+        "karpathy", "dataset_coco.json", "prefix", 0.0)
+    assert [cfg[f"{m}_lr"] for m in ("vision", "projector", "language")] == [stage3[f"{m}_lr"] for m in
+                                                                           ("vision", "projector", "language")]
+    assert (cfg["init_from"], cfg["out_dir"], cfg["epochs"], cfg["max_steps"]) == ("out/stage3", "out/caption_coco", 1, 0)
+    assert (cfg["global_batch"], cfg["beta1"], cfg["beta2"], cfg["weight_decay"], cfg["min_lr"]) == (128, 0.9, 0.999, 0.01, 1e-8)
+    assert cfg["image_root"] == "data/images/coco"  # eval.py's default --image_root, + the dataset's folder
+
+
 def test_stage_is_not_a_setting():
     """The out_dir names a stage; its recipe is its config file. A `stage` setting that only labelled the log
     (--stage=0 alone trained stage 2's recipe) is refused like any unknown setting."""
