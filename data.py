@@ -22,7 +22,7 @@ from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from model import IGNORE_INDEX, find_label_positions, local_or_hub
+from model import IGNORE_INDEX, find_label_positions, local_or_hub, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +243,8 @@ def to_rgb(image):
 def load_image(source, name):
     """A file path, encoded bytes (PNG, JPEG, ...) or a PIL image -> PIL RGB image. A missing or undecodable
     image raises ValueError naming `name` (a file, or a dataset row), so the dataset can skip it and say which."""
+    if isinstance(source, (str, os.PathLike)) and os.path.exists(source) and not os.path.isfile(source):
+        raise ValueError(f"cannot read image {name}: {source} is not a regular file")  # a FIFO would block for ever
     try:
         image = source
         if not isinstance(source, Image.Image):
@@ -364,8 +366,7 @@ class LlavaJson(IndexedSource):
     """LLaVA's own layout: a JSON list of {id, image (a path in image_folder; none: text-only), conversations}."""
 
     def __init__(self, json_path, image_folder):
-        with open(json_path, encoding="utf-8") as f:
-            self.entries = json.load(f)
+        self.entries = read_json(json_path)
         self.json_path, self.image_folder = json_path, image_folder
         # an entry that is not an object is a broken file, not a text-only sample: say so before training
         if not isinstance(self.entries, list):
@@ -390,11 +391,19 @@ class KarpathyCaptions(IndexedSource):
     images, 566,747 samples); split="train" takes train + restval, as usual. Images: image_root/[filepath/]filename."""
 
     def __init__(self, json_path, image_root, split="train", prompt=SHORT_CAPTION_PROMPT):
-        with open(json_path, encoding="utf-8") as f:
-            images = json.load(f)["images"]
+        images = read_json(json_path).get("images", [])
         splits = {"train", "restval"} if split == "train" else {split}
+        chosen = [(i, image) for i, image in enumerate(images) if image.get("split") in splits]
+        unlaid = [i for i, image in chosen if "filename" not in image or not isinstance(image.get("sentences"), list)
+                  or not all("raw" in sentence for sentence in image["sentences"])]
+        if unlaid:
+            raise ValueError(f"{json_path}: {len(unlaid)} entries lack a filename or sentences [{{'raw'}}], the first "
+                             f"images[{unlaid[0]}]: {images[unlaid[0]]!r:.120}")
+        if not chosen:
+            raise ValueError(f"{json_path} has no {' or '.join(sorted(splits))} images; its splits are "
+                             f"{sorted({str(image.get('split')) for image in images})}")
         self.entries = [(os.path.join(image_root, image.get("filepath", ""), image["filename"]), sentence["raw"])
-                        for image in images if image["split"] in splits for sentence in image["sentences"]]
+                        for _, image in chosen for sentence in image["sentences"]]
         self.prompt = prompt
 
     def record(self, row):

@@ -314,8 +314,11 @@ def local_or_hub(path_or_repo, allow_patterns, repo_type="model"):
 def read_json(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found")
-    with open(path) as f:
-        return json.load(f)
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not JSON: {error}") from error
 
 
 def safetensors_files(folder):
