@@ -503,22 +503,27 @@ def pack_micro_batches(samples, max_len, n_image_tokens, pack_rows, pad_id=0, pa
             for i in range(0, len(filled), pack_rows)]
 
 
-def shuffled_order(chunk_sizes, seed, epoch):
-    """Every sample once, as (chunk ids, row ids) arrays: chunks in random order, rows shuffled within their chunk
-    and kept together, so a parquet row group is read once per pass, not once per sample."""
+def shuffled_order(chunk_sizes, seed, epoch, window=1):
+    """Every sample once, as (chunk ids, row ids, window ids) arrays: chunks in random order, taken `window` at a time,
+    the rows of a window's chunks shuffled together (window=1: each chunk's rows, kept together)."""
     rng = np.random.default_rng([seed, epoch])
     chunk_order = rng.permutation(len(chunk_sizes))
-    chunk_ids = np.concatenate([np.full(chunk_sizes[chunk], chunk) for chunk in chunk_order])
-    row_ids = np.concatenate([rng.permutation(chunk_sizes[chunk]) for chunk in chunk_order])
-    return chunk_ids, row_ids
+    chunk_ids, row_ids, window_ids = [], [], []
+    for index, start in enumerate(range(0, len(chunk_order), window)):
+        chunks = chunk_order[start:start + window]
+        mix = rng.permutation(sum(chunk_sizes[chunk] for chunk in chunks))
+        chunk_ids.append(np.concatenate([np.full(chunk_sizes[chunk], chunk) for chunk in chunks])[mix])
+        row_ids.append(np.concatenate([np.arange(chunk_sizes[chunk]) for chunk in chunks])[mix])
+        window_ids.append(np.full(len(mix), index))
+    return np.concatenate(chunk_ids), np.concatenate(row_ids), np.concatenate(window_ids)
 
 
 class WorkerBatches(IterableDataset):
-    """What each DataLoader worker runs on the samples still to come, (chunk ids, row ids): batch b is samples
-    [b*B, (b+1)*B); worker w of W builds batches w, w+W, ..., taken in turn by the DataLoader, so in order."""
+    """What each DataLoader worker runs on the samples still to come, (chunk ids, row ids, window ids): batch b is
+    samples [b*B, (b+1)*B); worker w of W builds batches w, w+W, ..., taken in turn by the DataLoader, so in order."""
 
-    def __init__(self, stream, chunk_ids, row_ids):
-        self.stream, self.chunk_ids, self.row_ids = stream, chunk_ids, row_ids
+    def __init__(self, stream, chunk_ids, row_ids, window_ids):
+        self.stream, self.chunk_ids, self.row_ids, self.window_ids = stream, chunk_ids, row_ids, window_ids
 
     def __iter__(self):
         worker = get_worker_info()
@@ -530,10 +535,16 @@ class WorkerBatches(IterableDataset):
             yield {"batch_index": int(batch_index), **self.stream.build_batch(record for _, record in group)}
 
     def read_records(self, slots):
-        """(slot, record) for each slot, reading each chunk once: the order keeps a chunk's rows together."""
-        for chunk, run in itertools.groupby(slots, key=lambda slot: self.chunk_ids[slot]):
-            run = list(run)
-            yield from zip(run, self.stream.source.read(int(chunk), self.row_ids[run].tolist()))
+        """(slot, record) for each slot, in order, reading each chunk once per window: the window's rows this worker
+        needs from a chunk are asked for at once, in slot order, then the slots take their records in turn."""
+        for _, window in itertools.groupby(slots, key=lambda slot: self.window_ids[slot]):
+            window = np.fromiter(window, dtype=np.int64)
+            chunks = self.chunk_ids[window]
+            # a parquet read returns its records (held until the window ends); an IndexedSource's makes them lazily
+            reads = {chunk: iter(self.stream.source.read(int(chunk), self.row_ids[window[chunks == chunk]].tolist()))
+                     for chunk in np.unique(chunks)}
+            for slot, chunk in zip(window, chunks):
+                yield slot, next(reads[chunk])
 
 
 class BatchStream:
@@ -543,7 +554,12 @@ class BatchStream:
     `pack_rows` (a padded micro-batch's tokens) per micro-batch (pack_micro_batches), which leaves fewer rows part-empty
     than packing each micro-batch: on bench.py's stand-in for stage 3, 1.9% of the tokens pad on one GPU, 4.5% on eight
     (16 conversations a rank and step), 36% in padded micro-batches. Order: a shuffle of the source per (seed, epoch),
-    whatever num_workers; rank r takes samples r, r + world_size, ... (an epoch's last < world_size left out). Bad
+    whatever num_workers (shuffled_order): the rows of `shuffle_chunks` random chunks (parquet row groups) at a time,
+    so that a batch mixes the sources that shards keep apart (LLaVA-NeXT-Data's are sorted by source); rank r takes
+    samples r, r + world_size, ... (an epoch's last < world_size left out). The cost: a worker reads each chunk of each
+    window its batches touch (a row group is read up to num_workers times per rank, 1 or 2 at shuffle_chunks=1) and
+    holds its share of the window's records, at most shuffle_chunks row groups. Hugging Face writes image parquet in
+    row groups of <= 100 rows: ~12 MB in LLaVA-NeXT-Data (92 GB, 779K rows), ~16 MB in LLaVA-ReCap-118K (COCO). Bad
     samples (unreadable image, malformed conversation) are skipped with a warning naming them, text-only rows (the image
     leads every sequence, paper 3.1; LLaVA-NeXT-Data has some) silently; both are counted, and bad ones past
     max_skip_fraction of an epoch's raise RuntimeError. A batch that loses samples keeps its place, smaller (one that
@@ -552,12 +568,15 @@ class BatchStream:
 
     def __init__(self, source, tokenizer, batch_size, n_image_tokens, micro_batch=None, image_size=224,
                  max_text_tokens=512, system_prompt=DEFAULT_SYSTEM_PROMPT, seed=0, rank=0, world_size=1, num_workers=2,
-                 max_skip_fraction=0.01, pad_to_multiple=1, pack_length=0):
+                 max_skip_fraction=0.01, pad_to_multiple=1, pack_length=0, shuffle_chunks=16):
         self.source, self.tokenizer, self.batch_size = source, tokenizer, batch_size
         self.micro_batch, self.n_image_tokens = micro_batch or batch_size, n_image_tokens
         self.image_size, self.max_text_tokens, self.system_prompt = image_size, max_text_tokens, system_prompt
         self.seed, self.rank, self.world_size, self.num_workers = seed, rank, world_size, num_workers
         self.max_skip_fraction, self.pad_to_multiple, self.pack_length = max_skip_fraction, pad_to_multiple, pack_length
+        self.shuffle_chunks = shuffle_chunks
+        if shuffle_chunks < 1:
+            raise ValueError(f"shuffle_chunks={shuffle_chunks}: at least 1 chunk (row group) is shuffled at a time")
         if pack_length and pack_length < n_image_tokens + max_text_tokens:
             raise ValueError(f"pack_length={pack_length} cannot hold one sample of {n_image_tokens} image tokens + "
                              f"max_text_tokens={max_text_tokens}")
@@ -571,9 +590,9 @@ class BatchStream:
         return math.ceil(self.samples_per_epoch / self.batch_size)
 
     def __iter__(self):
-        chunk_ids, row_ids = shuffled_order(self.source.chunk_sizes, self.seed, self.epoch)
+        order = shuffled_order(self.source.chunk_sizes, self.seed, self.epoch, self.shuffle_chunks)
         start, mine = self.samples_consumed, slice(self.rank, self.world_size * self.samples_per_epoch, self.world_size)
-        workers = WorkerBatches(self, chunk_ids[mine][start:], row_ids[mine][start:])  # this rank's samples still to come
+        workers = WorkerBatches(self, *(ids[mine][start:] for ids in order))  # this rank's samples still to come
         loader = DataLoader(workers, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
         yielded = False
         for item in loader:
@@ -624,11 +643,12 @@ class BatchStream:
 
     def state_dict(self):
         return {"epoch": self.epoch, "samples_consumed": self.samples_consumed, "counts": dict(self.counts),
-                "seed": self.seed, "world_size": self.world_size}
+                "seed": self.seed, "world_size": self.world_size, "shuffle_chunks": self.shuffle_chunks}
 
     def load_state_dict(self, state):
-        if (state["seed"], state["world_size"]) != (self.seed, self.world_size):
-            raise ValueError(f"the saved position is for seed {state['seed']} and world_size {state['world_size']}, "
-                             f"not {self.seed} and {self.world_size}: it would not resume the same order")
+        saved = state["seed"], state["world_size"], state.get("shuffle_chunks", 1)  # older checkpoints shuffled by 1
+        if saved != (self.seed, self.world_size, self.shuffle_chunks):
+            raise ValueError(f"the saved position is for seed, world_size, shuffle_chunks = {saved}, not "
+                             f"{(self.seed, self.world_size, self.shuffle_chunks)}: it would not resume the same order")
         self.epoch, self.samples_consumed = state["epoch"], state["samples_consumed"]
         self.counts = dict(state["counts"])

@@ -302,7 +302,7 @@ def test_ddp_resume_continues_each_rank_where_it_stopped(tmp_path):
     from PIL import Image
     import data
     n_entries, seed = 32, 5
-    _, row_ids = data.shuffled_order([n_entries], seed, epoch=0)
+    _, row_ids, _ = data.shuffled_order([n_entries], seed, epoch=0)
     text_only = set(row_ids[1::2][:4].tolist())  # rank 1's first batch: 4 of its samples, every second one
     os.makedirs(tmp_path / "images")
     entries = []
