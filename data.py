@@ -562,19 +562,19 @@ class BatchStream:
     row groups of <= 100 rows: ~12 MB in LLaVA-NeXT-Data (92 GB, 779K rows), ~16 MB in LLaVA-ReCap-118K (COCO). Bad
     samples (unreadable image, malformed conversation) are skipped with a warning naming them, text-only rows (the image
     leads every sequence, paper 3.1; LLaVA-NeXT-Data has some) silently; both are counted, and bad ones past
-    max_skip_fraction of an epoch's raise RuntimeError. A batch that loses samples keeps its place, smaller (one that
+    max_skip_fraction of an epoch's, or text-only ones past max_text_only_fraction, raise RuntimeError. A batch that loses samples keeps its place, smaller (one that
     loses all is dropped: ranks may then step unequally), so `state_dict()` resumes at the next unseen one."""
     counted = ("skipped", "text_only", "truncated")  # for the trainer's log; "truncated": texts cut to max_text_tokens
 
     def __init__(self, source, tokenizer, batch_size, n_image_tokens, micro_batch=None, image_size=224,
                  max_text_tokens=512, system_prompt=DEFAULT_SYSTEM_PROMPT, seed=0, rank=0, world_size=1, num_workers=2,
-                 max_skip_fraction=0.01, pad_to_multiple=1, pack_length=0, shuffle_chunks=16):
+                 max_skip_fraction=0.01, pad_to_multiple=1, pack_length=0, shuffle_chunks=16, max_text_only_fraction=1.0):
         self.source, self.tokenizer, self.batch_size = source, tokenizer, batch_size
         self.micro_batch, self.n_image_tokens = micro_batch or batch_size, n_image_tokens
         self.image_size, self.max_text_tokens, self.system_prompt = image_size, max_text_tokens, system_prompt
         self.seed, self.rank, self.world_size, self.num_workers = seed, rank, world_size, num_workers
         self.max_skip_fraction, self.pad_to_multiple, self.pack_length = max_skip_fraction, pad_to_multiple, pack_length
-        self.shuffle_chunks = shuffle_chunks
+        self.shuffle_chunks, self.max_text_only_fraction = shuffle_chunks, max_text_only_fraction
         if shuffle_chunks < 1:
             raise ValueError(f"shuffle_chunks={shuffle_chunks}: at least 1 chunk (row group) is shuffled at a time")
         if pack_length and pack_length < n_image_tokens + max_text_tokens:
@@ -634,19 +634,24 @@ class BatchStream:
     def add_counts(self, counts):
         for key, value in counts.items():
             self.counts[key] += value
-        allowed = self.max_skip_fraction * self.samples_per_epoch * (self.epoch + 1)  # of the epochs begun so far
-        if self.counts["skipped"] > allowed:
+        begun = self.samples_per_epoch * (self.epoch + 1)  # the samples of the epochs begun so far
+        if self.counts["skipped"] > self.max_skip_fraction * begun:
             raise RuntimeError(f"{self.counts['skipped']} bad samples skipped by sample {self.samples_consumed} of epoch "
                                f"{self.epoch}, more than max_skip_fraction={self.max_skip_fraction} of the "
                                f"{self.samples_per_epoch} per epoch: see the warnings for which ones, fix the data or "
                                "raise max_skip_fraction")
+        if self.counts["text_only"] > self.max_text_only_fraction * begun:  # e.g. an image column read as empty
+            raise RuntimeError(f"{self.counts['text_only']} rows without an image by sample {self.samples_consumed} of "
+                               f"epoch {self.epoch}, more than max_text_only_fraction={self.max_text_only_fraction} of "
+                               f"the {self.samples_per_epoch} per epoch: check the data's image column, or raise "
+                               "max_text_only_fraction if the data has that many text-only rows")
 
     def state_dict(self):
         return {"epoch": self.epoch, "samples_consumed": self.samples_consumed, "counts": dict(self.counts),
                 "seed": self.seed, "world_size": self.world_size, "shuffle_chunks": self.shuffle_chunks}
 
     def load_state_dict(self, state):
-        saved = state["seed"], state["world_size"], state.get("shuffle_chunks", 1)  # older checkpoints shuffled by 1
+        saved = state["seed"], state["world_size"], state["shuffle_chunks"]
         if saved != (self.seed, self.world_size, self.shuffle_chunks):
             raise ValueError(f"the saved position is for seed, world_size, shuffle_chunks = {saved}, not "
                              f"{(self.seed, self.world_size, self.shuffle_chunks)}: it would not resume the same order")

@@ -195,6 +195,23 @@ def pathvqa_samples(path_or_repo, split):
              "answer": r["conversations"][1]["value"]} for i, r in enumerate(records)]
 
 
+def check_images(sample_lists, threads=8):
+    """Decode every image before any is answered: an undecodable one stops the run now, named, with the others
+    that fail, not when its batch comes up (every rank checks all of them, so that none waits on a failed one)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def problem(sample):
+        try:
+            load_image(sample["image"], sample["name"])
+        except ValueError as error:
+            return str(error)
+    samples = [sample for samples in sample_lists for sample in samples]
+    with ThreadPoolExecutor(threads) as pool:  # PIL decodes with the GIL released
+        problems = [p for p in pool.map(problem, samples) if p is not None]
+    if problems:
+        raise ValueError(f"{len(problems)} of the {len(samples)} images cannot be read, e.g. {problems[:3]}")
+
+
 # the two tasks, the samples split over the ranks under torchrun
 def answer_all(model, tokenizer, samples, args, desc):
     """{sample key: the model's answer} for every sample, on every rank; each answers every world_size-th one."""
@@ -301,6 +318,7 @@ def main(argv=None):
                    for dataset in args.datasets}
     else:
         samples = pathvqa_samples(args.pathvqa_parquet, args.pathvqa_split)
+    check_images(samples.values() if args.task == "caption" else [samples])
     model, tokenizer = load_model(args, distributed.setup(args.device))
     os.makedirs(args.out_dir, exist_ok=True)
     evaluate = evaluate_captioning if args.task == "caption" else evaluate_pathvqa

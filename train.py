@@ -45,6 +45,7 @@ max_text_tokens = 256         # longer conversations are truncated (and counted)
 pad_to_multiple = 64          # text lengths are padded up to a multiple of this: few shapes for compiled blocks
 pack_length = 0               # > 0: pack each batch's conversations into rows of this many tokens (stage 3)
 max_skip_fraction = 0.01      # more bad samples than this stops the run
+max_text_only_fraction = 0.0  # more rows without an image than this stops the run (stage 3's data has some)
 num_workers = 4
 shuffle_chunks = 16           # row groups whose rows are shuffled together, so batches mix sources (data.BatchStream)
 shapes_samples = 4000         # data_format synthetic: how many shape images (shapes.SyntheticShapes)
@@ -361,6 +362,7 @@ def open_stream(cfg, tokenizer, model):
         source, tokenizer, cfg["global_batch"] // world_size(), model.n_image_tokens, cfg["micro_batch"],
         image_size=image_size, max_text_tokens=cfg["max_text_tokens"], seed=cfg["seed"], rank=rank(),
         world_size=world_size(), num_workers=cfg["num_workers"], max_skip_fraction=cfg["max_skip_fraction"],
+        max_text_only_fraction=cfg["max_text_only_fraction"],
         pad_to_multiple=cfg["pad_to_multiple"], pack_length=cfg["pack_length"], shuffle_chunks=cfg["shuffle_chunks"])
 
 

@@ -314,6 +314,7 @@ def test_ddp_resume_continues_each_rank_where_it_stopped(tmp_path):
             entries[-1]["image"] = f"{i}.png"
     (tmp_path / "data.json").write_text(json.dumps(entries))
     common = dict(max_steps=4, checkpoint_interval=2, micro_batch=1, seed=seed, data_format="llava_json",
+                  max_text_only_fraction=0.5,
                   dataset=str(tmp_path / "data.json"), image_root=str(tmp_path / "images"), vision_lr=1e-3,
                   projector_lr=1e-3, language_lr=1e-3)
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518")
