@@ -507,8 +507,9 @@ class VLM(nn.Module):
     def unused_parameters(self):
         """The vision encoder's parts after the feature layer: never run, so never trained."""
         unused = list(self.vision.layers[self.vision.layers_run(self.config.vision_feature_layer):])
-        return [p for module in unused + [self.vision.post_layernorm] * (self.config.vision_feature_layer != -1)
-                for p in module.parameters()]
+        if self.config.vision_feature_layer != -1:
+            unused.append(self.vision.post_layernorm)
+        return [p for module in unused for p in module.parameters()]
 
     def hidden_states(self, image_tokens, input_ids, document, mask_kind, cache=None, labelled=None):
         """Algorithm 2's forward pass: the language model over each document's [image tokens | text tokens] under
