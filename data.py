@@ -651,6 +651,9 @@ class BatchStream:
                 "seed": self.seed, "world_size": self.world_size, "shuffle_chunks": self.shuffle_chunks}
 
     def load_state_dict(self, state):
+        if "shuffle_chunks" not in state:
+            raise ValueError("the saved data position lacks shuffle_chunks: written by an older version of this code, "
+                             "whose order cannot be continued; start a new out_dir with --init_from the checkpoint")
         saved = state["seed"], state["world_size"], state["shuffle_chunks"]
         if saved != (self.seed, self.world_size, self.shuffle_chunks):
             raise ValueError(f"the saved position is for seed, world_size, shuffle_chunks = {saved}, not "

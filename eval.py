@@ -45,7 +45,9 @@ from sample import add_model_args, answer, at_least, load_model
 
 DATASETS = ("coco", "flickr30k", "flickr8k")
 KARPATHY_TEST = "test"  # what --split karpathy means
-LAST_STAGE = "out/stage3"  # config/stage3.py's out_dir: the recipe's last stage, evaluated without --checkpoint
+# evaluated without --checkpoint: the recipe's last stage (config/stage3.py's out_dir, zero-shot on every caption
+# dataset; Table 6's COCO column is the full-shot fine-tune's, out/caption_coco) and PathVQA's fine-tune
+LAST_STAGE = {"caption": "out/stage3", "pathvqa": "out/pathvqa"}
 
 
 # caption metrics
@@ -298,11 +300,15 @@ def parse_args(argv=None):
     if args.backbones and args.checkpoint:
         parser.error("--backbones scores the pretrained backbones, --checkpoint a checkpoint: pass one of them")
     if not args.backbones and not args.checkpoint:
-        if not latest_checkpoint(LAST_STAGE):
-            parser.error(f"no checkpoint in {LAST_STAGE} (config/stage3.py's out_dir, the recipe's last stage): pass "
+        last = LAST_STAGE[args.task]
+        if not latest_checkpoint(last):
+            parser.error(f"no checkpoint in {last} (the recipe's last stage for --task {args.task}): pass "
                          "--checkpoint with a checkpoint or a training run's out_dir (or --backbones to score the "
                          "pretrained backbones joined by an untrained projector)")
-        args.checkpoint = checkpoint_folder(LAST_STAGE)
+        args.checkpoint = checkpoint_folder(last)
+        print(f"evaluating {args.checkpoint}" + (" (zero-shot on COCO too: Table 6's COCO column is the full-shot "
+                                                 "fine-tune's, --checkpoint out/caption_coco)" if args.task == "caption"
+                                                 else ""), flush=True)
     folder, name = os.path.split(os.path.normpath(args.checkpoint or "."))
     args.out_dir = args.out_dir or (os.path.join(folder, "eval", name) if args.checkpoint else "out-eval")
     return args

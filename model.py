@@ -577,6 +577,9 @@ class VLM(nn.Module):
         if config.get("architecture") != VLM_ARCHITECTURE:
             raise ValueError(f"{folder} is not a checkpoint of this project (config.json architecture "
                              f"{config.get('architecture')!r}, expected {VLM_ARCHITECTURE!r})")
+        missing = [field.name for field in fields(VLMConfig) if field.name not in config]
+        if missing:
+            raise ValueError(f"{folder}/config.json lacks {missing}: written by an older version of this code")
         sizes = SigLIPConfig(**config["vision"]), Qwen2Config(**config["language"]), config["projector_hidden"]
         model = unloaded(cls, VLMConfig(*sizes, config["vision_feature_layer"], config["mask_kind"]))
         load_state(model, read_safetensors(folder), rename=lambda n: n, source=folder, dtype=dtype)

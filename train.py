@@ -42,7 +42,7 @@ dataset = "lmms-lab/LLaVA-ReCap-558K"
 data_format = "parquet"       # parquet | llava_json | pathvqa | karpathy | synthetic
 image_root = ""               # the image folder of llava_json / karpathy data (any size: resized on loading)
 max_text_tokens = 256         # longer conversations are truncated (and counted)
-pad_to_multiple = 64          # text lengths are padded up to a multiple of this: few shapes for compiled blocks
+pad_to_multiple = 64          # rows ([image | text]) are padded to a multiple of this: few shapes for compiled blocks
 pack_length = 0               # > 0: pack each batch's conversations into rows of this many tokens (stage 3)
 max_skip_fraction = 0.01      # more bad samples than this stops the run
 max_text_only_fraction = 0.0  # more rows without an image than this stops the run (stage 3's data has some)
@@ -76,8 +76,8 @@ seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights stay fp32
 fast_path = torch.cuda.is_available()  # same loss and gradients by faster kernels; False: SDPA, dense mask, full logits
-compile = torch.cuda.is_available()  # torch.compile each transformer block (fast_path.compile_blocks)
-compile_mode = "reduce-overhead"  # blocks replayed as CUDA graphs (needs fast_path); gradient checkpointing: "default"
+compile = torch.cuda.is_available()  # with fast_path: torch.compile each transformer block (fast_path.compile_blocks)
+compile_mode = "reduce-overhead"  # blocks replayed as CUDA graphs; gradient checkpointing needs "default"
 gradient_checkpointing = False
 peak_flops = 989e12           # the GPU's dense bf16 peak, the MFU's denominator here and in bench.py (H100/H200 SXM)
 eval_after = False            # the demo: caption new images ("val" and "heldout") and score them at the end
@@ -142,10 +142,10 @@ def train_stage(cfg):
             f"{stream.batch_size // cfg['micro_batch']} micro-batch(es) of {cfg['micro_batch']}")
     log(f"{cfg['out_dir']}: mask {cfg['mask_kind']}, noise {cfg['noise_prob']}, trainable {trainable}, "
         f"{total_steps} steps of {cfg['global_batch']} samples; on each of {world_size()} rank(s), {plan}")
-    if cfg["fast_path"]:
+    if cfg["fast_path"]:  # the reference path stays plain: no compiled blocks either
         use_fast_path(model)
-    if cfg["compile"]:
-        compile_blocks(model, cfg["compile_mode"])
+        if cfg["compile"]:
+            compile_blocks(model, cfg["compile_mode"])
     runner = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size() > 1 else model
     batches = endless(stream)
     progress = tqdm(total=total_steps, initial=step, disable=rank() != 0, dynamic_ncols=True)

@@ -182,9 +182,23 @@ def test_gradient_checkpointing_with_cuda_graphs_is_refused_up_front(compile_mod
     """Gradient checkpointing runs the blocks again in the backward pass, which stops CUDA graph recording (on
     an H200). It is refused before anything is built, naming the setting to change."""
     cfg = merged(train.settings, {**TINY, "device": "cpu", "tokenizer": "shapes", "gradient_checkpointing": True,
-                                  "compile": True, "compile_mode": compile_mode}, "test")
+                                  "fast_path": True, "compile": True, "compile_mode": compile_mode}, "test")
     with pytest.raises(ValueError, match="gradient_checkpointing.*compile_mode='default'"):
         train.train_stage(cfg)
+
+
+def test_the_reference_path_compiles_nothing_whatever_compile_says(monkeypatch, tmp_path):
+    """compile and compile_mode belong to the fast path: with fast_path=False the blocks stay eager, so that
+    `--fast_path=False` alone gives the plain reference on a GPU too (CUDA graphs need the fast path)."""
+    compiled = []
+    monkeypatch.setattr(train, "compile_blocks", lambda model, mode: compiled.append(mode))
+    cfg = merged(train.settings, {**TINY, "device": "cpu", "tokenizer": "shapes", "fast_path": False, "compile": True,
+                                  "compile_mode": "reduce-overhead", "max_steps": 1, "checkpoint_interval": 1,
+                                  "out_dir": str(tmp_path / "reference")}, "test")
+    train.train_stage(cfg)
+    assert compiled == []
+    train.train_stage({**cfg, "fast_path": True, "compile_mode": "default", "out_dir": str(tmp_path / "fast")})
+    assert compiled == ["default"]
 
 
 def test_every_module_has_its_own_learning_rate_on_the_schedule():
