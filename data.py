@@ -231,7 +231,9 @@ IMAGE_MEAN = IMAGE_STD = 0.5  # SigLIP's, for every channel: pixels land in [-1,
 
 
 def to_rgb(image):
-    """Any PIL mode -> RGB, transparent pixels laid over white (as transformers does), not left their stored colour."""
+    """Any PIL mode -> RGB, transparent pixels laid over white (as transformers does), not left their stored colour.
+    By design, as transformers' and LLaVA's processors: 16-bit images convert as PIL converts them (clipped at
+    255), and EXIF orientation is not applied."""
     if image.mode == "RGB":
         return image
     if "A" in image.getbands() or "transparency" in image.info:
