@@ -21,9 +21,9 @@ import data
 import distributed
 import masks
 import shapes
-from checkpoints import checkpoint_folder, latest_checkpoint, restore, save_checkpoint, write_atomically
+from checkpoints import checkpoint_folder, latest_checkpoint, restore_newest, save_checkpoint, write_atomically
 from configurator import command_line_keys, configure, merged
-from distributed import log, rank, sum_over_ranks, world_size
+from distributed import exit_preempted, log, rank, stop_requested, sum_over_ranks, world_size
 from fast_path import compile_blocks, cuda_graphs_refused, own_gradients, use_fast_path, uses_cuda_graphs
 from model import VLM, Qwen2Config, SigLIPConfig, VLMConfig
 
@@ -72,6 +72,7 @@ grad_clip = 1.0               # the gradients' total norm is clipped to this; 0:
 out_dir = "out/stage2"        # the stage's checkpoints, metrics.jsonl and loss.png; it names the stage in the log
 resume = False
 checkpoint_interval = 500
+preempt_signal = "SIGUSR1"    # as SIGTERM: the run saves the step it is in and exits 75 (Slurm: --signal=USR1@90)
 seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights stay fp32
@@ -88,6 +89,7 @@ settings = {k: v for k, v in globals().items()
 
 def main():
     configure(settings)
+    distributed.catch_preemption(settings["preempt_signal"])
     check_stages_keep_command_line(settings["stages"], command_line_keys())
     distributed.setup(settings["device"])
     runs = [merged(settings, overrides, f"stages[{i}]") for i, overrides in enumerate(settings["stages"])] or [settings]
@@ -116,15 +118,20 @@ def chain_stages(runs, stages):
             cfg["init_from"] = before["out_dir"]
 
 
+COUNTS = {"global_batch": "the samples of each optimizer step", "micro_batch": "the samples of each forward pass",
+          "checkpoint_interval": "the steps from one checkpoint to the next",
+          "pad_to_multiple": "text lengths are rounded up to a multiple of it (1: no rounding)"}
+
+
 def check_runs(runs):
     """What would stop a run of several stages part way, found before the first one trains."""
     out_dirs = [cfg["out_dir"] for cfg in runs]
     if len(set(out_dirs)) < len(out_dirs):  # a later stage would overwrite an earlier one's log and checkpoints
         raise ValueError(f"the stages share an out_dir ({out_dirs}): give each stage its own")
     for cfg in runs:
-        if cfg["pad_to_multiple"] < 1:
-            raise ValueError(f"pad_to_multiple={cfg['pad_to_multiple']}: text lengths are rounded up to a multiple "
-                             "of it, so it must be at least 1 (1: no rounding)")
+        for key, meaning in COUNTS.items():
+            if cfg[key] < 1:
+                raise ValueError(f"{key}={cfg[key]}: {meaning}, so it must be at least 1")
         if cfg["dtype"] not in ("bfloat16", "float32"):
             raise ValueError(f"dtype={cfg['dtype']!r}: train in 'bfloat16' (as the paper) or 'float32'; float16 "
                              "would need a loss scaler, which this loop does not have")
@@ -163,7 +170,9 @@ def train_stage(cfg):
         optimizer.zero_grad(set_to_none=True)
         step += 1
         elapsed = time.perf_counter() - started
-        counts = dict(zip(stream.counts, sum_over_ranks(list(stream.counts.values()), device)))  # skipped etc.
+        # one all-reduce: the samples skipped etc., and whether any rank was signalled to stop (distributed.py)
+        *totals, stop = sum_over_ranks([*stream.counts.values(), stop_requested()], device)
+        counts = dict(zip(stream.counts, totals))
         record = {"step": step, "loss": loss, "grad_norm": grad_norm, **counts,
                   "lr": {group["name"]: group["lr"] for group in optimizer.param_groups},
                   "images_per_s": n_images * world_size() / elapsed, "tokens_per_s": n_tokens * world_size() / elapsed}
@@ -175,8 +184,10 @@ def train_stage(cfg):
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.3f}", lr=f"{max(g['lr'] for g in optimizer.param_groups):.2e}",
                                  img_s=f"{record['images_per_s']:.1f}")
-        if step % cfg["checkpoint_interval"] == 0 or step == total_steps:
-            save_checkpoint(cfg, model, tokenizer, optimizer, step, stream.state_dict())
+        if step % cfg["checkpoint_interval"] == 0 or step == total_steps or stop:
+            saved = save_checkpoint(cfg, model, tokenizer, optimizer, step, stream.state_dict())
+        if stop and step < total_steps:  # preempted: the step is done and saved
+            exit_preempted(f"step {step} of {total_steps}, saved in {saved}")
     progress.close()
     if rank() == 0:
         plot_losses(metrics_path, os.path.join(cfg["out_dir"], "loss.png"))
@@ -202,11 +213,10 @@ def setup_stage(cfg):
 
 
 def start_or_resume(cfg, model, optimizer, stream):
-    """(step, metrics path): with resume, from the newest checkpoint in out_dir, if any; else from step 0."""
+    """(step, metrics path): with resume, from the newest intact checkpoint in out_dir, if any; else from step 0."""
     metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
-    resume_from = cfg["resume"] and latest_checkpoint(cfg["out_dir"])
-    if resume_from:
-        step = restore(resume_from, model, optimizer, stream, cfg)
+    step = restore_newest(cfg["out_dir"], model, optimizer, stream, cfg) if cfg["resume"] else None  # None: none
+    if step is not None:
         if rank() == 0 and os.path.exists(metrics_path):  # a lost log has no steps to drop
             keep_metrics_until(metrics_path, step)
         return step, metrics_path
