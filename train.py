@@ -1,6 +1,6 @@
 """Training: the paper's four stages (section 3.4, Table 5) in one readable loop.
 
-    python train.py config/demo.py                               # the offline demo, ~5 minutes on a laptop CPU
+    python train.py config/demo.py                               # the offline demo, ~6 minutes on a 2-core CPU
     torchrun --nproc_per_node=8 train.py config/stage2.py        # the paper's stage 2 on 8 GPUs
     python train.py config/stage1.py --micro_batch=16 --resume=True
 
