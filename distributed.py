@@ -19,7 +19,10 @@ def setup(device):
 
 
 def teardown():
+    """Leave the process group together: a rank that closed its connections while another still used them would
+    abort that one (gloo)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -84,5 +87,8 @@ def exit_preempted(where):
     """After the checkpoint of the step a signal came in: the line that says so, then every rank exits PREEMPTED."""
     log(f"preempted ({', '.join(dict.fromkeys(received)) or 'a signal to another rank'}): stopped after {where}; "
         "to go on, run the same command with --resume=True")
+    # The checkpoint is saved. torchrun answers the first rank to exit 75 by sending SIGTERM to the others, and
+    # Python gives the signals back their default (death) while it shuts down: ignored, every rank exits 75.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     teardown()
     sys.exit(PREEMPTED)

@@ -227,27 +227,26 @@ def answer_all(model, tokenizer, samples, args, desc):
     return {key: text for part in gather_from_ranks(predictions) for key, text in part.items()}
 
 
-def evaluate_captioning(model, tokenizer, per_dataset, args):
-    """Caption the split of every dataset, then (rank 0) score, print the table and write the results."""
+def caption_all(model, tokenizer, per_dataset, args):
+    """{dataset: {sample key: caption}} for the split of every dataset, on every rank."""
+    return {dataset: answer_all(model, tokenizer, samples, args, desc=dataset) for dataset, samples in per_dataset.items()}
+
+
+def score_captioning(captions, per_dataset, args):
+    """Score every dataset's captions, print the table and write the captions and the metrics."""
     scores = {}
     for dataset, samples in per_dataset.items():
-        captions = answer_all(model, tokenizer, samples, args, desc=dataset)
-        if rank() == 0:
-            write_json([{"image_id": s["key"], "caption": captions[s["key"]]} for s in samples],
-                       result_path(args, "captions", f"{dataset}_{args.split}"))
-            scores[dataset] = score(captions, {s["key"]: s["references"] for s in samples}, spice=args.spice)
-            write_json({"dataset": dataset, "settings": settings(args), "scores": scores[dataset]},
-                       result_path(args, "metrics", f"{dataset}_{args.split}"))
-    if rank() == 0:
-        print(format_table(scores))
-        return scores
+        write_json([{"image_id": s["key"], "caption": captions[dataset][s["key"]]} for s in samples],
+                   result_path(args, "captions", f"{dataset}_{args.split}"))
+        scores[dataset] = score(captions[dataset], {s["key"]: s["references"] for s in samples}, spice=args.spice)
+        write_json({"dataset": dataset, "settings": settings(args), "scores": scores[dataset]},
+                   result_path(args, "metrics", f"{dataset}_{args.split}"))
+    print(format_table(scores))
+    return scores
 
 
-def evaluate_pathvqa(model, tokenizer, samples, args):
-    """Answer every question, then (rank 0) score and write the answers and the metrics."""
-    predictions = answer_all(model, tokenizer, samples, args, desc="pathvqa")
-    if rank() != 0:
-        return None
+def score_pathvqa(predictions, samples, args):
+    """Score the answers, print the metrics and write the answers and the metrics."""
     rows = [{"question": s["prompt"], "answer": s["answer"], "prediction": predictions[s["key"]]} for s in samples]
     metrics = pathvqa_metrics([row["prediction"] for row in rows], [row["answer"] for row in rows])
     print(json.dumps(metrics, indent=1))
@@ -327,11 +326,16 @@ def main(argv=None):
     check_images(samples.values() if args.task == "caption" else [samples])
     model, tokenizer = load_model(args, distributed.setup(args.device))
     os.makedirs(args.out_dir, exist_ok=True)
-    evaluate = evaluate_captioning if args.task == "caption" else evaluate_pathvqa
-    scores = evaluate(model, tokenizer, samples, args)
+    if args.task == "caption":
+        answers = caption_all(model, tokenizer, samples, args)
+    else:
+        answers = answer_all(model, tokenizer, samples, args, desc="pathvqa")
+    # The ranks part once every answer is gathered: rank 0 scores alone (minutes with SPICE), no rank waiting on it.
+    first = rank() == 0
     distributed.teardown()
-    return scores
-
+    if not first:
+        return None
+    return (score_captioning if args.task == "caption" else score_pathvqa)(answers, samples, args)
 
 if __name__ == "__main__":
     main()
