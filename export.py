@@ -257,19 +257,12 @@ def export(checkpoint, out, dtype="bfloat16", mask_kind=None):
     model.config.mask_kind = mask_kind
     check_exportable(model.config)
     prefix = mask_kind == "prefix"
-    tokenizer = Tokenizer.from_pretrained(checkpoint)
-    image_token_id = add_image_token(tokenizer, model.config.language.vocab_size)
     os.makedirs(out, exist_ok=True)
+    tokenizer = Tokenizer.from_pretrained(checkpoint)
+    image_token_id = write_processor(out, tokenizer, model.config)
     save_file(llava_tensors(model, DTYPES[dtype]), os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.save(out)
-    files = {"config.json": llava_config(model.config, tokenizer, image_token_id, prefix, dtype),
-             "generation_config.json": generation_config(tokenizer),
-             "tokenizer_config.json": tokenizer_config(tokenizer),
-             "processor_config.json": processor_config(model.config.vision),
-             "preprocessor_config.json": image_processor_config(model.config.vision)}  # transformers 4 reads this
-    for name, content in files.items():
-        write_text(os.path.join(out, name), json.dumps(content, indent=2) + "\n")
-    write_text(os.path.join(out, "chat_template.jinja"), CHAT_TEMPLATE)
+    write_json(os.path.join(out, "config.json"), llava_config(model.config, tokenizer, image_token_id, prefix, dtype))
+    write_json(os.path.join(out, "generation_config.json"), generation_config(tokenizer))
     write_text(os.path.join(out, "README.md"), model_card(model.config, prefix, checkpoint))
     remote_code = os.path.join(out, REMOTE_CODE)
     if prefix:
@@ -277,6 +270,22 @@ def export(checkpoint, out, dtype="bfloat16", mask_kind=None):
     elif os.path.exists(remote_code):  # an earlier prefix export into the same folder
         os.remove(remote_code)
     return out
+
+
+def write_processor(out, tokenizer, config):
+    """The processor's files in `out`: the tokenizer with <image> added, its config and chat template, the image
+    processor's; returns the image token's id."""
+    image_token_id = add_image_token(tokenizer, config.language.vocab_size)
+    tokenizer.save(out)
+    write_json(os.path.join(out, "tokenizer_config.json"), tokenizer_config(tokenizer))
+    write_json(os.path.join(out, "processor_config.json"), processor_config(config.vision))
+    write_json(os.path.join(out, "preprocessor_config.json"), image_processor_config(config.vision))  # transformers 4
+    write_text(os.path.join(out, "chat_template.jinja"), CHAT_TEMPLATE)
+    return image_token_id
+
+
+def write_json(path, content):
+    write_text(path, json.dumps(content, indent=2) + "\n")
 
 
 def write_text(path, text):
