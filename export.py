@@ -181,6 +181,12 @@ def generation_config(tokenizer):
 # -----------------------------------------------------------------------------
 # The model card
 
+def checkpoint_name(checkpoint):
+    """The checkpoint's run and step ("stage3/step-0005000"), not the local path."""
+    parts = os.path.normpath(os.path.abspath(checkpoint)).split(os.sep)
+    return "/".join(parts[-2:])
+
+
 def model_card(config, prefix, checkpoint):
     n_image_tokens = (config.vision.image_size // config.vision.patch_size) ** 2
     if prefix:
@@ -206,7 +212,7 @@ tags: [llava, siglip, qwen2, prefix-lm]
 ---
 # SigLIP + Qwen2 vision-language model (vlm-align)
 
-Exported by `export.py` of vlm-align from `{checkpoint}`. The paper: *Improved Alignment of Modalities in Large
+Exported by `export.py` of vlm-align from its checkpoint `{checkpoint_name(checkpoint)}`. The paper: *Improved Alignment of Modalities in Large
 Vision Language Models*: a SigLIP so400m vision encoder, a 2-layer GELU projector and the Qwen2.5-0.5B decoder,
 {n_image_tokens} image tokens first, the text after (section 3.1).
 
@@ -228,11 +234,12 @@ This checkpoint decodes under the `{config.mask_kind}` mask; image features: Sig
 
 ```python
 from transformers import AutoModelForImageTextToText, AutoProcessor
+from PIL import Image
 repo = "this/repo"  # or the exported folder
 {load}processor = AutoProcessor.from_pretrained(repo, backend="pil")  # PIL's bicubic resize, as in training
 messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is in the image?"}}]}}]
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-inputs = processor(images=image, text=prompt, return_tensors="pt")
+inputs = processor(images=Image.open("cat.jpg"), text=prompt, return_tensors="pt")
 answer = model.generate(**inputs, max_new_tokens=30)[0, inputs["input_ids"].shape[1]:]
 print(processor.decode(answer, skip_special_tokens=True))
 ```
