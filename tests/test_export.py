@@ -134,7 +134,7 @@ def until_end(tokens, ends):
 
 
 def test_processor_gives_our_pixels_and_token_ids(ours, theirs, images):
-    (model, tokenizer), (_, processor) = ours, theirs
+    (_, tokenizer), (_, processor) = ours, theirs
     for image, prompt in zip(images, PROMPTS):
         inputs = processor(images=image, text=chat_text(processor, prompt), return_tensors="pt")
         assert inputs["input_ids"][0].tolist() == [processor.image_token_id] * N_IMAGE_TOKENS + prompt_ids(tokenizer, prompt)
