@@ -8,6 +8,7 @@ Every stage is the same loop: pick the trainable modules and their learning rate
 bidirectional + input noise, Algorithm 1; stages 1-3: prefix, Algorithm 2), then minimise the next-token loss on
 the text (eq. 1) for one epoch with AdamW and a cosine schedule, from the previous stage's checkpoint."""
 import contextlib
+import importlib
 import json
 import math
 import os
@@ -82,6 +83,9 @@ compile_mode = "reduce-overhead"  # blocks replayed as CUDA graphs; gradient che
 gradient_checkpointing = False
 peak_flops = 989e12           # the GPU's dense bf16 peak, the MFU's denominator here and in bench.py (H100/H200 SXM)
 eval_after = False            # the demo: caption new images ("val" and "heldout") and score them at the end
+tracker = ""                  # "trackio" or "wandb": also log metrics.jsonl's records there (rank 0); "": off
+tracker_project = "vlm-align"
+tracker_run = ""              # the run's name; empty: out_dir
 settings = {k: v for k, v in globals().items()
             if not k.startswith("_") and isinstance(v, (int, float, bool, str, list, dict))}
 # -----------------------------------------------------------------------------
@@ -132,6 +136,8 @@ def check_runs(runs):
         for key, meaning in COUNTS.items():
             if cfg[key] < 1:
                 raise ValueError(f"{key}={cfg[key]}: {meaning}, so it must be at least 1")
+        if cfg["tracker"] not in TRACKERS:
+            raise ValueError(f"tracker={cfg['tracker']!r}: one of {TRACKERS} ('' is off)")
         if cfg["dtype"] not in ("bfloat16", "float32"):
             raise ValueError(f"dtype={cfg['dtype']!r}: train in 'bfloat16' (as the paper) or 'float32'; float16 "
                              "would need a loss scaler, which this loop does not have")
@@ -154,6 +160,7 @@ def train_stage(cfg):
         if cfg["compile"]:
             compile_blocks(model, cfg["compile_mode"])
     runner = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size() > 1 else model
+    tracker = start_tracker(cfg)
     batches = endless(stream)
     progress = tqdm(total=total_steps, initial=step, disable=rank() != 0, dynamic_ncols=True)
     while step < total_steps:
@@ -181,6 +188,8 @@ def train_stage(cfg):
             record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         if rank() == 0:
             append_jsonl(metrics_path, record)
+            if tracker:
+                tracker.log(tracker_record(record), step=step)
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.3f}", lr=f"{max(g['lr'] for g in optimizer.param_groups):.2e}",
                                  img_s=f"{record['images_per_s']:.1f}")
@@ -189,6 +198,8 @@ def train_stage(cfg):
         if stop and step < total_steps:  # preempted: the step is done and saved
             exit_preempted(f"step {step} of {total_steps}, saved in {saved}")
     progress.close()
+    if tracker:
+        tracker.finish()
     if rank() == 0:
         plot_losses(metrics_path, os.path.join(cfg["out_dir"], "loss.png"))
     return latest_checkpoint(cfg["out_dir"])
@@ -391,6 +402,31 @@ def keep_metrics_until(path, step):
                 if json.loads(line)["step"] <= step:
                     kept.append(line)
     write_atomically(path, "".join(kept))
+
+
+TRACKERS = ("", "trackio", "wandb")
+
+
+def start_tracker(cfg):
+    """nanoGPT's wandb_log through a library users already run: trackio (local-first, wandb's API) or wandb, a run
+    named after out_dir holding the stage's settings. Rank 0 only; off (None) unless `tracker` names one, and only
+    then imported. Returns the library: its log() and finish() take the place of the run's."""
+    if not cfg["tracker"] or rank() != 0:
+        return None
+    library = importlib.import_module(cfg["tracker"])
+    library.init(project=cfg["tracker_project"], name=cfg["tracker_run"] or cfg["out_dir"], config=cfg)
+    return library
+
+
+def tracker_record(record):
+    """A metrics.jsonl record as the tracker takes it: flat ("lr/vision"), the step given apart."""
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}/{name}": item for name, item in value.items()})
+        elif key != "step":
+            flat[key] = value
+    return flat
 
 
 def append_jsonl(path, record):
