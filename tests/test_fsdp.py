@@ -1,0 +1,157 @@
+"""distributed = "fsdp" (issue 20): FSDP2 trains what DDP and one process train, freezes what they freeze, and its
+sharded checkpoints (torch.distributed.checkpoint) resume exactly on as many ranks and continue on another number;
+the model.safetensors it writes is the whole of the shards. Runs: train.py through the command line on
+tests/test_train.py's tiny models, 2 gloo processes under torchrun."""
+import json
+import math
+import os
+import pickle
+import shutil
+import sys
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+
+import checkpoints
+from test_train import final_weights, run_train, tiny_setup
+
+COMMON = dict(max_steps=4, checkpoint_interval=2, micro_batch=2, vision_lr=1e-3, projector_lr=1e-3, language_lr=1e-3)
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561")
+LAUNCHERS = {1: (sys.executable,), 2: TORCHRUN}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Four uninterrupted runs of the same 4 steps (global batch 8), checkpoints at steps 2 and 4: one process, DDP on
+    2 ranks, FSDP on 2 ranks, and FSDP on 1 (a process group of one). name -> (out_dir, metrics)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    settings = {"single": (1, "ddp"), "ddp": (2, "ddp"), "fsdp": (2, "fsdp"), "fsdp_1": (1, "fsdp")}
+    return {name: (root / name, run_train(root / name, launcher=LAUNCHERS[ranks], distributed=kind, **COMMON))
+            for name, (ranks, kind) in settings.items()}
+
+
+def assert_same_run(a, b, weights_tolerance=1e-5):
+    """The same losses (rel. 1e-5) and final weights, of two runs (out_dir, metrics)."""
+    assert [m["step"] for m in a[1]] == [m["step"] for m in b[1]]
+    for x, y in zip(a[1], b[1]):
+        assert math.isclose(x["loss"], y["loss"], rel_tol=1e-5), (x["loss"], y["loss"])
+    first, second = final_weights(a[0]), final_weights(b[0])
+    worst = max((first[n] - second[n]).abs().max().item() for n in first)
+    assert worst < weights_tolerance, f"max weight difference {worst:.2e}"
+
+
+def test_fsdp_trains_as_ddp_and_one_process(runs):
+    """The same global batch of 8: 1 process x 4 micro-batches of 2, or 2 ranks x 2, DDP or FSDP (each micro-batch's
+    gradients reduce-scattered into the shards, clipped by the norm over all of them)."""
+    assert_same_run(runs["single"], runs["ddp"])
+    assert_same_run(runs["single"], runs["fsdp"])
+    assert_same_run(runs["single"], runs["fsdp_1"])
+    assert runs["fsdp"][1][-1]["loss"] < runs["fsdp"][1][0]["loss"]  # it trains
+
+
+def sharded_weights(folder):
+    """The weights in a checkpoint's shards, read by DCP into whole tensors (no process group: one reader)."""
+    state = {"model": {n: torch.empty_like(t) for n, t in load_file(os.path.join(folder, "model.safetensors")).items()}}
+    dcp.load(state, storage_reader=checkpoints.ShardReader(os.path.join(folder, checkpoints.SHARDS)))
+    return state["model"]
+
+
+def test_the_whole_weights_file_is_the_shards_gathered(runs):
+    """model.safetensors (what sample.py, eval.py and the next stage read) holds every tensor whole, equal to the
+    shards that 2 ranks wrote, the tied output layer once."""
+    folder = checkpoints.latest_checkpoint(str(runs["fsdp"][0]))
+    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors", "sharded", "tokenizer.json", "trainer.pt"]
+    assert sorted(os.listdir(os.path.join(folder, "sharded"))) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    whole, shards = load_file(os.path.join(folder, "model.safetensors")), sharded_weights(folder)
+    assert "language.lm_head.weight" not in whole
+    assert all(torch.equal(whole[n], shards[n]) for n in whole)
+    unsharded_shapes = {n: t.shape for n, t in tiny_setup()[2].state_dict().items()}
+    assert {n: t.shape for n, t in whole.items()} == {n: s for n, s in unsharded_shapes.items() if "lm_head" not in n}
+
+
+def resumed_from(run, tmp_path, step, ranks):
+    """What a crash after `step`'s checkpoint leaves (that checkpoint, the log up to step + 1), resumed on `ranks`."""
+    out_dir, metrics = run
+    os.makedirs(tmp_path)
+    name = f"step-{step:07d}"
+    shutil.copytree(out_dir / name, tmp_path / name)
+    (tmp_path / "latest").write_text(name)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics[:step + 1]))
+    return tmp_path, run_train(tmp_path, launcher=LAUNCHERS[ranks], distributed="fsdp", resume=True, **COMMON)
+
+
+def test_fsdp_resume_on_as_many_ranks_is_exact(runs, tmp_path):
+    resumed = resumed_from(runs["fsdp"], tmp_path / "resumed", step=2, ranks=2)
+    assert [m["step"] for m in resumed[1]] == [1, 2, 3, 4]
+    assert [m["loss"] for m in resumed[1]] == [m["loss"] for m in runs["fsdp"][1]]
+    a, b = final_weights(runs["fsdp"][0]), final_weights(resumed[0])
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.parametrize("saved, resumed", [("fsdp", 1), ("fsdp_1", 2)], ids=["2 ranks to 1", "1 rank to 2"])
+def test_a_sharded_checkpoint_continues_on_another_number_of_ranks(runs, tmp_path, saved, resumed):
+    """DCP reads the shards of 2 ranks into 1 (and of 1 into 2); each rank's data position moves with them
+    (data.reshard_positions), so steps 3-4 repeat the uninterrupted run's losses."""
+    continued = resumed_from(runs[saved], tmp_path / "resumed", step=2, ranks=resumed)
+    assert_same_run(runs[saved], continued)
+
+
+def test_stages_0_and_1_under_fsdp_train_the_projector_alone(tmp_path):
+    """Stage 1's learning rates (vision and language 0): 2 FSDP ranks give one process's losses; the frozen towers'
+    weights end as they began, and only the projector has AdamW moments, in the trainer state and in the shards."""
+    stage1 = dict(COMMON, max_steps=2, vision_lr=0.0, language_lr=0.0, projector_lr=1e-2)
+    single = run_train(tmp_path / "single", **stage1)
+    sharded = run_train(tmp_path / "fsdp", launcher=TORCHRUN, distributed="fsdp", **stage1)
+    assert_same_run((tmp_path / "single", single), (tmp_path / "fsdp", sharded))
+    initial, final = tiny_setup()[2].state_dict(), final_weights(tmp_path / "fsdp")
+    for name, weight in final.items():
+        assert torch.equal(weight, initial[name]) != name.startswith("projector."), name
+    folder = checkpoints.latest_checkpoint(str(tmp_path / "fsdp"))
+    state, _ = checkpoints.load_checkpoint(folder)
+    assert [group["name"] for group in state["optimizer"]["param_groups"]] == ["projector", "projector"]
+    metadata = checkpoints.ShardReader(os.path.join(folder, "sharded")).read_metadata()
+    moments = {name.split(".")[1] for name in metadata.state_dict_metadata if name.startswith("optimizer.")}
+    assert moments == {"projector"}
+
+
+# --- damaged shards: a resume passes over them (checkpoints.restore_newest), as over other damage --------------
+
+def cut_in_half(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo this ran",))
+
+
+SHARD_DAMAGE = {  # what is done to a copy of a checkpoint of 2 FSDP ranks, and what load_checkpoint says of it
+    "a rank's shard cut short": (lambda f: cut_in_half(f / "sharded" / "__1_0.distcp"), "__1_0.distcp is cut short"),
+    "a rank's shard missing": (lambda f: os.remove(f / "sharded" / "__0_0.distcp"), "__0_0.distcp is missing"),
+    "no .metadata (a rank did not finish)": (lambda f: os.remove(f / "sharded" / ".metadata"),
+                                             r"\.metadata does not load \(FileNotFoundError"),
+    ".metadata holds code": (lambda f: (f / "sharded" / ".metadata").write_bytes(pickle.dumps(Payload())),
+                             "names posix.system, which DCP's metadata never holds"),
+    "whole weights cut short": (lambda f: cut_in_half(f / "model.safetensors"), "the weights do not load"),
+}
+
+
+@pytest.mark.parametrize("damage", SHARD_DAMAGE)
+def test_damaged_shards_are_named(runs, tmp_path, damage, capfd):
+    folder = tmp_path / "step"
+    shutil.copytree(checkpoints.latest_checkpoint(str(runs["fsdp"][0])), folder)
+    checkpoints.load_checkpoint(str(folder))  # intact
+    harm, said = SHARD_DAMAGE[damage]
+    harm(folder)
+    with pytest.raises(checkpoints.DamagedCheckpoint, match=said):
+        checkpoints.load_checkpoint(str(folder))
+    assert "this ran" not in capfd.readouterr().out
+
+
+def test_cuda_graphs_are_refused_under_fsdp():
+    import train
+    cfg = dict(train.settings, fast_path=True, compile=True, compile_mode="reduce-overhead", distributed="fsdp")
+    with pytest.raises(ValueError, match="compile_mode='reduce-overhead' with distributed='fsdp'"):
+        train.setup_stage(cfg)
