@@ -3,7 +3,7 @@
     python train.py config/demo.py                               # the offline demo, ~6 minutes on a 2-core CPU
     torchrun --nproc_per_node=8 train.py config/stage2.py        # the paper's stage 2 on 8 GPUs
     python train.py config/stage1.py --micro_batch=16 --resume=True
-    torchrun --nproc_per_node=8 train.py config/stage2.py config/qwen2.5-7b.py   # a larger LM, sharded (FSDP2)
+    torchrun --nproc_per_node=8 train.py config/stage0.py config/qwen2.5-7b.py --out_dir=out/7b/stage0  # sharded
 
 Every stage is the same loop: pick the trainable modules and their learning rates, the attention mask (stage 0:
 bidirectional + input noise, Algorithm 1; stages 1-3: prefix, Algorithm 2), then minimise the next-token loss on

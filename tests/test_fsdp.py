@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
 import checkpoints
-from test_train import final_weights, run_train, tiny_setup
+from test_train import ROOT, TINY, final_weights, run_train, tiny_setup
 
 COMMON = dict(max_steps=4, checkpoint_interval=2, micro_batch=2, vision_lr=1e-3, projector_lr=1e-3, language_lr=1e-3)
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561")
@@ -103,12 +103,15 @@ def test_a_sharded_checkpoint_continues_on_another_number_of_ranks(runs, tmp_pat
 
 def test_stages_0_and_1_under_fsdp_train_the_projector_alone(tmp_path):
     """Stage 1's learning rates (vision and language 0): 2 FSDP ranks give one process's losses; the frozen towers'
-    weights end as they began, and only the projector has AdamW moments, in the trainer state and in the shards."""
-    stage1 = dict(COMMON, max_steps=2, vision_lr=0.0, language_lr=0.0, projector_lr=1e-2)
+    weights end as they began, and only the projector has AdamW moments, in the trainer state and in the shards.
+    The output layer untied from the embedding, as Qwen2.5-7B's."""
+    untied = dict(TINY["language_config"], tie_word_embeddings=False)
+    stage1 = dict(COMMON, max_steps=2, vision_lr=0.0, language_lr=0.0, projector_lr=1e-2, language_config=untied)
     single = run_train(tmp_path / "single", **stage1)
     sharded = run_train(tmp_path / "fsdp", launcher=TORCHRUN, distributed="fsdp", **stage1)
     assert_same_run((tmp_path / "single", single), (tmp_path / "fsdp", sharded))
-    initial, final = tiny_setup()[2].state_dict(), final_weights(tmp_path / "fsdp")
+    initial, final = tiny_setup(language_config=untied)[2].state_dict(), final_weights(tmp_path / "fsdp")
+    assert "language.lm_head.weight" in final
     for name, weight in final.items():
         assert torch.equal(weight, initial[name]) != name.startswith("projector."), name
     folder = checkpoints.latest_checkpoint(str(tmp_path / "fsdp"))
@@ -158,3 +161,20 @@ def test_cuda_graphs_are_refused_under_fsdp():
     cfg = dict(train.settings, fast_path=True, compile=True, compile_mode="reduce-overhead", distributed="fsdp")
     with pytest.raises(ValueError, match="compile_mode='reduce-overhead' with distributed='fsdp'"):
         train.setup_stage(cfg)
+
+
+@pytest.mark.parametrize("size", ["1.5B", "3B", "7B"])
+def test_larger_language_model_configs(size):
+    """config/qwen2.5-*.py: the language model and a projector as wide as it, on top of a stage's config, which
+    they leave as it was (the paper's recipe); 3B and 7B sharded, as DDP would not fit them (README's table)."""
+    import bench
+    import train
+    from configurator import configure
+    stage2 = os.path.join(ROOT, "config", "stage2.py")
+    recipe = configure(dict(train.settings), [stage2])
+    cfg = configure(dict(train.settings), [stage2, os.path.join(ROOT, "config", f"qwen2.5-{size.lower()}.py")])
+    assert cfg["language"] == f"Qwen/Qwen2.5-{size}"
+    assert cfg["projector_hidden"] == bench.QWEN25[size].hidden_size
+    assert cfg["distributed"] == ("ddp" if size == "1.5B" else "fsdp")
+    changed = {key for key in cfg if cfg[key] != recipe[key]}
+    assert changed <= {"language", "projector_hidden", "distributed"}
