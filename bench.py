@@ -8,6 +8,7 @@ spirit of nanoGPT's bench.py. One JSON line per case as it finishes, then a tabl
     python bench.py --generate                          # greedy captioning of 256 images
     python bench.py --device cpu --small                # a tiny model on the CPU: does the script work?
     python bench.py --stage 2 --distributed fsdp        # the model sharded by FSDP2 (here over 1 GPU: its overhead)
+    python bench.py --stage 2 --language 1.5B           # Qwen2.5-1.5B as the language model
     python bench.py --memory                            # memory per GPU by language model and strategy, computed
 
 A training step is train.py's: the model's forward returns the loss, bf16 autocast over fp32 master weights,
@@ -87,6 +88,8 @@ def parse_args():
     parser.add_argument("--distributed", choices=["ddp", "fsdp"], default="ddp",
                         help="fsdp: the model sharded as train.py shards it, in a process group of one (its overhead); "
                              "ddp: on one GPU, the plain model")
+    parser.add_argument("--language", choices=list(QWEN25), default="0.5B",
+                        help="the Qwen2.5 size of the language model, the projector as wide as it (not with --small)")
     parser.add_argument("--memory", action="store_true", help="print the memory per GPU of weights, gradients and "
                         "AdamW by language model and strategy, computed from the parameter counts, and exit")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -105,7 +108,8 @@ def main():
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 where bf16 autocast does not reach, as train.py
     torch.backends.cudnn.allow_tf32 = True
-    config = VLMConfig(**SMALL) if args.small else VLMConfig(SigLIPConfig(), Qwen2Config())
+    language = QWEN25[args.language]
+    config = VLMConfig(**SMALL) if args.small else VLMConfig(SigLIPConfig(), language, language.hidden_size)
     # the measured peak is for information; MFU divides by the stated one, train.py's peak_flops
     print(json.dumps({"device": device_name(device), "torch": torch.__version__, "peak_tflops": round(peak_tflops(device), 3),
                       "peak": "measured bf16 matmul" if device.type == "cuda" else "measured fp32 matmul",
@@ -136,7 +140,7 @@ def cases(args):
     """The cases to run, each a dict with every setting filled in."""
     fast = args.device.startswith("cuda")  # FlexAttention trains only on the GPU, and compiles fast only there
     defaults = dict(fast_path=fast, compile=fast, compile_mode=args.compile_mode,
-                    grad_ckpt=args.grad_ckpt, packed=False, distributed=args.distributed,
+                    grad_ckpt=args.grad_ckpt, packed=False, distributed=args.distributed, language=args.language,
                     warmup=args.warmup, steps=args.steps, generate=False, new_tokens=args.new_tokens,
                     profile=args.profile)
     for option in ("fast_path", "compile"):
@@ -158,17 +162,18 @@ def cases(args):
     if args.small:  # a batch the CPU finishes in seconds; the same cases otherwise
         for case in chosen:
             case.update(micro_batch=max(2, case["micro_batch"] // 8), text_len=max(8, case["text_len"] // 8),
-                        new_tokens=min(case["new_tokens"], 8), anchor=None, target=None)
+                        new_tokens=min(case["new_tokens"], 8), anchor=None, target=None, language="0.5B")
     return chosen
 
 
 def case_name(case):
+    size = "" if case.get("language", "0.5B") == "0.5B" else f"_qwen{case['language']}"
     if case["generate"]:
-        return f"generate_b{case['micro_batch']}_{case['new_tokens']}tok"
+        return f"generate_b{case['micro_batch']}_{case['new_tokens']}tok{size}"
     packed = "_packed" if case["packed"] else ""
     labelled = f"_labelled{case['labelled']}" if case.get("labelled") else ""
     return (f"stage{case['stage']}_b{case['micro_batch']}_text{case['text_len']}{labelled}{packed}_{'fast' if case['fast_path'] else 'reference'}"
-            f"{compile_name(case)}{'_ckpt' if case['grad_ckpt'] else ''}{'_fsdp' if case['distributed'] == 'fsdp' else ''}")
+            f"{compile_name(case)}{'_ckpt' if case['grad_ckpt'] else ''}{'_fsdp' if case['distributed'] == 'fsdp' else ''}{size}")
 
 
 def compile_name(case):
