@@ -178,3 +178,17 @@ def test_larger_language_model_configs(size):
     assert cfg["distributed"] == ("ddp" if size == "1.5B" else "fsdp")
     changed = {key for key in cfg if cfg[key] != recipe[key]}
     assert changed <= {"language", "projector_hidden", "distributed"}
+
+
+def test_data_positions_move_to_another_number_of_ranks_only_from_one_place():
+    """After 3 steps of 8 samples, 2 ranks have taken 12 each, 1 rank would have taken 24 and 4 ranks 6: the same 24
+    samples of the order. Counts go to rank 0. A rank that read ahead (a batch skipped whole) cannot be moved."""
+    import data
+    position = {"epoch": 1, "samples_consumed": 12, "seed": 5, "world_size": 2, "shuffle_chunks": 16,
+                "counts": {"skipped": 1, "text_only": 0, "truncated": 2}}
+    moved = data.reshard_positions([position, {**position, "counts": {"skipped": 0, "text_only": 3, "truncated": 0}}], 4)
+    assert [(p["samples_consumed"], p["world_size"], p["epoch"]) for p in moved] == [(6, 4, 1)] * 4
+    assert [p["counts"] for p in moved] == [{"skipped": 1, "text_only": 3, "truncated": 2}] + [
+        {"skipped": 0, "text_only": 0, "truncated": 0}] * 3
+    with pytest.raises(ValueError, match="stopped at different places in the data"):
+        data.reshard_positions([position, {**position, "samples_consumed": 16}], 1)
