@@ -7,6 +7,9 @@ spirit of nanoGPT's bench.py. One JSON line per case as it finishes, then a tabl
     python bench.py --compile_mode default              # every case compiled, without CUDA graphs
     python bench.py --generate                          # greedy captioning of 256 images
     python bench.py --device cpu --small                # a tiny model on the CPU: does the script work?
+    python bench.py --stage 2 --distributed fsdp        # the model sharded by FSDP2 (here over 1 GPU: its overhead)
+    python bench.py --stage 2 --language 1.5B           # Qwen2.5-1.5B as the language model
+    python bench.py --memory                            # memory per GPU by language model and strategy, computed
 
 A training step is train.py's: the model's forward returns the loss, bf16 autocast over fp32 master weights,
 backward, gradient clipping, fused AdamW with one learning rate per module; the stage's mask, input noise and
@@ -29,6 +32,7 @@ import time
 import torch
 
 import data
+import distributed
 import fast_path
 import train
 from configurator import configure, merged
@@ -48,6 +52,14 @@ ISSUE_CASES = [
     dict(stage=3, micro_batch=8, text_len=768, packed=True),  # 128 conversations, micro-batches of 4 rows of 2048
     dict(stage=2, micro_batch=16, text_len=144, compile_mode="default", anchor=80),  # compiled, without CUDA graphs
 ]
+# The Qwen2.5 base models' sizes (their config.json), for `--memory` and config/qwen2.5-*.py; 7B unties its head
+QWEN25 = {
+    "0.5B": Qwen2Config(),
+    "1.5B": Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12),
+    "3B": Qwen2Config(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16),
+    "7B": Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                      num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+}
 SMALL = dict(vision=SigLIPConfig(image_size=56, patch_size=14, hidden_size=64, intermediate_size=128,
                                  num_hidden_layers=2, num_attention_heads=4),
              language=Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -73,6 +85,13 @@ def parse_args():
                              "or 'default' with --grad_ckpt); reduce-overhead replays them as CUDA graphs")
     parser.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in every tower that "
                         "gradients pass through (train.freeze_modules)")
+    parser.add_argument("--distributed", choices=["ddp", "fsdp"], default="ddp",
+                        help="fsdp: the model sharded as train.py shards it, in a process group of one (its overhead); "
+                             "ddp: on one GPU, the plain model")
+    parser.add_argument("--language", choices=list(QWEN25), default="0.5B",
+                        help="the Qwen2.5 size of the language model, the projector as wide as it (not with --small)")
+    parser.add_argument("--memory", action="store_true", help="print the memory per GPU of weights, gradients and "
+                        "AdamW by language model and strategy, computed from the parameter counts, and exit")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="a tiny model, micro-batches and texts an eighth of the "
                         "cases' (the names say what ran), for the CPU")
@@ -84,10 +103,13 @@ def parse_args():
 
 def main():
     args = parse_args()
+    if args.memory:
+        return print_memory_table()
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 where bf16 autocast does not reach, as train.py
     torch.backends.cudnn.allow_tf32 = True
-    config = VLMConfig(**SMALL) if args.small else VLMConfig(SigLIPConfig(), Qwen2Config())
+    language = QWEN25[args.language]
+    config = VLMConfig(**SMALL) if args.small else VLMConfig(SigLIPConfig(), language, language.hidden_size)
     # the measured peak is for information; MFU divides by the stated one, train.py's peak_flops
     print(json.dumps({"device": device_name(device), "torch": torch.__version__, "peak_tflops": round(peak_tflops(device), 3),
                       "peak": "measured bf16 matmul" if device.type == "cuda" else "measured fp32 matmul",
@@ -99,6 +121,7 @@ def main():
             result = run_case(config, dict(case, fast_path=False, compile_mode="default"), device)  # reference
         results.append(result)
     print_table(results)
+    distributed.teardown()
 
 
 def run_case(config, case, device):
@@ -117,7 +140,7 @@ def cases(args):
     """The cases to run, each a dict with every setting filled in."""
     fast = args.device.startswith("cuda")  # FlexAttention trains only on the GPU, and compiles fast only there
     defaults = dict(fast_path=fast, compile=fast, compile_mode=args.compile_mode,
-                    grad_ckpt=args.grad_ckpt, packed=False,
+                    grad_ckpt=args.grad_ckpt, packed=False, distributed=args.distributed, language=args.language,
                     warmup=args.warmup, steps=args.steps, generate=False, new_tokens=args.new_tokens,
                     profile=args.profile)
     for option in ("fast_path", "compile"):
@@ -133,22 +156,24 @@ def cases(args):
                        text_len=args.text_len or (20 if args.generate else 144))]
     for case in chosen:
         if not case["generate"] and case["compile_mode"] is None:
-            refused = train.cuda_graphs_refused({"gradient_checkpointing": case["grad_ckpt"]}) or not case["fast_path"]
+            refused = train.cuda_graphs_refused({"gradient_checkpointing": case["grad_ckpt"],
+                                                 "distributed": case["distributed"]}) or not case["fast_path"]
             case["compile_mode"] = "default" if refused else stage_settings(case["stage"], case["grad_ckpt"])["compile_mode"]
     if args.small:  # a batch the CPU finishes in seconds; the same cases otherwise
         for case in chosen:
             case.update(micro_batch=max(2, case["micro_batch"] // 8), text_len=max(8, case["text_len"] // 8),
-                        new_tokens=min(case["new_tokens"], 8), anchor=None, target=None)
+                        new_tokens=min(case["new_tokens"], 8), anchor=None, target=None, language="0.5B")
     return chosen
 
 
 def case_name(case):
+    size = "" if case.get("language", "0.5B") == "0.5B" else f"_qwen{case['language']}"
     if case["generate"]:
-        return f"generate_b{case['micro_batch']}_{case['new_tokens']}tok"
+        return f"generate_b{case['micro_batch']}_{case['new_tokens']}tok{size}"
     packed = "_packed" if case["packed"] else ""
     labelled = f"_labelled{case['labelled']}" if case.get("labelled") else ""
     return (f"stage{case['stage']}_b{case['micro_batch']}_text{case['text_len']}{labelled}{packed}_{'fast' if case['fast_path'] else 'reference'}"
-            f"{compile_name(case)}{'_ckpt' if case['grad_ckpt'] else ''}")
+            f"{compile_name(case)}{'_ckpt' if case['grad_ckpt'] else ''}{'_fsdp' if case['distributed'] == 'fsdp' else ''}{size}")
 
 
 def compile_name(case):
@@ -166,6 +191,9 @@ def bench_training(config, case, device):
     with device:
         model = train.initialise(VLM(config))
     trainable = train.freeze_modules(model, stage)  # the same trainable parts and optimizer as train.py
+    if case["distributed"] == "fsdp":
+        distributed.setup(device, group_of_one=True)
+        distributed.shard(model, "bfloat16" if device.type == "cuda" else "float32")
     optimizer = train.make_optimizer(model, stage)
     train.set_learning_rates(optimizer, stage["warmup_steps"], 10 * stage["warmup_steps"], stage)
     if case["fast_path"]:
@@ -273,6 +301,47 @@ def packed_batch(config, case, device, pad_to_multiple, batch_size=128, n_batche
                "padding_packed_8_gpus": padding(batch_size // 8),
                "padding_if_padded_to_longest": round(1 - sum(n_image_tokens + n for n in lengths) / padded, 3)}
     return {k: v.to(device) for k, v in batch.items()}, n_images, n_tokens, padding
+
+
+# -----------------------------------------------------------------------------
+# Memory per GPU, computed
+
+def parameter_counts(config):
+    """Parameters of the vision encoder, projector and language model of a VLM of this config, and of its largest
+    transformer block: counted on the meta device, so a 7B model takes no memory."""
+    with torch.device("meta"):
+        model = VLM(config)
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in model.parameter_groups().items()}
+    blocks = [sum(p.numel() for p in block.parameters()) for block in [*model.vision.layers, *model.language.layers]]
+    return counts, max(blocks), sum(blocks)
+
+
+def model_state_gb(config, strategy, gpus, trainable=("vision", "projector", "language")):
+    """GiB per GPU of what training keeps from step to step: fp32 weights (4 bytes a parameter), and for the trainable
+    ones fp32 gradients and AdamW's two moments (12 more). DDP keeps all of it on every GPU. FSDP keeps 1/gpus of
+    it, and gathers the rest a unit at a time in bf16: the root (embeddings, output layer, projector) for the whole
+    step, two blocks at a time (one running, the next prefetched), each with its bf16 gradient before the
+    reduce-scatter. Activations, DDP's gradient buckets (4 bytes a trainable parameter) and autocast's bf16 copies
+    of the weights come on top of either."""
+    counts, largest_block, all_blocks = parameter_counts(config)
+    total, trained = sum(counts.values()), sum(counts[name] for name in trainable)
+    states = 4 * total + 12 * trained
+    if strategy == "ddp":
+        return states / 2**30
+    gathered = (total - all_blocks) + 2 * largest_block
+    return (states / gpus + 2 * 2 * gathered) / 2**30
+
+
+def print_memory_table(gpus=(2, 8)):
+    """README's table: GiB per GPU in stage 2, where everything trains, for each Qwen2.5 size."""
+    header = ["language model", "parameters", "DDP", *(f"FSDP, {n} GPUs" for n in gpus)]
+    print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
+    for name, language in QWEN25.items():
+        config = VLMConfig(SigLIPConfig(), language, projector_hidden=language.hidden_size)
+        total = sum(parameter_counts(config)[0].values())
+        cells = [f"Qwen2.5-{name}", f"{total / 1e9:.2f}B", f"{model_state_gb(config, 'ddp', 1):.1f}",
+                 *(f"{model_state_gb(config, 'fsdp', n):.1f}" for n in gpus)]
+        print("| " + " | ".join(cells) + " |")
 
 
 # -----------------------------------------------------------------------------

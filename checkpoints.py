@@ -1,6 +1,9 @@
 """Checkpoints: the weights VLM.load reads and what an exact resume needs (optimizer, every rank's data position and
 random streams): written to step-N.partial, renamed step-N, named in out_dir/latest, each on disk before the next.
-A resume takes the newest of them that loads whole (kept: the newest two), and says which it passed over and why."""
+A resume takes the newest of them that loads whole (kept: the newest two), and says which it passed over and why.
+Under FSDP each rank also writes its shard of the weights and AdamW moments into the folder's sharded/
+(torch.distributed.checkpoint, DCP), which a resume on any number of ranks reads back resharded."""
+import contextlib
 import errno
 import os
 import pickle
@@ -12,9 +15,17 @@ import zipfile
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 
-from distributed import gather_from_ranks, log, rank, world_size
+import data
+from distributed import gather_from_ranks, is_sharded, log, rank, world_size
 from model import VLM
+
+SHARDS = "sharded"  # an FSDP checkpoint's DCP folder: every rank's shard of the weights and AdamW moments
 
 
 class DamagedCheckpoint(Exception):
@@ -96,7 +107,9 @@ def kept_checkpoints(out_dir):
 
 
 def load_checkpoint(folder):
-    """(trainer state, weights) of a checkpoint, each checked: damage is a DamagedCheckpoint naming the file."""
+    """(trainer state, weights) of a checkpoint, each checked: damage is a DamagedCheckpoint naming the file. An FSDP
+    checkpoint's weights are read from its shards when restored (None here): its model.safetensors is checked whole,
+    and sharded/ for every file its .metadata names, each as long as that says."""
     path = os.path.join(folder, "trainer.pt")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, its directory last: a cut file has none
         raise DamagedCheckpoint(f"{path} is " + ("cut short, or not written by torch.save" if os.path.exists(path)
@@ -111,18 +124,68 @@ def load_checkpoint(folder):
         raise DamagedCheckpoint(f"{path} is damaged ({reason})") from None
     if not isinstance(state, dict) or not {"step", "optimizer", "ranks", "config"} <= state.keys():
         raise DamagedCheckpoint(f"{path} is not a trainer state of train.py (step, optimizer, ranks and config)")
+    if "sharded" in state:
+        check_shards(folder)
     try:
-        weights = VLM.load(folder).state_dict()
+        weights = None if "sharded" in state else VLM.load(folder).state_dict()
+        if weights is None:  # every rank reading the whole weights would take each rank a whole model's memory
+            with safe_open(os.path.join(folder, "model.safetensors"), "pt"):  # the header, and the file's length
+                pass
     except Exception as error:  # a truncated model.safetensors, a damaged config.json
         raise DamagedCheckpoint(f"{folder}: the weights do not load ({error})") from error
     return state, weights
+
+
+def check_shards(folder):
+    """An FSDP checkpoint's sharded/ as DCP wrote it: its .metadata, written once every rank had written its shard,
+    and each file that names, at least as long as it says."""
+    path = os.path.join(folder, SHARDS)
+    try:
+        metadata = ShardReader(path).read_metadata()
+    except DamagedCheckpoint:
+        raise
+    except Exception as error:  # missing (a rank did not finish), cut short
+        raise DamagedCheckpoint(f"{os.path.join(path, '.metadata')} does not load ({type(error).__name__}: {error})") \
+            from None
+    for info in metadata.storage_data.values():
+        file = os.path.join(path, info.relative_path)
+        if not os.path.isfile(file) or os.path.getsize(file) < info.offset + info.length:
+            raise DamagedCheckpoint(f"{file} is " + ("cut short" if os.path.isfile(file) else "missing"))
+
+
+class ShardReader(FileSystemReader):
+    """DCP's reader of a sharded/ folder, except that its .metadata, a pickle, is read as data (MetadataUnpickler):
+    DCP's own reader would run whatever code a pickle holds."""
+
+    def read_metadata(self, *args, **kwargs):
+        with open(os.path.join(self.path, ".metadata"), "rb") as f:
+            metadata = MetadataUnpickler(f).load()
+        metadata.storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+        metadata.storage_meta.load_id = self.load_id  # as FileSystemReader.read_metadata does
+        return metadata
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's metadata and nothing else: its classes, torch sizes, dtypes and layouts, paths."""
+    allowed = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch.serialization", "_get_layout"),
+               ("torch", "Size"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("collections", "OrderedDict")}
+
+    def find_class(self, module, name):
+        found = super().find_class(module, name) if module.startswith(("torch", "pathlib", "collections")) else None
+        dcp_class = module == "torch.distributed.checkpoint.metadata" and isinstance(found, type)
+        if (module, name) in self.allowed or dcp_class or isinstance(found, torch.dtype):
+            return found
+        raise DamagedCheckpoint(f"a checkpoint's .metadata names {module}.{name}, which DCP's metadata never holds: "
+                                "it is not loaded (a checkpoint is data, never code)")
 
 
 def save_checkpoint(cfg, model, tokenizer, optimizer, step, data_position):
     """Rank 0 writes it, with each rank's data position and random streams (one that skips bad samples reads ahead);
     returns its folder."""
     ranks = gather_from_ranks({"data": data_position, "rng": rng_state()})
-    if rank() == 0:
+    if is_sharded(next(model.parameters())):
+        write_sharded_checkpoint(cfg, model, tokenizer, optimizer, step, ranks)
+    elif rank() == 0:
         write_checkpoint(cfg, model, tokenizer, optimizer, step, ranks)
     if dist.is_initialized():
         dist.barrier()
@@ -130,24 +193,80 @@ def save_checkpoint(cfg, model, tokenizer, optimizer, step, data_position):
 
 
 def write_checkpoint(cfg, model, tokenizer, optimizer, step, ranks):
-    out_dir, name = cfg["out_dir"], f"step-{step:07d}"
-    folder, partial = os.path.join(out_dir, name), os.path.join(out_dir, name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    writing = os.path.join(partial, "model.safetensors")  # named if the disk fills up
-    try:
+    """Rank 0 writes the checkpoint of a whole model (one process, or DDP's copy)."""
+    out_dir, partial = cfg["out_dir"], fresh_partial(cfg["out_dir"], step)
+    with full_disk_named(out_dir, partial) as writing:
+        writing.append(os.path.join(partial, "model.safetensors"))
         model.save(partial, tokenizer=tokenizer)
-        writing = os.path.join(partial, "trainer.pt")
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "ranks": ranks, "config": cfg}, writing)
-        for file in os.listdir(partial):  # a power cut may lose this checkpoint, never leave `latest` naming lost files
-            writing = os.path.join(partial, file)
-            with open(writing, "rb") as f:
-                os.fsync(f.fileno())
+        writing.append(os.path.join(partial, "trainer.pt"))
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "ranks": ranks, "config": cfg}, writing[-1])
+        sync_files(partial, writing)
+    publish(out_dir, step)
+
+
+def write_sharded_checkpoint(cfg, model, tokenizer, optimizer, step, ranks):
+    """Every rank writes its shard of the weights and AdamW moments into sharded/ (DCP: a file per rank, and
+    .metadata, by rank 0 once every rank has written its file); rank 0 the whole weights, gathered from the shards,
+    as one model.safetensors (what sample.py, eval.py and the next stage read), and the trainer state (the optimizer's
+    groups: moments are in the shards). Then rank 0 renames the folder and names it in `latest`, as write_checkpoint."""
+    out_dir, partial = cfg["out_dir"], os.path.join(cfg["out_dir"], f"step-{step:07d}.partial")
+    if rank() == 0:
+        fresh_partial(out_dir, step)
+    dist.barrier()
+    weights, optimizer_state = get_state_dict(model, optimizer)
+    whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # rank 0's
+    trainer = {"step": step, "optimizer": {"param_groups": optimizer_state["param_groups"]}, "ranks": ranks,
+               "config": cfg, "sharded": SHARDS}
+    with full_disk_named(out_dir, partial) as writing:
+        writing.append(os.path.join(partial, SHARDS))
+        dcp.save({"model": weights, "optimizer": optimizer_state["state"]}, checkpoint_id=writing[-1])  # files fsynced
+        if rank() == 0:
+            writing.append(os.path.join(partial, "model.safetensors"))
+            model.save(partial, tokenizer=tokenizer, state=whole)
+            writing.append(os.path.join(partial, "trainer.pt"))
+            torch.save(trainer, writing[-1])
+            sync_files(partial, writing)
+            flush_entries(os.path.join(partial, SHARDS))
+    if rank() == 0:
+        publish(out_dir, step)
+
+
+def fresh_partial(out_dir, step):
+    """step-N.partial, emptied of what an interrupted write left there; returns its path."""
+    partial = os.path.join(out_dir, f"step-{step:07d}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    return partial
+
+
+@contextlib.contextmanager
+def full_disk_named(out_dir, partial):
+    """Yields a list to which the writer appends each file before it writes it: if the disk fills up, the error
+    names the last, and the partial checkpoint is removed, its space given back for whatever else runs there."""
+    writing = [partial]
+    try:
+        yield writing
     except Exception as error:
         if not disk_full(error, out_dir):
             raise
-        shutil.rmtree(partial, ignore_errors=True)  # the space it took back, for whatever else runs there
-        raise OSError(errno.ENOSPC, f"no space left on the device writing {writing}; {out_dir}/latest is "
+        shutil.rmtree(partial, ignore_errors=True)
+        raise OSError(errno.ENOSPC, f"no space left on the device writing {writing[-1]}; {out_dir}/latest is "
                                     "unchanged: make room, then resume with --resume=True") from error
+
+
+def sync_files(partial, writing):
+    """The folder's files on disk: a power cut may lose this checkpoint, never leave `latest` naming lost files."""
+    for file in os.listdir(partial):
+        writing.append(os.path.join(partial, file))
+        if os.path.isfile(writing[-1]):  # sharded/: DCP synced its files itself
+            with open(writing[-1], "rb") as f:
+                os.fsync(f.fileno())
+
+
+def publish(out_dir, step):
+    """Rename step-N.partial to step-N and name it in `latest`, each on disk before the next; prune older ones."""
+    name = f"step-{step:07d}"
+    folder, partial = os.path.join(out_dir, name), os.path.join(out_dir, name + ".partial")
     flush_entries(partial)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)
@@ -193,10 +312,7 @@ def restore(folder, model, optimizer, stream, cfg, loaded=None):
     returns the step. The optimizer's settings (learning rates, weight decay, betas, fused) stay this run's: a resume
     may change them."""
     state, weights = loaded or load_checkpoint(folder)
-    if len(state["ranks"]) != world_size():
-        raise ValueError(f"{folder} was saved by {len(state['ranks'])} rank(s), not {world_size()}: resume on as "
-                         "many, or the data would not continue where it stopped")
-    model.load_state_dict(weights)
+    ranks = rank_states(folder, state["ranks"])
     saved = state["optimizer"]
     trained, training = (list(dict.fromkeys(group["name"] for group in groups))  # the modules, each once
                          for groups in (saved["param_groups"], optimizer.param_groups))
@@ -204,14 +320,44 @@ def restore(folder, model, optimizer, stream, cfg, loaded=None):
         raise ValueError(f"{folder} trained {', '.join(trained)}, this run would train {', '.join(training)}: a resume "
                          "trains what the checkpoint trained, so each learning rate stays 0 or non-0 as it was; to "
                          f"change which modules train, start a new out_dir with --init_from={folder}")
-    saved["param_groups"] = [{**this_run, "params": group["params"]}
-                             for this_run, group in zip(optimizer.state_dict()["param_groups"], saved["param_groups"])]
-    optimizer.load_state_dict(saved)
-    stream.load_state_dict(state["ranks"][rank()]["data"])
-    set_rng_state(state["ranks"][rank()]["rng"])
+    saved_sharded, sharded = "sharded" in state, is_sharded(next(model.parameters()))
+    if saved_sharded != sharded:
+        raise ValueError(f"{folder} was saved with distributed={'fsdp' if saved_sharded else 'ddp'!r}: resume with "
+                         f"it, or start a new out_dir with --init_from={folder} (its weights, fresh AdamW moments)")
+    if sharded:
+        restore_shards(folder, model, optimizer)
+    else:
+        model.load_state_dict(weights)
+        saved["param_groups"] = [{**this_run, "params": group["params"]} for this_run, group
+                                 in zip(optimizer.state_dict()["param_groups"], saved["param_groups"])]
+        optimizer.load_state_dict(saved)
+    stream.load_state_dict(ranks[rank()]["data"])
+    set_rng_state(ranks[rank()]["rng"])
     changed = ", ".join(sorted(k for k, v in state["config"].items() if k != "resume" and cfg.get(k, v) != v))
     log(f"resumed from {folder} at step {state['step']}" + (f"; changed since: {changed}" if changed else ""))
     return state["step"]
+
+
+def restore_shards(folder, model, optimizer):
+    """Weights and AdamW moments from an FSDP checkpoint's shards, however many ranks wrote them: DCP reads into
+    this run's shards whatever parts of the saved ones they overlap. The optimizer's settings stay this run's."""
+    weights, optimizer_state = get_state_dict(model, optimizer)  # this run's layout (moments made, at learning rate 0)
+    dcp.load({"model": weights, "optimizer": optimizer_state["state"]},
+             storage_reader=ShardReader(os.path.join(folder, SHARDS)))
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state)
+
+
+def rank_states(folder, saved):
+    """Each rank's data position and random streams to resume with: as saved, on as many ranks; on another number,
+    the data positions moved to that many (data.reshard_positions) and rank r given the random streams of saved
+    rank r mod their number (only stage 0's noise draws from them, per rank: its noise then differs)."""
+    if len(saved) == world_size():
+        return saved
+    try:
+        positions = data.reshard_positions([state["data"] for state in saved], world_size())
+    except ValueError as error:
+        raise ValueError(f"{folder} was saved by {len(saved)} rank(s), not {world_size()}: {error}") from None
+    return [{"data": position, "rng": saved[r % len(saved)]["rng"]} for r, position in enumerate(positions)]
 
 
 def rng_state():

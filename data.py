@@ -662,3 +662,21 @@ class BatchStream:
                              f"{(self.seed, self.world_size, self.shuffle_chunks)}: it would not resume the same order")
         self.epoch, self.samples_consumed = state["epoch"], state["samples_consumed"]
         self.counts = dict(state["counts"])
+
+
+def reshard_positions(positions, world_size):
+    """The data positions (BatchStream.state_dict) of every rank of a run, as positions for `world_size` ranks at
+    the same point of the same order. Rank r of W takes samples r, r + W, ... of the epoch's order, so after k
+    steps of a global batch of G every rank has taken k * G / W of them, the first k * G of the order between them:
+    any number of ranks continues from there. The counts (skipped etc., summed over the ranks in the log) go to
+    rank 0. A rank that read ahead (it skipped a batch that lost every sample) has no such place: refused."""
+    first = positions[0]
+    if any((p["epoch"], p["samples_consumed"]) != (first["epoch"], first["samples_consumed"]) for p in positions):
+        raise ValueError("its ranks stopped at different places in the data (one skipped a batch whose samples were "
+                         "all bad or text-only), from which only as many ranks can continue")
+    taken = first["samples_consumed"] * len(positions)
+    if taken % world_size:
+        raise ValueError(f"the {taken} samples taken so far in the epoch do not split over {world_size} ranks")
+    counts = {key: sum(p["counts"][key] for p in positions) for key in first["counts"]}
+    return [{**first, "samples_consumed": taken // world_size, "world_size": world_size,
+             "counts": counts if r == 0 else dict.fromkeys(counts, 0)} for r in range(world_size)]

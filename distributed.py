@@ -1,4 +1,6 @@
 """Data parallel for train.py and eval.py. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without it, one process.
+Two ways to spread training over the ranks (train.py's `distributed`): DDP, every rank a whole copy of the model,
+gradients all-reduced; or FSDP2 (`shard`), every rank 1/N of the weights, gradients and AdamW moments.
 And preemption: the signals a scheduler sends before it stops a job end the run at a step's end, with a checkpoint."""
 import os
 import signal
@@ -8,10 +10,14 @@ import torch
 import torch.distributed as dist
 
 
-def setup(device):
-    """Join torchrun's process group (NCCL between GPUs, gloo between CPUs); returns this process's device."""
+def setup(device, group_of_one=False):
+    """Join torchrun's process group (NCCL between GPUs, gloo between CPUs); returns this process's device. Without
+    torchrun and with `group_of_one` (FSDP needs a process group, even of one), a group of this process alone."""
+    backend = "nccl" if str(device).startswith("cuda") else "gloo"
+    if "RANK" not in os.environ and group_of_one and not dist.is_initialized():
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)  # in memory: no port taken
     if "RANK" in os.environ:
-        dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
+        dist.init_process_group(backend)
         if str(device).startswith("cuda"):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)  # NCCL (all_gather_object too) sends through the current device
@@ -24,6 +30,29 @@ def teardown():
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def shard(model, dtype):
+    """FSDP2 (torch.distributed.fsdp.fully_shard) over every rank: each transformer block, vision and language, is
+    one unit, all-gathered just before it runs and freed after; the rest (patch and position embeddings, the
+    projector, the token embedding and its tied output layer, the final norms) is the root unit, gathered for the
+    whole step. Weights, gradients and AdamW moments stay fp32 and sharded; with dtype bfloat16 the gathered
+    weights are bf16 (train.py's autocast still runs norms and the loss in fp32) and gradients are reduced in fp32.
+    A frozen module is sharded too, and has no moments (make_optimizer leaves it out). The root unit mixes frozen
+    and trainable weights in stages 0-1 (projector and embeddings); FSDP2 reduces only those with gradients."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if dtype == "bfloat16" else MixedPrecisionPolicy()
+    for block in [*model.vision.layers, *model.language.layers]:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=False)  # the backward pass needs the root at once
+    return model
+
+
+def is_sharded(tensor):
+    """Whether a parameter or gradient is a DTensor: one rank's shard of an FSDP-sharded tensor."""
+    from torch.distributed.tensor import DTensor
+    return isinstance(tensor, DTensor)
 
 
 def rank():

@@ -254,6 +254,9 @@ def uses_cuda_graphs(cfg):
 
 def cuda_graphs_refused(cfg):
     """Why train.py's settings cannot replay the blocks as CUDA graphs (measured on an H200), or None."""
+    if cfg.get("distributed") == "fsdp":
+        return ("distributed='fsdp': FSDP all-gathers each block's weights into fresh memory every step, outside the "
+                "recorded graphs (not supported here, and not measured)")
     if cfg["gradient_checkpointing"]:
         return ("gradient_checkpointing: running the blocks again in the backward pass breaks CUDA graph recording "
                 "(torch 2.11: 'graph recording observed an input tensor deallocate')")

@@ -557,10 +557,11 @@ class VLM(nn.Module):
         model.projector = Projector(vision_model.config.hidden_size, projector_hidden, language_model.config.hidden_size)
         return model.to(dtype)
 
-    def save(self, folder, tokenizer=None):
-        """model.safetensors + config.json (+ tokenizer.json), each written under a temporary name and renamed."""
+    def save(self, folder, tokenizer=None, state=None):
+        """model.safetensors + config.json (+ tokenizer.json), each written under a temporary name and renamed.
+        `state`: the weights, when this module holds only a shard of them (FSDP: gathered whole by the caller)."""
         os.makedirs(folder, exist_ok=True)
-        state = {n: t.detach().contiguous() for n, t in self.state_dict().items()}
+        state = {n: t.detach().contiguous() for n, t in (self.state_dict() if state is None else state).items()}
         if self.config.language.tie_word_embeddings:
             del state["language.lm_head.weight"]  # the same matrix as the token embedding
         save_file(state, os.path.join(folder, "model.safetensors.tmp"), metadata={"format": "pt"})

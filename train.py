@@ -3,6 +3,7 @@
     python train.py config/demo.py                               # the offline demo, ~6 minutes on a 2-core CPU
     torchrun --nproc_per_node=8 train.py config/stage2.py        # the paper's stage 2 on 8 GPUs
     python train.py config/stage1.py --micro_batch=16 --resume=True
+    torchrun --nproc_per_node=8 train.py config/stage0.py config/qwen2.5-7b.py --out_dir=out/7b/stage0  # sharded
 
 Every stage is the same loop: pick the trainable modules and their learning rates, the attention mask (stage 0:
 bidirectional + input noise, Algorithm 1; stages 1-3: prefix, Algorithm 2), then minimise the next-token loss on
@@ -19,12 +20,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-import distributed
 import masks
 import shapes
 from checkpoints import checkpoint_folder, latest_checkpoint, restore_newest, save_checkpoint, write_atomically
 from configurator import command_line_keys, configure, merged
-from distributed import exit_preempted, log, rank, stop_requested, sum_over_ranks, world_size
+from distributed import (catch_preemption, exit_preempted, is_sharded, log, rank, setup, shard, stop_requested,
+                         sum_over_ranks, teardown, world_size)
 from fast_path import compile_blocks, cuda_graphs_refused, own_gradients, use_fast_path, uses_cuda_graphs
 from model import VLM, Qwen2Config, SigLIPConfig, VLMConfig
 
@@ -81,6 +82,7 @@ fast_path = torch.cuda.is_available()  # same loss and gradients by faster kerne
 compile = torch.cuda.is_available()  # with fast_path: torch.compile each transformer block (fast_path.compile_blocks)
 compile_mode = "reduce-overhead"  # blocks replayed as CUDA graphs; gradient checkpointing needs "default"
 gradient_checkpointing = False
+distributed = "ddp"           # ddp: a whole model per GPU; fsdp: weights, gradients, AdamW sharded over them (FSDP2)
 peak_flops = 989e12           # the GPU's dense bf16 peak, the MFU's denominator here and in bench.py (H100/H200 SXM)
 eval_after = False            # the demo: caption new images ("val" and "heldout") and score them at the end
 tracker = ""                  # "trackio" or "wandb": also log metrics.jsonl's records there (rank 0); "": off
@@ -93,17 +95,17 @@ settings = {k: v for k, v in globals().items()
 
 def main():
     configure(settings)
-    distributed.catch_preemption(settings["preempt_signal"])
+    catch_preemption(settings["preempt_signal"])
     check_stages_keep_command_line(settings["stages"], command_line_keys())
-    distributed.setup(settings["device"])
     runs = [merged(settings, overrides, f"stages[{i}]") for i, overrides in enumerate(settings["stages"])] or [settings]
     chain_stages(runs, settings["stages"])
     check_runs(runs)
+    setup(settings["device"], group_of_one=any(cfg["distributed"] == "fsdp" for cfg in runs))
     for cfg in runs:
         final_checkpoint = train_stage(cfg)
     if settings["eval_after"] and rank() == 0:
         shapes.evaluate_demo(final_checkpoint, runs[-1])
-    distributed.teardown()
+    teardown()
 
 
 def check_stages_keep_command_line(stages, given):
@@ -141,6 +143,8 @@ def check_runs(runs):
         if cfg["dtype"] not in ("bfloat16", "float32"):
             raise ValueError(f"dtype={cfg['dtype']!r}: train in 'bfloat16' (as the paper) or 'float32'; float16 "
                              "would need a loss scaler, which this loop does not have")
+        if cfg["distributed"] not in ("ddp", "fsdp"):
+            raise ValueError(f"distributed={cfg['distributed']!r}: 'ddp' (a whole model per GPU) or 'fsdp' (sharded)")
 
 
 def train_stage(cfg):
@@ -159,7 +163,8 @@ def train_stage(cfg):
         use_fast_path(model)
         if cfg["compile"]:
             compile_blocks(model, cfg["compile_mode"])
-    runner = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size() > 1 else model
+    data_parallel = cfg["distributed"] == "ddp" and world_size() > 1  # FSDP: `model` itself is sharded (setup_stage)
+    runner = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if data_parallel else model
     tracker = start_tracker(cfg)
     batches = endless(stream)
     progress = tqdm(total=total_steps, initial=step, disable=rank() != 0, dynamic_ncols=True)
@@ -220,6 +225,8 @@ def setup_stage(cfg):
     model.config.mask_kind = "prefix" if cfg["mask_kind"] == "bidirectional" else cfg["mask_kind"]
     model.to(device)
     trainable = freeze_modules(model, cfg)
+    if cfg["distributed"] == "fsdp":  # before the optimizer, which takes the sharded parameters
+        shard(model, cfg["dtype"])
     return device, tokenizer, model, trainable, make_optimizer(model, cfg), open_stream(cfg, tokenizer, model)
 
 
@@ -248,7 +255,9 @@ def accumulation_steps(global_batch, micro_batch, ranks):
 
 def train_step(runner, micro_batches, cfg, device, trainable, noise_generator=None):
     """Forward and backward over a batch's micro-batches (DDP syncs on the last). Each mean loss counts by its share of
-    the global batch's labels: the mean loss per token's gradient (eq. 1), however split. Returns this rank's part."""
+    the global batch's labels: the mean loss per token's gradient (eq. 1), however split. Returns this rank's part.
+    Under FSDP every micro-batch's gradients are reduce-scattered (and summed into the shards): unsharded
+    gradients kept over the micro-batches would cost the memory that sharding saves."""
     model = runner.module if isinstance(runner, DDP) else runner
     sizes = [batch_sizes(batch, model.n_image_tokens) for batch in micro_batches]
     n_labels = sum_over_ranks(sum(labelled for _, _, labelled in sizes), device)
@@ -349,8 +358,10 @@ def clip_gradients(optimizer, max_norm):
     """Clip the total gradient norm to max_norm (paper 3.5; 0 or less: none, as nanoGPT); returns it before clipping."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if max_norm <= 0:
-        return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if is_sharded(norm) else norm  # FSDP: the norm over every rank's shards
 
 
 def set_learning_rates(optimizer, step, total_steps, cfg):

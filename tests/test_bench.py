@@ -107,3 +107,43 @@ def test_a_shape_option_asks_for_one_case(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "argv", ["bench.py", "--labelled", "0"])
     with pytest.raises(SystemExit):  # not silently dropped: a count below 1 is refused
         bench.parse_args()
+
+
+def bench_case(*options):
+    run = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--small", "--stage", "2", "--warmup", "1",
+                          "--steps", "2", *options], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(next(line for line in run.stdout.splitlines() if line.startswith('{"case"')))
+
+
+def test_fsdp_case_trains_as_the_plain_model():
+    """`--distributed fsdp`: the model sharded as train.py shards it, in a process group of one; same seed, same
+    batch, so the same losses as the plain model after 3 optimizer steps."""
+    plain, sharded = bench_case(), bench_case("--distributed", "fsdp")
+    assert sharded["case"] == plain["case"] + "_fsdp"
+    assert math.isclose(sharded["first_loss"], plain["first_loss"], rel_tol=1e-5)
+    assert math.isclose(sharded["loss"], plain["loss"], rel_tol=1e-5)
+
+
+def test_memory_per_gpu_is_computed_from_the_parameter_counts():
+    """The language models' counts are Qwen2.5's published ones (model cards: 0.49B, 1.54B, 3.09B, 7.61B); DDP
+    keeps 16 bytes per trainable parameter on every GPU (the issue: ~120 GB for 7B + SigLIP), FSDP a share of them
+    plus the units it gathers in bf16; a frozen parameter costs 4 bytes."""
+    import bench
+    from model import SigLIPConfig, VLMConfig
+    published = {"0.5B": 0.49e9, "1.5B": 1.54e9, "3B": 3.09e9, "7B": 7.61e9}
+    configs = {name: VLMConfig(SigLIPConfig(), language, projector_hidden=language.hidden_size)
+               for name, language in bench.QWEN25.items()}
+    for name, config in configs.items():
+        counts, _, _ = bench.parameter_counts(config)
+        assert abs(counts["language"] - published[name]) < 0.01e9, (name, counts["language"])
+    seven = configs["7B"]
+    counts, largest_block, all_blocks = bench.parameter_counts(seven)
+    total = sum(counts.values())
+    assert bench.model_state_gb(seven, "ddp", 8) == pytest.approx(16 * total / 2**30) == pytest.approx(120, abs=1)
+    assert bench.model_state_gb(seven, "ddp", 8, trainable=("projector",)) == pytest.approx(
+        (4 * total + 12 * counts["projector"]) / 2**30)
+    gathered_gb = 4 * (total - all_blocks + 2 * largest_block) / 2**30  # bf16 weights and gradients
+    for gpus in (1, 2, 8):
+        assert bench.model_state_gb(seven, "fsdp", gpus) == pytest.approx(16 * total / gpus / 2**30 + gathered_gb)
+    assert bench.model_state_gb(seven, "fsdp", 8) < 80 < bench.model_state_gb(seven, "ddp", 8)  # fits an 80 GB card
