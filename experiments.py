@@ -4,6 +4,7 @@
     python experiments.py masks               # one experiment: masks, stage0, align_first or captions
     python experiments.py --seeds=5 --jobs=1  # more seeds; one training at a time
     python experiments.py --quick             # tiny steps and evaluations: checks the runner, measures nothing
+    python experiments.py --resume            # after an interruption: keep the trainings already finished
 
 An arm is a recipe of stages, the paper's stages 0-2 at small sizes on the synthetic shapes (shapes.py: scenes of 1-3
 shapes, captions, then questions on the whole image), each trained by train.py's own train_stage. Every arm is the
@@ -105,14 +106,18 @@ def pretrain(job):
     """One backbone, trained once for all seeds, as downloaded weights are: "language", a language model trained alone
     on the world's text (both caption styles and the questions; causal, as a text model; the image tokens of frozen
     random towers in front), or "vision", a whole model trained to caption the world, of which only the vision
-    encoder is kept. Returns its checkpoint; join() puts the two together."""
-    run_dir, name, steps, tokenizer_dir = job
+    encoder is kept. Returns (its checkpoint, CPU seconds); join() puts the two together."""
+    run_dir, name, steps, tokenizer_dir, resume = job
     torch.set_num_threads(1)  # small matrices: a thread per training, and trainings side by side, use cores best
     cfg = merged(train.settings, {**SMALL, **{"language": LANGUAGE, "vision": VISION}[name], "seed": 0,
                                   "tokenizer": tokenizer_dir, "max_steps": steps, "out_dir": os.path.join(run_dir, name)},
                  f"experiments.{name.upper()}")
+    done = latest_checkpoint(cfg["out_dir"])
+    if resume and done and done.endswith(f"step-{steps:07d}"):
+        return done, 0.0
+    cpu = time.process_time()
     with open(os.path.join(run_dir, f"{name}.log"), "w") as log, redirect_stdout(log), redirect_stderr(log):
-        return train.train_stage(cfg)
+        return train.train_stage(cfg), time.process_time() - cpu
 
 
 def join(language, vision, seed, folder):
@@ -144,7 +149,10 @@ def train_arm(job):
     losses = [[json.loads(line)["loss"] for line in open(os.path.join(cfg["out_dir"], "metrics.jsonl"))] for cfg in runs]
     last = runs[-1]
     scores = score(latest_checkpoint(last["out_dir"]), last["shapes_captions"], last["shapes_questions"] > 0, n_images)
-    return {"losses": losses, **scores, "cpu_s": time.process_time() - cpu}  # CPU time: the run's cost on a quiet machine
+    result = {"losses": losses, **scores, "cpu_s": time.process_time() - cpu}
+    with open(os.path.join(run_dir, "result.json"), "w") as f:  # for --resume
+        json.dump({"stages": stages, "seed": seed, **result}, f)
+    return result
 
 
 def score(checkpoint, captions, questions, n_images):
@@ -196,9 +204,12 @@ def mean_std(values, digits=1):
     return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
 
 
+def end_loss(losses):
+    return statistics.mean(losses[-max(1, len(losses) // 10):])  # a stage's last tenth of steps
+
+
 def final_loss(run):
-    last = run["losses"][-1]
-    return statistics.mean(last[-max(1, len(last) // 10):])  # the last tenth of the last stage
+    return end_loss(run["losses"][-1])
 
 
 def running_mean(values, width=10):
@@ -212,22 +223,32 @@ def steps_to(run, threshold):
     return next((before + i + 1 for i, loss in enumerate(running_mean(run["losses"][-1])) if loss < threshold), None)
 
 
-def table(claim, arms, results, seeds, blind):
-    """Markdown: per arm, mean ± std over the seeds of the held-out scores, the final loss, steps to a loss level."""
+def caption_style(stages):
+    return stages[-1][1]["shapes_captions"]
+
+
+def table(claim, arms, results, seeds, blind, n_images):
+    """Markdown: per arm, mean ± std over the seeds of the held-out scores (and of the captions' difference from the
+    paper arm's of the same seed), the loss after alignment (stage 1) and at the end, and steps to a loss level."""
     paper = next(iter(arms))
     threshold = 1.5 * statistics.mean(final_loss(run) for run in results[paper])
     total = sum(len(losses) for losses in results[paper][0]["losses"])
-    lines = [f"{claim}", "", f"Seeds {', '.join(map(str, seeds))}; mean ± std over them. Held-out scenes: 100 "
-             f"images never trained on. Steps to loss < {threshold:.3f} (1.5 x the paper arm's final loss), of "
-             f"{total}: counted from the start, on the last stage's 10-step running mean.", "",
-             f"| arm | captions CIDEr-D | questions exact % | final loss | steps to loss < {threshold:.3f} | not reached |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [claim, "", f"Seeds {', '.join(map(str, seeds))}; mean ± std over them. Held-out: {n_images} images of "
+             "scenes never trained on. Δ: CIDEr-D minus the paper arm's of the same seed (the same data order and "
+             "projector draw). Losses: a stage's last tenth of steps. Steps: from the start until the last stage's "
+             f"10-step running mean is below {threshold:.3f} (1.5 x the paper arm's final loss), of {total}.", "",
+             "| arm | captions CIDEr-D | Δ same seed | questions exact % | loss after stage 1 | final loss | "
+             f"steps to loss < {threshold:.3f} |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for arm in arms:
         runs = results[arm]
+        delta = [run["captions"] - same_seed["captions"] for run, same_seed in zip(runs, results[paper])]
+        comparable = arm != paper and caption_style(arms[arm]) == caption_style(arms[paper])  # the same references
         steps = [steps_to(run, threshold) for run in runs]
-        lines.append(f"| {arm} | {mean_std([r['captions'] for r in runs])} | {mean_std([r['questions'] for r in runs])} "
-                     f"| {mean_std([final_loss(r) for r in runs], 3)} | {mean_std(steps, 0)} | "
-                     f"{sum(s is None for s in steps)} of {len(steps)} |")
+        never = sum(s is None for s in steps)
+        reached = "never" if never == len(steps) else mean_std(steps, 0) + (f" ({never} never)" if never else "")
+        lines.append(f"| {arm} | {mean_std([r['captions'] for r in runs])} | {mean_std(delta) if comparable else '-'} "
+                     f"| {mean_std([r['questions'] for r in runs])} | {mean_std([end_loss(r['losses'][-2]) for r in runs], 3)} "
+                     f"| {mean_std([final_loss(r) for r in runs], 3)} | {reached} |")
     if any(run["questions"] is not None for runs in results.values() for run in runs):
         lines += ["", f"Answering each question by its most common training answer, image unseen: {blind:.1f}% exact."]
     return "\n".join(lines) + "\n"
@@ -265,8 +286,8 @@ def plot(path, title, arms, results):
     canvas.paste(bands, (0, 0), bands)
     pen.rectangle((left, top, width - right, height - bottom), outline="gray")
     boundary = 0
-    for name, losses in zip(("stage 0", "stage 1", "stage 2"), results[arms[0]][0]["losses"]):
-        pen.text((x(boundary) + 4, top + 4), f"{name} (paper arm)" if boundary == 0 else name, fill="gray")
+    for name, losses in zip(("stage 0", "stage 1", "stage 2"), results[arms[0]][0]["losses"]):  # the paper arm's
+        pen.text((x(boundary) + 4, top + 4), name, fill="gray")
         boundary += len(losses)
         if boundary < steps:
             for dash in range(top, height - bottom, 8):
@@ -290,6 +311,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a few steps and images: checks the runner only")
     parser.add_argument("--jobs", type=int, default=2, help="trainings side by side, a thread each")
     parser.add_argument("--out", default="out/experiments")
+    parser.add_argument("--resume", action="store_true", help="keep the trainings an interrupted run finished")
     args = parser.parse_args(argv)
     steps, n_images = (QUICK_STEPS, QUICK_EVAL_IMAGES) if args.quick else (STEPS, EVAL_IMAGES)
     chosen = experiments(steps)
@@ -312,14 +334,22 @@ def main(argv=None):
     pool = multiprocessing.get_context("spawn").Pool(args.jobs) if args.jobs > 1 else None
     pretrained = os.path.join(args.out, "runs", "backbones")
     os.makedirs(pretrained, exist_ok=True)
-    language, vision = (pool.map if pool else map)(pretrain, [(pretrained, name, steps[name], tokenizer_dir)
-                                                              for name in ("language", "vision")])
+    (language, language_cpu), (vision, vision_cpu) = (pool.map if pool else map)(
+        pretrain, [(pretrained, name, steps[name], tokenizer_dir, args.resume) for name in ("language", "vision")])
     backbones = {seed: join(language, vision, seed, os.path.join(pretrained, f"seed{seed}")) for seed in seeds}
     print(f"  {time.time() - started:5.0f}s  backbones: {language} + {vision}", flush=True)
     work = [(os.path.join(args.out, "runs", run_name, f"seed{seed}"), json.loads(key), seed, backbones[seed], n_images)
             for key, run_name in recipes.items() for seed in seeds]
     results = {}
-    for (run_dir, stages, seed, *_), result in zip(work, (pool.imap if pool else map)(train_arm, work)):
+    for run_dir, stages, seed, *_ in work:
+        saved = os.path.join(run_dir, "result.json")
+        if args.resume and os.path.exists(saved):
+            with open(saved) as f:
+                result = json.load(f)
+            if result.pop("stages") == stages and result.pop("seed") == seed:
+                results[json.dumps(stages), seed] = result
+    todo = [job for job in work if (json.dumps(job[1]), job[2]) not in results]
+    for (run_dir, stages, seed, *_), result in zip(todo, (pool.imap if pool else map)(train_arm, todo)):
         results[json.dumps(stages), seed] = result
         questions = "-" if result["questions"] is None else f"{result['questions']:.1f}%"
         print(f"  {time.time() - started:5.0f}s  {run_dir}: captions CIDEr-D {result['captions']:.1f}, "
@@ -331,16 +361,18 @@ def main(argv=None):
         folder = os.path.join(args.out, name)
         os.makedirs(folder, exist_ok=True)
         by_arm = {arm: [results[json.dumps(stages), seed] for seed in seeds] for arm, stages in arms.items()}
-        text = table(claim, arms, by_arm, seeds, blind)
+        text = table(claim, arms, by_arm, seeds, blind, n_images)
         with open(os.path.join(folder, "results.md"), "w") as f:
             f.write(f"# {name}\n\n{text}\n![loss curves](loss.png)\n")
         with open(os.path.join(folder, "results.json"), "w") as f:
             json.dump({"claim": claim, "seeds": seeds, "arms": {arm: {"stages": arms[arm], "runs": by_arm[arm]}
                                                                  for arm in arms}}, f)
         plot(os.path.join(folder, "loss.png"), f"{name}: training loss, mean and min-max band over {len(seeds)} "
-             f"seeds (10-step running mean, log scale)", list(arms), by_arm)
+             f"seeds (10-step running mean, log scale; dashed: the paper arm's stages)", list(arms), by_arm)
         print(f"\n## {name}\n\n{text}", flush=True)
-    print(f"all done in {(time.time() - started) / 60:.1f} minutes; tables and pictures in {args.out}/<experiment>/")
+    cpu = language_cpu + vision_cpu + sum(result["cpu_s"] for result in results.values())
+    print(f"all done in {(time.time() - started) / 60:.1f} minutes ({len(todo)} trainings now); {cpu / 60:.1f} CPU "
+          f"minutes of training in all; tables and pictures in {args.out}/<experiment>/")
 
 
 if __name__ == "__main__":

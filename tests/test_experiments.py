@@ -47,7 +47,7 @@ def test_steps_to_a_loss_level_counts_from_the_start_on_the_last_stage():
     assert experiments.mean_std([1.0, 3.0]) == "2.0 ± 1.4" and experiments.mean_std([None]) == "-"
 
 
-def test_an_arm_pair_end_to_end(tmp_path, monkeypatch):
+def test_an_arm_pair_end_to_end(tmp_path, monkeypatch, capsys):
     """align_first's two arms, one seed, a few steps of tiny models: the table names both arms, the picture is drawn."""
     monkeypatch.setattr(experiments, "SMALL", {
         **experiments.SMALL, "shapes_samples": 64, "global_batch": 4, "micro_batch": 4, "warmup_steps": 1,
@@ -71,3 +71,6 @@ def test_an_arm_pair_end_to_end(tmp_path, monkeypatch):
         [run] = arm["runs"]
         assert [len(losses) for losses in run["losses"]] in ([2, 2, 4], [4, 4])
         assert 0 <= run["captions"] and 0 <= run["questions"] <= 100
+    capsys.readouterr()
+    experiments.main(["align_first", "--quick", "--seeds=1", "--jobs=1", f"--out={out}", "--resume"])
+    assert "(0 trainings now)" in capsys.readouterr().out  # an interrupted run keeps what it finished
