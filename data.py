@@ -22,7 +22,7 @@ from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from model import IGNORE_INDEX, find_label_positions, local_or_hub
+from model import IGNORE_INDEX, find_label_positions, local_or_hub, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,10 @@ class Tokenizer:
 # LLaVA-NeXT's system turn for Qwen (its preprocess_qwen), not Qwen2.5's ("You are Qwen, created by Alibaba Cloud. ...")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 LLAVA_ROLES = {"human": "user", "gpt": "assistant"}
-SHORT_CAPTION_PROMPT = "Write a short caption for the image."
+# the short-caption instruction: config/caption_coco.py trains on it, eval.py and sample.py ask it by default.
+# InternVL's fine-tuning turns COCO's Karpathy train split into dialogues with it (LLaVA-1.5: TextCaps), and
+# lmms-eval asks it for COCO and Flickr30k captions, so zero-shot scores compare with published ones
+SHORT_CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
 
 
 def chat_prompt(messages, add_generation_prompt=True, system_prompt=DEFAULT_SYSTEM_PROMPT):
@@ -228,7 +231,9 @@ IMAGE_MEAN = IMAGE_STD = 0.5  # SigLIP's, for every channel: pixels land in [-1,
 
 
 def to_rgb(image):
-    """Any PIL mode -> RGB, transparent pixels laid over white (as transformers does), not left their stored colour."""
+    """Any PIL mode -> RGB, transparent pixels laid over white (as transformers does), not left their stored colour.
+    By design, as transformers' and LLaVA's processors: 16-bit images convert as PIL converts them (clipped at
+    255), and EXIF orientation is not applied."""
     if image.mode == "RGB":
         return image
     if "A" in image.getbands() or "transparency" in image.info:
@@ -240,6 +245,8 @@ def to_rgb(image):
 def load_image(source, name):
     """A file path, encoded bytes (PNG, JPEG, ...) or a PIL image -> PIL RGB image. A missing or undecodable
     image raises ValueError naming `name` (a file, or a dataset row), so the dataset can skip it and say which."""
+    if isinstance(source, (str, os.PathLike)) and os.path.exists(source) and not os.path.isfile(source):
+        raise ValueError(f"cannot read image {name}: {source} is not a regular file")  # a FIFO would block for ever
     try:
         image = source
         if not isinstance(source, Image.Image):
@@ -361,8 +368,7 @@ class LlavaJson(IndexedSource):
     """LLaVA's own layout: a JSON list of {id, image (a path in image_folder; none: text-only), conversations}."""
 
     def __init__(self, json_path, image_folder):
-        with open(json_path, encoding="utf-8") as f:
-            self.entries = json.load(f)
+        self.entries = read_json(json_path)
         self.json_path, self.image_folder = json_path, image_folder
         # an entry that is not an object is a broken file, not a text-only sample: say so before training
         if not isinstance(self.entries, list):
@@ -383,14 +389,23 @@ class LlavaJson(IndexedSource):
 
 class KarpathyCaptions(IndexedSource):
     """COCO / Flickr30k / Flickr8k captions in Karpathy's split files (dataset_coco.json), one sample per (image,
-    reference sentence); split="train" takes train + restval, as usual. Images: image_root/[filepath/]filename."""
+    reference sentence): an epoch trains on every caption once, each image ~5 times (COCO train + restval: 113,287
+    images, 566,747 samples); split="train" takes train + restval, as usual. Images: image_root/[filepath/]filename."""
 
     def __init__(self, json_path, image_root, split="train", prompt=SHORT_CAPTION_PROMPT):
-        with open(json_path, encoding="utf-8") as f:
-            images = json.load(f)["images"]
+        images = read_json(json_path).get("images", [])
         splits = {"train", "restval"} if split == "train" else {split}
+        chosen = [(i, image) for i, image in enumerate(images) if image.get("split") in splits]
+        unlaid = [i for i, image in chosen if "filename" not in image or not isinstance(image.get("sentences"), list)
+                  or not all("raw" in sentence for sentence in image["sentences"])]
+        if unlaid:
+            raise ValueError(f"{json_path}: {len(unlaid)} entries lack a filename or sentences [{{'raw'}}], the first "
+                             f"images[{unlaid[0]}]: {images[unlaid[0]]!r:.120}")
+        if not chosen:
+            raise ValueError(f"{json_path} has no {' or '.join(sorted(splits))} images; its splits are "
+                             f"{sorted({str(image.get('split')) for image in images})}")
         self.entries = [(os.path.join(image_root, image.get("filepath", ""), image["filename"]), sentence["raw"])
-                        for image in images if image["split"] in splits for sentence in image["sentences"]]
+                        for _, image in chosen for sentence in image["sentences"]]
         self.prompt = prompt
 
     def record(self, row):
@@ -490,22 +505,27 @@ def pack_micro_batches(samples, max_len, n_image_tokens, pack_rows, pad_id=0, pa
             for i in range(0, len(filled), pack_rows)]
 
 
-def shuffled_order(chunk_sizes, seed, epoch):
-    """Every sample once, as (chunk ids, row ids) arrays: chunks in random order, rows shuffled within their chunk
-    and kept together, so a parquet row group is read once per pass, not once per sample."""
+def shuffled_order(chunk_sizes, seed, epoch, window=1):
+    """Every sample once, as (chunk ids, row ids, window ids) arrays: chunks in random order, taken `window` at a time,
+    the rows of a window's chunks shuffled together (window=1: each chunk's rows, kept together)."""
     rng = np.random.default_rng([seed, epoch])
     chunk_order = rng.permutation(len(chunk_sizes))
-    chunk_ids = np.concatenate([np.full(chunk_sizes[chunk], chunk) for chunk in chunk_order])
-    row_ids = np.concatenate([rng.permutation(chunk_sizes[chunk]) for chunk in chunk_order])
-    return chunk_ids, row_ids
+    chunk_ids, row_ids, window_ids = [], [], []
+    for index, start in enumerate(range(0, len(chunk_order), window)):
+        chunks = chunk_order[start:start + window]
+        mix = rng.permutation(sum(chunk_sizes[chunk] for chunk in chunks))
+        chunk_ids.append(np.concatenate([np.full(chunk_sizes[chunk], chunk) for chunk in chunks])[mix])
+        row_ids.append(np.concatenate([np.arange(chunk_sizes[chunk]) for chunk in chunks])[mix])
+        window_ids.append(np.full(len(mix), index))
+    return np.concatenate(chunk_ids), np.concatenate(row_ids), np.concatenate(window_ids)
 
 
 class WorkerBatches(IterableDataset):
-    """What each DataLoader worker runs on the samples still to come, (chunk ids, row ids): batch b is samples
-    [b*B, (b+1)*B); worker w of W builds batches w, w+W, ..., taken in turn by the DataLoader, so in order."""
+    """What each DataLoader worker runs on the samples still to come, (chunk ids, row ids, window ids): batch b is
+    samples [b*B, (b+1)*B); worker w of W builds batches w, w+W, ..., taken in turn by the DataLoader, so in order."""
 
-    def __init__(self, stream, chunk_ids, row_ids):
-        self.stream, self.chunk_ids, self.row_ids = stream, chunk_ids, row_ids
+    def __init__(self, stream, chunk_ids, row_ids, window_ids):
+        self.stream, self.chunk_ids, self.row_ids, self.window_ids = stream, chunk_ids, row_ids, window_ids
 
     def __iter__(self):
         worker = get_worker_info()
@@ -517,10 +537,16 @@ class WorkerBatches(IterableDataset):
             yield {"batch_index": int(batch_index), **self.stream.build_batch(record for _, record in group)}
 
     def read_records(self, slots):
-        """(slot, record) for each slot, reading each chunk once: the order keeps a chunk's rows together."""
-        for chunk, run in itertools.groupby(slots, key=lambda slot: self.chunk_ids[slot]):
-            run = list(run)
-            yield from zip(run, self.stream.source.read(int(chunk), self.row_ids[run].tolist()))
+        """(slot, record) for each slot, in order, reading each chunk once per window: the window's rows this worker
+        needs from a chunk are asked for at once, in slot order, then the slots take their records in turn."""
+        for _, window in itertools.groupby(slots, key=lambda slot: self.window_ids[slot]):
+            window = np.fromiter(window, dtype=np.int64)
+            chunks = self.chunk_ids[window]
+            # a parquet read returns its records (held until the window ends); an IndexedSource's makes them lazily
+            reads = {chunk: iter(self.stream.source.read(int(chunk), self.row_ids[window[chunks == chunk]].tolist()))
+                     for chunk in np.unique(chunks)}
+            for slot, chunk in zip(window, chunks):
+                yield slot, next(reads[chunk])
 
 
 class BatchStream:
@@ -530,21 +556,29 @@ class BatchStream:
     `pack_rows` (a padded micro-batch's tokens) per micro-batch (pack_micro_batches), which leaves fewer rows part-empty
     than packing each micro-batch: on bench.py's stand-in for stage 3, 1.9% of the tokens pad on one GPU, 4.5% on eight
     (16 conversations a rank and step), 36% in padded micro-batches. Order: a shuffle of the source per (seed, epoch),
-    whatever num_workers; rank r takes samples r, r + world_size, ... (an epoch's last < world_size left out). Bad
+    whatever num_workers (shuffled_order): the rows of `shuffle_chunks` random chunks (parquet row groups) at a time,
+    so that a batch mixes the sources that shards keep apart (LLaVA-NeXT-Data's are sorted by source); rank r takes
+    samples r, r + world_size, ... (an epoch's last < world_size left out). The cost: a worker reads each chunk of each
+    window its batches touch (a row group is read up to num_workers times per rank, 1 or 2 at shuffle_chunks=1) and
+    holds its share of the window's records, at most shuffle_chunks row groups. Hugging Face writes image parquet in
+    row groups of <= 100 rows: ~12 MB in LLaVA-NeXT-Data (92 GB, 779K rows), ~16 MB in LLaVA-ReCap-118K (COCO). Bad
     samples (unreadable image, malformed conversation) are skipped with a warning naming them, text-only rows (the image
     leads every sequence, paper 3.1; LLaVA-NeXT-Data has some) silently; both are counted, and bad ones past
-    max_skip_fraction of an epoch's raise RuntimeError. A batch that loses samples keeps its place, smaller (one that
+    max_skip_fraction of an epoch's, or text-only ones past max_text_only_fraction, raise RuntimeError. A batch that loses samples keeps its place, smaller (one that
     loses all is dropped: ranks may then step unequally), so `state_dict()` resumes at the next unseen one."""
     counted = ("skipped", "text_only", "truncated")  # for the trainer's log; "truncated": texts cut to max_text_tokens
 
     def __init__(self, source, tokenizer, batch_size, n_image_tokens, micro_batch=None, image_size=224,
                  max_text_tokens=512, system_prompt=DEFAULT_SYSTEM_PROMPT, seed=0, rank=0, world_size=1, num_workers=2,
-                 max_skip_fraction=0.01, pad_to_multiple=1, pack_length=0):
+                 max_skip_fraction=0.01, pad_to_multiple=1, pack_length=0, shuffle_chunks=16, max_text_only_fraction=1.0):
         self.source, self.tokenizer, self.batch_size = source, tokenizer, batch_size
         self.micro_batch, self.n_image_tokens = micro_batch or batch_size, n_image_tokens
         self.image_size, self.max_text_tokens, self.system_prompt = image_size, max_text_tokens, system_prompt
         self.seed, self.rank, self.world_size, self.num_workers = seed, rank, world_size, num_workers
         self.max_skip_fraction, self.pad_to_multiple, self.pack_length = max_skip_fraction, pad_to_multiple, pack_length
+        self.shuffle_chunks, self.max_text_only_fraction = shuffle_chunks, max_text_only_fraction
+        if shuffle_chunks < 1:
+            raise ValueError(f"shuffle_chunks={shuffle_chunks}: at least 1 chunk (row group) is shuffled at a time")
         if pack_length and pack_length < n_image_tokens + max_text_tokens:
             raise ValueError(f"pack_length={pack_length} cannot hold one sample of {n_image_tokens} image tokens + "
                              f"max_text_tokens={max_text_tokens}")
@@ -558,9 +592,9 @@ class BatchStream:
         return math.ceil(self.samples_per_epoch / self.batch_size)
 
     def __iter__(self):
-        chunk_ids, row_ids = shuffled_order(self.source.chunk_sizes, self.seed, self.epoch)
+        order = shuffled_order(self.source.chunk_sizes, self.seed, self.epoch, self.shuffle_chunks)
         start, mine = self.samples_consumed, slice(self.rank, self.world_size * self.samples_per_epoch, self.world_size)
-        workers = WorkerBatches(self, chunk_ids[mine][start:], row_ids[mine][start:])  # this rank's samples still to come
+        workers = WorkerBatches(self, *(ids[mine][start:] for ids in order))  # this rank's samples still to come
         loader = DataLoader(workers, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
         yielded = False
         for item in loader:
@@ -602,20 +636,29 @@ class BatchStream:
     def add_counts(self, counts):
         for key, value in counts.items():
             self.counts[key] += value
-        allowed = self.max_skip_fraction * self.samples_per_epoch * (self.epoch + 1)  # of the epochs begun so far
-        if self.counts["skipped"] > allowed:
+        begun = self.samples_per_epoch * (self.epoch + 1)  # the samples of the epochs begun so far
+        if self.counts["skipped"] > self.max_skip_fraction * begun:
             raise RuntimeError(f"{self.counts['skipped']} bad samples skipped by sample {self.samples_consumed} of epoch "
                                f"{self.epoch}, more than max_skip_fraction={self.max_skip_fraction} of the "
                                f"{self.samples_per_epoch} per epoch: see the warnings for which ones, fix the data or "
                                "raise max_skip_fraction")
+        if self.counts["text_only"] > self.max_text_only_fraction * begun:  # e.g. an image column read as empty
+            raise RuntimeError(f"{self.counts['text_only']} rows without an image by sample {self.samples_consumed} of "
+                               f"epoch {self.epoch}, more than max_text_only_fraction={self.max_text_only_fraction} of "
+                               f"the {self.samples_per_epoch} per epoch: check the data's image column, or raise "
+                               "max_text_only_fraction if the data has that many text-only rows")
 
     def state_dict(self):
         return {"epoch": self.epoch, "samples_consumed": self.samples_consumed, "counts": dict(self.counts),
-                "seed": self.seed, "world_size": self.world_size}
+                "seed": self.seed, "world_size": self.world_size, "shuffle_chunks": self.shuffle_chunks}
 
     def load_state_dict(self, state):
-        if (state["seed"], state["world_size"]) != (self.seed, self.world_size):
-            raise ValueError(f"the saved position is for seed {state['seed']} and world_size {state['world_size']}, "
-                             f"not {self.seed} and {self.world_size}: it would not resume the same order")
+        if "shuffle_chunks" not in state:
+            raise ValueError("the saved data position lacks shuffle_chunks: written by an older version of this code, "
+                             "whose order cannot be continued; start a new out_dir with --init_from the checkpoint")
+        saved = state["seed"], state["world_size"], state["shuffle_chunks"]
+        if saved != (self.seed, self.world_size, self.shuffle_chunks):
+            raise ValueError(f"the saved position is for seed, world_size, shuffle_chunks = {saved}, not "
+                             f"{(self.seed, self.world_size, self.shuffle_chunks)}: it would not resume the same order")
         self.epoch, self.samples_consumed = state["epoch"], state["samples_consumed"]
         self.counts = dict(state["counts"])

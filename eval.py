@@ -1,4 +1,6 @@
-"""Evaluation: image captioning on the Karpathy test splits (paper Table 6) and PathVQA (paper Table 9).
+"""Evaluation: image captioning on the Karpathy test splits (paper 4.4, Table 6) and PathVQA (paper 4.5; its
+metrics are ours: the paper's Table 9 shows examples only). Table 6's COCO column is full-shot (a checkpoint of
+config/caption_coco.py), Flickr30k and Flickr8k are zero-shot: README, Evaluation.
 
     python eval.py --split karpathy              # COCO, Flickr30k, Flickr8k test; the newest checkpoint of out/stage3
     python eval.py --split karpathy --datasets coco --num_beams 3 --checkpoint out/stage2
@@ -43,7 +45,9 @@ from sample import add_model_args, answer, at_least, load_model
 
 DATASETS = ("coco", "flickr30k", "flickr8k")
 KARPATHY_TEST = "test"  # what --split karpathy means
-LAST_STAGE = "out/stage3"  # config/stage3.py's out_dir: the recipe's last stage, evaluated without --checkpoint
+# evaluated without --checkpoint: the recipe's last stage (config/stage3.py's out_dir, zero-shot on every caption
+# dataset; Table 6's COCO column is the full-shot fine-tune's, out/caption_coco) and PathVQA's fine-tune
+LAST_STAGE = {"caption": "out/stage3", "pathvqa": "out/pathvqa"}
 
 
 # caption metrics
@@ -193,6 +197,23 @@ def pathvqa_samples(path_or_repo, split):
              "answer": r["conversations"][1]["value"]} for i, r in enumerate(records)]
 
 
+def check_images(sample_lists, threads=8):
+    """Decode every image before any is answered: an undecodable one stops the run now, named, with the others
+    that fail, not when its batch comes up (every rank checks all of them, so that none waits on a failed one)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def problem(sample):
+        try:
+            load_image(sample["image"], sample["name"])
+        except ValueError as error:
+            return str(error)
+    samples = [sample for samples in sample_lists for sample in samples]
+    with ThreadPoolExecutor(threads) as pool:  # PIL decodes with the GIL released
+        problems = [p for p in pool.map(problem, samples) if p is not None]
+    if problems:
+        raise ValueError(f"{len(problems)} of the {len(samples)} images cannot be read, e.g. {problems[:3]}")
+
+
 # the two tasks, the samples split over the ranks under torchrun
 def answer_all(model, tokenizer, samples, args, desc):
     """{sample key: the model's answer} for every sample, on every rank; each answers every world_size-th one."""
@@ -206,27 +227,26 @@ def answer_all(model, tokenizer, samples, args, desc):
     return {key: text for part in gather_from_ranks(predictions) for key, text in part.items()}
 
 
-def evaluate_captioning(model, tokenizer, per_dataset, args):
-    """Caption the split of every dataset, then (rank 0) score, print the table and write the results."""
+def caption_all(model, tokenizer, per_dataset, args):
+    """{dataset: {sample key: caption}} for the split of every dataset, on every rank."""
+    return {dataset: answer_all(model, tokenizer, samples, args, desc=dataset) for dataset, samples in per_dataset.items()}
+
+
+def score_captioning(captions, per_dataset, args):
+    """Score every dataset's captions, print the table and write the captions and the metrics."""
     scores = {}
     for dataset, samples in per_dataset.items():
-        captions = answer_all(model, tokenizer, samples, args, desc=dataset)
-        if rank() == 0:
-            write_json([{"image_id": s["key"], "caption": captions[s["key"]]} for s in samples],
-                       result_path(args, "captions", f"{dataset}_{args.split}"))
-            scores[dataset] = score(captions, {s["key"]: s["references"] for s in samples}, spice=args.spice)
-            write_json({"dataset": dataset, "settings": settings(args), "scores": scores[dataset]},
-                       result_path(args, "metrics", f"{dataset}_{args.split}"))
-    if rank() == 0:
-        print(format_table(scores))
-        return scores
+        write_json([{"image_id": s["key"], "caption": captions[dataset][s["key"]]} for s in samples],
+                   result_path(args, "captions", f"{dataset}_{args.split}"))
+        scores[dataset] = score(captions[dataset], {s["key"]: s["references"] for s in samples}, spice=args.spice)
+        write_json({"dataset": dataset, "settings": settings(args), "scores": scores[dataset]},
+                   result_path(args, "metrics", f"{dataset}_{args.split}"))
+    print(format_table(scores))
+    return scores
 
 
-def evaluate_pathvqa(model, tokenizer, samples, args):
-    """Answer every question, then (rank 0) score and write the answers and the metrics."""
-    predictions = answer_all(model, tokenizer, samples, args, desc="pathvqa")
-    if rank() != 0:
-        return None
+def score_pathvqa(predictions, samples, args):
+    """Score the answers, print the metrics and write the answers and the metrics."""
     rows = [{"question": s["prompt"], "answer": s["answer"], "prediction": predictions[s["key"]]} for s in samples]
     metrics = pathvqa_metrics([row["prediction"] for row in rows], [row["answer"] for row in rows])
     print(json.dumps(metrics, indent=1))
@@ -260,7 +280,8 @@ def parse_args(argv=None):
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated, from " + ",".join(DATASETS))
     parser.add_argument("--karpathy_dir", default="data/karpathy")
     parser.add_argument("--image_root", default="data/images")
-    parser.add_argument("--prompt", default=SHORT_CAPTION_PROMPT, help="default: data.KarpathyCaptions's")
+    parser.add_argument("--prompt", default=SHORT_CAPTION_PROMPT,
+                        help=f"default: {SHORT_CAPTION_PROMPT!r}, which config/caption_coco.py trains on")
     parser.add_argument("--pathvqa_parquet", default="data/path-vqa/test.parquet",
                         help="a PathVQA parquet file, a folder of them, or the Hub repo flaviagiammarino/path-vqa")
     parser.add_argument("--pathvqa_split", default="test", help="in a folder or repo, the files {split}-*.parquet")
@@ -278,11 +299,15 @@ def parse_args(argv=None):
     if args.backbones and args.checkpoint:
         parser.error("--backbones scores the pretrained backbones, --checkpoint a checkpoint: pass one of them")
     if not args.backbones and not args.checkpoint:
-        if not latest_checkpoint(LAST_STAGE):
-            parser.error(f"no checkpoint in {LAST_STAGE} (config/stage3.py's out_dir, the recipe's last stage): pass "
+        last = LAST_STAGE[args.task]
+        if not latest_checkpoint(last):
+            parser.error(f"no checkpoint in {last} (the recipe's last stage for --task {args.task}): pass "
                          "--checkpoint with a checkpoint or a training run's out_dir (or --backbones to score the "
                          "pretrained backbones joined by an untrained projector)")
-        args.checkpoint = checkpoint_folder(LAST_STAGE)
+        args.checkpoint = checkpoint_folder(last)
+        print(f"evaluating {args.checkpoint}" + (" (zero-shot on COCO too: Table 6's COCO column is the full-shot "
+                                                 "fine-tune's, --checkpoint out/caption_coco)" if args.task == "caption"
+                                                 else ""), flush=True)
     folder, name = os.path.split(os.path.normpath(args.checkpoint or "."))
     args.out_dir = args.out_dir or (os.path.join(folder, "eval", name) if args.checkpoint else "out-eval")
     return args
@@ -298,13 +323,19 @@ def main(argv=None):
                    for dataset in args.datasets}
     else:
         samples = pathvqa_samples(args.pathvqa_parquet, args.pathvqa_split)
+    check_images(samples.values() if args.task == "caption" else [samples])
     model, tokenizer = load_model(args, distributed.setup(args.device))
     os.makedirs(args.out_dir, exist_ok=True)
-    evaluate = evaluate_captioning if args.task == "caption" else evaluate_pathvqa
-    scores = evaluate(model, tokenizer, samples, args)
+    if args.task == "caption":
+        answers = caption_all(model, tokenizer, samples, args)
+    else:
+        answers = answer_all(model, tokenizer, samples, args, desc="pathvqa")
+    # The ranks part once every answer is gathered: rank 0 scores alone (minutes with SPICE), no rank waiting on it.
+    first = rank() == 0
     distributed.teardown()
-    return scores
-
+    if not first:
+        return None
+    return (score_captioning if args.task == "caption" else score_pathvqa)(answers, samples, args)
 
 if __name__ == "__main__":
     main()

@@ -45,6 +45,8 @@ class FastPath:
         """The stage's mask in the form its kernel takes, and the RoPE tables (under CUDA graphs, in FixedInputs)."""
         masks.check_kind(mask_kind)
         if mask_kind == "prefix" and not packed:  # right-padded rows, one document each (data.collate)
+            one_document_per_row = ((document[:, 0] == 0) & (document.amax(1) == 0)).all()
+            torch._assert_async(one_document_per_row, "PrefixBlocks takes one right-padded document per row")
             mask = PrefixBlocks(n_image_tokens, document.shape[1])
         else:
             mask = FlexMask(block_mask(mask_kind, n_image_tokens, document, labelled, self.fixed))
@@ -56,6 +58,8 @@ class FastPath:
         """The reference's loss (model.VLM.forward), computed only at the labelled positions."""
         if label_positions is None:
             label_positions = find_label_positions(labels)  # the host waits for the GPU to count them
+        # checked on the device, no wait: a label at a row's start would be "predicted" by the row above
+        torch._assert_async((labels[:, 0] == IGNORE_INDEX).all(), "a row starts with a labelled token, not its image")
         # the token before each labelled one predicts it (a row starts with an image slot: never the row above)
         return next_token_loss(weight, hidden.flatten(0, 1)[label_positions - 1], labels.flatten()[label_positions])
 
@@ -245,7 +249,7 @@ class FixedInputs:
 
 def uses_cuda_graphs(cfg):
     """Whether train.py's settings replay the blocks as CUDA graphs."""
-    return cfg["compile"] and cfg["compile_mode"] in CUDA_GRAPH_MODES
+    return cfg["fast_path"] and cfg["compile"] and cfg["compile_mode"] in CUDA_GRAPH_MODES
 
 
 def cuda_graphs_refused(cfg):
@@ -253,8 +257,6 @@ def cuda_graphs_refused(cfg):
     if cfg["gradient_checkpointing"]:
         return ("gradient_checkpointing: running the blocks again in the backward pass breaks CUDA graph recording "
                 "(torch 2.11: 'graph recording observed an input tensor deallocate')")
-    if not cfg["fast_path"]:
-        return "fast_path=False: the fast path keeps the graphs' inputs where they were recorded (FixedInputs)"
     return None
 
 

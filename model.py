@@ -314,8 +314,11 @@ def local_or_hub(path_or_repo, allow_patterns, repo_type="model"):
 def read_json(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found")
-    with open(path) as f:
-        return json.load(f)
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not JSON: {error}") from error
 
 
 def safetensors_files(folder):
@@ -504,8 +507,9 @@ class VLM(nn.Module):
     def unused_parameters(self):
         """The vision encoder's parts after the feature layer: never run, so never trained."""
         unused = list(self.vision.layers[self.vision.layers_run(self.config.vision_feature_layer):])
-        return [p for module in unused + [self.vision.post_layernorm] * (self.config.vision_feature_layer != -1)
-                for p in module.parameters()]
+        if self.config.vision_feature_layer != -1:
+            unused.append(self.vision.post_layernorm)
+        return [p for module in unused for p in module.parameters()]
 
     def hidden_states(self, image_tokens, input_ids, document, mask_kind, cache=None, labelled=None):
         """Algorithm 2's forward pass: the language model over each document's [image tokens | text tokens] under
@@ -573,6 +577,9 @@ class VLM(nn.Module):
         if config.get("architecture") != VLM_ARCHITECTURE:
             raise ValueError(f"{folder} is not a checkpoint of this project (config.json architecture "
                              f"{config.get('architecture')!r}, expected {VLM_ARCHITECTURE!r})")
+        missing = [field.name for field in fields(VLMConfig) if field.name not in config]
+        if missing:
+            raise ValueError(f"{folder}/config.json lacks {missing}: written by an older version of this code")
         sizes = SigLIPConfig(**config["vision"]), Qwen2Config(**config["language"]), config["projector_hidden"]
         model = unloaded(cls, VLMConfig(*sizes, config["vision_feature_layer"], config["mask_kind"]))
         load_state(model, read_safetensors(folder), rename=lambda n: n, source=folder, dtype=dtype)

@@ -100,7 +100,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", action="append", required=True,
                         help="image file; repeat the flag or give a comma-separated list for several")
-    parser.add_argument("--prompt", default=SHORT_CAPTION_PROMPT, help="default: data.KarpathyCaptions's")
+    parser.add_argument("--prompt", default=SHORT_CAPTION_PROMPT,
+                        help=f"default: {SHORT_CAPTION_PROMPT!r}, which config/caption_coco.py trains on")
     add_model_args(parser)
     args = parser.parse_args(argv)
     args.image = [path for value in args.image for path in value.split(",") if path]

@@ -1,6 +1,6 @@
 """Training: the paper's four stages (section 3.4, Table 5) in one readable loop.
 
-    python train.py config/demo.py                               # the offline demo, ~5 minutes on a laptop CPU
+    python train.py config/demo.py                               # the offline demo, ~6 minutes on a 2-core CPU
     torchrun --nproc_per_node=8 train.py config/stage2.py        # the paper's stage 2 on 8 GPUs
     python train.py config/stage1.py --micro_batch=16 --resume=True
 
@@ -21,9 +21,9 @@ import data
 import distributed
 import masks
 import shapes
-from checkpoints import checkpoint_folder, latest_checkpoint, restore, save_checkpoint, write_atomically
+from checkpoints import checkpoint_folder, latest_checkpoint, restore_newest, save_checkpoint, write_atomically
 from configurator import command_line_keys, configure, merged
-from distributed import log, rank, sum_over_ranks, world_size
+from distributed import exit_preempted, log, rank, stop_requested, sum_over_ranks, world_size
 from fast_path import compile_blocks, cuda_graphs_refused, own_gradients, use_fast_path, uses_cuda_graphs
 from model import VLM, Qwen2Config, SigLIPConfig, VLMConfig
 
@@ -42,10 +42,12 @@ dataset = "lmms-lab/LLaVA-ReCap-558K"
 data_format = "parquet"       # parquet | llava_json | pathvqa | karpathy | synthetic
 image_root = ""               # the image folder of llava_json / karpathy data (any size: resized on loading)
 max_text_tokens = 256         # longer conversations are truncated (and counted)
-pad_to_multiple = 64          # text lengths are padded up to a multiple of this: few shapes for compiled blocks
+pad_to_multiple = 64          # rows ([image | text]) are padded to a multiple of this: few shapes for compiled blocks
 pack_length = 0               # > 0: pack each batch's conversations into rows of this many tokens (stage 3)
 max_skip_fraction = 0.01      # more bad samples than this stops the run
+max_text_only_fraction = 0.0  # more rows without an image than this stops the run (stage 3's data has some)
 num_workers = 4
+shuffle_chunks = 16           # row groups whose rows are shuffled together, so batches mix sources (data.BatchStream)
 shapes_samples = 4000         # data_format synthetic: how many shape images (shapes.SyntheticShapes)
 shapes_questions = 0          # ... and how many question turns follow each caption
 shapes_captions = "consistent"  # ... in one wording; "human": many, synonyms, omissions (paper 4.6); "mixed": either
@@ -58,7 +60,7 @@ vision_lr = 5e-6              # a learning rate of 0 freezes the module
 projector_lr = 2e-3
 language_lr = 2e-5
 stages = []                   # several stages in one run: a list of dicts of the settings that differ (the demo)
-# optimisation (paper 4.2)
+# optimisation (paper 4.2; gradient accumulation and clipping: 3.5)
 global_batch = 128
 micro_batch = 16              # per GPU; accumulation makes up the global batch (packed: this many samples' tokens)
 epochs = 1
@@ -72,12 +74,13 @@ grad_clip = 1.0               # the gradients' total norm is clipped to this; 0:
 out_dir = "out/stage2"        # the stage's checkpoints, metrics.jsonl and loss.png; it names the stage in the log
 resume = False
 checkpoint_interval = 500
+preempt_signal = "SIGUSR1"    # as SIGTERM: the run saves the step it is in and exits 75 (Slurm: --signal=USR1@90)
 seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights stay fp32
 fast_path = torch.cuda.is_available()  # same loss and gradients by faster kernels; False: SDPA, dense mask, full logits
-compile = torch.cuda.is_available()  # torch.compile each transformer block (fast_path.compile_blocks)
-compile_mode = "reduce-overhead"  # blocks replayed as CUDA graphs (needs fast_path); gradient checkpointing: "default"
+compile = torch.cuda.is_available()  # with fast_path: torch.compile each transformer block (fast_path.compile_blocks)
+compile_mode = "reduce-overhead"  # blocks replayed as CUDA graphs; gradient checkpointing needs "default"
 gradient_checkpointing = False
 peak_flops = 989e12           # the GPU's dense bf16 peak, the MFU's denominator here and in bench.py (H100/H200 SXM)
 eval_after = False            # the demo: caption new images ("val" and "heldout") and score them at the end
@@ -88,6 +91,7 @@ settings = {k: v for k, v in globals().items()
 
 def main():
     configure(settings)
+    distributed.catch_preemption(settings["preempt_signal"])
     check_stages_keep_command_line(settings["stages"], command_line_keys())
     distributed.setup(settings["device"])
     runs = [merged(settings, overrides, f"stages[{i}]") for i, overrides in enumerate(settings["stages"])] or [settings]
@@ -116,15 +120,20 @@ def chain_stages(runs, stages):
             cfg["init_from"] = before["out_dir"]
 
 
+COUNTS = {"global_batch": "the samples of each optimizer step", "micro_batch": "the samples of each forward pass",
+          "checkpoint_interval": "the steps from one checkpoint to the next",
+          "pad_to_multiple": "text lengths are rounded up to a multiple of it (1: no rounding)"}
+
+
 def check_runs(runs):
     """What would stop a run of several stages part way, found before the first one trains."""
     out_dirs = [cfg["out_dir"] for cfg in runs]
     if len(set(out_dirs)) < len(out_dirs):  # a later stage would overwrite an earlier one's log and checkpoints
         raise ValueError(f"the stages share an out_dir ({out_dirs}): give each stage its own")
     for cfg in runs:
-        if cfg["pad_to_multiple"] < 1:
-            raise ValueError(f"pad_to_multiple={cfg['pad_to_multiple']}: text lengths are rounded up to a multiple "
-                             "of it, so it must be at least 1 (1: no rounding)")
+        for key, meaning in COUNTS.items():
+            if cfg[key] < 1:
+                raise ValueError(f"{key}={cfg[key]}: {meaning}, so it must be at least 1")
         if cfg["dtype"] not in ("bfloat16", "float32"):
             raise ValueError(f"dtype={cfg['dtype']!r}: train in 'bfloat16' (as the paper) or 'float32'; float16 "
                              "would need a loss scaler, which this loop does not have")
@@ -142,10 +151,10 @@ def train_stage(cfg):
             f"{stream.batch_size // cfg['micro_batch']} micro-batch(es) of {cfg['micro_batch']}")
     log(f"{cfg['out_dir']}: mask {cfg['mask_kind']}, noise {cfg['noise_prob']}, trainable {trainable}, "
         f"{total_steps} steps of {cfg['global_batch']} samples; on each of {world_size()} rank(s), {plan}")
-    if cfg["fast_path"]:
+    if cfg["fast_path"]:  # the reference path stays plain: no compiled blocks either
         use_fast_path(model)
-    if cfg["compile"]:
-        compile_blocks(model, cfg["compile_mode"])
+        if cfg["compile"]:
+            compile_blocks(model, cfg["compile_mode"])
     runner = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size() > 1 else model
     batches = endless(stream)
     progress = tqdm(total=total_steps, initial=step, disable=rank() != 0, dynamic_ncols=True)
@@ -163,7 +172,9 @@ def train_stage(cfg):
         optimizer.zero_grad(set_to_none=True)
         step += 1
         elapsed = time.perf_counter() - started
-        counts = dict(zip(stream.counts, sum_over_ranks(list(stream.counts.values()), device)))  # skipped etc.
+        # one all-reduce: the samples skipped etc., and whether any rank was signalled to stop (distributed.py)
+        *totals, stop = sum_over_ranks([*stream.counts.values(), stop_requested()], device)
+        counts = dict(zip(stream.counts, totals))
         record = {"step": step, "loss": loss, "grad_norm": grad_norm, **counts,
                   "lr": {group["name"]: group["lr"] for group in optimizer.param_groups},
                   "images_per_s": n_images * world_size() / elapsed, "tokens_per_s": n_tokens * world_size() / elapsed}
@@ -175,8 +186,10 @@ def train_stage(cfg):
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.3f}", lr=f"{max(g['lr'] for g in optimizer.param_groups):.2e}",
                                  img_s=f"{record['images_per_s']:.1f}")
-        if step % cfg["checkpoint_interval"] == 0 or step == total_steps:
-            save_checkpoint(cfg, model, tokenizer, optimizer, step, stream.state_dict())
+        if step % cfg["checkpoint_interval"] == 0 or step == total_steps or stop:
+            saved = save_checkpoint(cfg, model, tokenizer, optimizer, step, stream.state_dict())
+        if stop and step < total_steps:  # preempted: the step is done and saved
+            exit_preempted(f"step {step} of {total_steps}, saved in {saved}")
     progress.close()
     if rank() == 0:
         plot_losses(metrics_path, os.path.join(cfg["out_dir"], "loss.png"))
@@ -187,7 +200,7 @@ def setup_stage(cfg):
     """Check the stage's settings, then build its model, trainable parts, optimizer and data stream."""
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if cfg["device"] == "cuda" else cfg["device"])
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 where bf16 autocast does not reach (paper 4.2)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 where bf16 autocast does not reach (paper 3.5)
         torch.backends.cudnn.allow_tf32 = True
     accumulation_steps(cfg["global_batch"], cfg["micro_batch"], world_size())  # the batch splits evenly
     masks.check_kind(cfg["mask_kind"])
@@ -202,11 +215,10 @@ def setup_stage(cfg):
 
 
 def start_or_resume(cfg, model, optimizer, stream):
-    """(step, metrics path): with resume, from the newest checkpoint in out_dir, if any; else from step 0."""
+    """(step, metrics path): with resume, from the newest intact checkpoint in out_dir, if any; else from step 0."""
     metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
-    resume_from = cfg["resume"] and latest_checkpoint(cfg["out_dir"])
-    if resume_from:
-        step = restore(resume_from, model, optimizer, stream, cfg)
+    step = restore_newest(cfg["out_dir"], model, optimizer, stream, cfg) if cfg["resume"] else None  # None: none
+    if step is not None:
         if rank() == 0 and os.path.exists(metrics_path):  # a lost log has no steps to drop
             keep_metrics_until(metrics_path, step)
         return step, metrics_path
@@ -325,7 +337,7 @@ def make_optimizer(model, cfg):
 
 
 def clip_gradients(optimizer, max_norm):
-    """Clip the total gradient norm to max_norm (paper 4.2; 0 or less: none, as nanoGPT); returns it before clipping."""
+    """Clip the total gradient norm to max_norm (paper 3.5; 0 or less: none, as nanoGPT); returns it before clipping."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if max_norm <= 0:
         return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
@@ -363,7 +375,8 @@ def open_stream(cfg, tokenizer, model):
         source, tokenizer, cfg["global_batch"] // world_size(), model.n_image_tokens, cfg["micro_batch"],
         image_size=image_size, max_text_tokens=cfg["max_text_tokens"], seed=cfg["seed"], rank=rank(),
         world_size=world_size(), num_workers=cfg["num_workers"], max_skip_fraction=cfg["max_skip_fraction"],
-        pad_to_multiple=cfg["pad_to_multiple"], pack_length=cfg["pack_length"])
+        max_text_only_fraction=cfg["max_text_only_fraction"],
+        pad_to_multiple=cfg["pad_to_multiple"], pack_length=cfg["pack_length"], shuffle_chunks=cfg["shuffle_chunks"])
 
 
 def endless(stream):

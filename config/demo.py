@@ -1,4 +1,4 @@
-# The offline demo: all four stages of the paper on synthetic shapes, on a laptop CPU in about 5 minutes.
+# The offline demo: all four stages of the paper on synthetic shapes, on a 2-core CPU in about 6 minutes.
 # Same classes as the real run, small sizes, random weights: a SigLIP-shaped encoder (48 px images, 12 px
 # patches -> 16 image tokens) and a Qwen2-shaped decoder with a BPE vocabulary trained on the shape captions.
 # Adaptation, since nothing here is pretrained: stages 0-1 train the vision encoder with the projector (the

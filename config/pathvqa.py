@@ -1,4 +1,4 @@
-# Fine-tuning on PathVQA (paper 4.4): pathology images, yes/no and open questions; starts from stage 3.
+# Fine-tuning on PathVQA (paper 4.5): pathology images, yes/no and open questions; starts from stage 3.
 dataset = "flaviagiammarino/path-vqa"
 data_format = "pathvqa"
 mask_kind = "prefix"

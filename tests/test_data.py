@@ -5,16 +5,19 @@ import io
 import json
 import logging
 import os
+from types import SimpleNamespace
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
-from data import (IGNORE_INDEX, BatchStream, KarpathyCaptions, LlavaJson, LlavaParquet, PathVQAParquet, Tokenizer,
-                  chat_ids, chat_prompt, collate, conversation_messages, encode_conversation, make_sample,
-                  preprocess_image)
+import data
+from data import (IGNORE_INDEX, BatchStream, IndexedSource, KarpathyCaptions, LlavaJson, LlavaParquet, PathVQAParquet,
+                  Tokenizer, WorkerBatches, chat_ids, chat_prompt, collate, conversation_messages, encode_conversation,
+                  make_sample, preprocess_image, shuffled_order)
 from data_helpers import copy_qwen_bpe_files
 from shapes import SyntheticShapes, shapes_tokenizer
 
@@ -277,6 +280,16 @@ def test_karpathy_split_gives_one_sample_per_train_and_restval_sentence(tmp_path
     assert len(KarpathyCaptions(str(tmp_path / "dataset_coco.json"), "/coco", split="test")) == 1
 
 
+def test_karpathy_captions_ask_the_one_sentence_caption_instruction(tmp_path):
+    """config/caption_coco.py trains on the instruction eval.py asks by default (LLaVA-NeXT and lmms-eval's)."""
+    images = [{"filename": "a.jpg", "split": "train", "sentences": [{"raw": "A dog."}]}]
+    (tmp_path / "dataset_flickr8k.json").write_text(json.dumps({"images": images, "dataset": "flickr8k"}))
+    record, = KarpathyCaptions(str(tmp_path / "dataset_flickr8k.json"), "/flickr8k").read(0, [0])
+    assert record["image"] == "/flickr8k/a.jpg" and record["conversations"] == [
+        {"from": "human", "value": "Provide a one-sentence caption for the provided image."},
+        {"from": "gpt", "value": "A dog."}]
+
+
 # --- the batch stream: order, sharding, resuming ------------------------------------------------------------
 
 def make_stream(source, tokenizer, **overrides):
@@ -333,6 +346,88 @@ def test_ranks_get_disjoint_shards_that_cover_the_data(captions_folder, tokenize
     shards = [stream_numbers(make_stream(source, tokenizer, rank=rank, world_size=3), tokenizer) for rank in range(3)]
     assert [len(shard) for shard in shards] == [8, 8, 8]  # equal steps on every rank: 2 samples wait for the next epoch
     assert len(set(sum(shards, []))) == 24
+
+
+@pytest.fixture
+def sources_folder(tmp_path):
+    """4 sources of 64 rows, sorted by source as LLaVA-NeXT-Data's shards are: 2 shards, 16 row groups of 16 rows."""
+    rows = [dict(caption_row(i), data_source=f"source {i // 64}") for i in range(256)]
+    write_llava_parquet(tmp_path / "train-00000.parquet", rows[:128], row_group_size=16)
+    write_llava_parquet(tmp_path / "train-00001.parquet", rows[128:], row_group_size=16)
+    return tmp_path
+
+
+def test_batches_mix_the_sources_of_a_source_sorted_dataset(sources_folder, tokenizer):
+    source = LlavaParquet(str(sources_folder))
+
+    def distance_from_shares(shuffle_chunks):
+        """The mean over batches of the total variation distance between a batch's sources and their shares (1/4)."""
+        distances = []
+        for batch in make_stream(source, tokenizer, batch_size=16, shuffle_chunks=shuffle_chunks):
+            sources = np.array(batch_numbers(batch, tokenizer)) // 64
+            distances.append(sum(abs(np.mean(sources == s) - 0.25) for s in range(4)) / 2)
+        return np.mean(distances)
+
+    assert distance_from_shares(1) == 0.75  # a batch is one row group, so one source
+    assert distance_from_shares(16) < 0.25  # drawn at random: 0.16 on average, at most 0.2 over 200 seeds
+    # 4 windows of 4 random row groups (of the 16): each window mixes a few sources, less evenly than all 16
+    assert distance_from_shares(16) < distance_from_shares(4) < 0.75
+
+
+def test_mixed_batches_are_the_same_for_any_num_workers_and_resume_exactly(sources_folder, tokenizer):
+    source = LlavaParquet(str(sources_folder))
+    settings = dict(batch_size=12, shuffle_chunks=4)  # windows of 64 rows: some batches straddle two
+    uninterrupted = [batch_numbers(batch, tokenizer) for batch in make_stream(source, tokenizer, **settings)]
+    stream, seen = make_stream(source, tokenizer, num_workers=2, **settings), []
+    for batch in stream:
+        seen.append(batch_numbers(batch, tokenizer))
+        if len(seen) == 7:  # sample 84, in the second window
+            break
+    resumed = make_stream(source, tokenizer, num_workers=2, **settings)
+    resumed.load_state_dict(json.loads(json.dumps(stream.state_dict())))
+    assert seen + [batch_numbers(batch, tokenizer) for batch in resumed] == uninterrupted
+    assert len(set(sum(uninterrupted, []))) == 256
+    shards = [stream_numbers(make_stream(source, tokenizer, rank=rank, world_size=2, **settings), tokenizer)
+              for rank in range(2)]
+    assert sorted(sum(shards, [])) == list(range(256))  # ranks take disjoint samples
+    with pytest.raises(ValueError, match="shuffle_chunks"):
+        make_stream(source, tokenizer, shuffle_chunks=16).load_state_dict(stream.state_dict())
+
+
+class CountedParquet(LlavaParquet):
+    def read(self, chunk, rows):
+        self.reads.append(chunk)
+        return super().read(chunk, rows)
+
+
+def test_a_worker_reads_each_chunk_of_a_window_once(sources_folder, tokenizer, monkeypatch):
+    source = CountedParquet(str(sources_folder))
+    stream = make_stream(source, tokenizer, batch_size=6, shuffle_chunks=4)
+    chunk_ids, row_ids, window_ids = shuffled_order(source.chunk_sizes, seed=0, epoch=0, window=4)
+    window_of = dict(zip(chunk_ids.tolist(), window_ids.tolist()))
+    for worker, batches in [(0, 22), (1, 21)]:  # worker w of 2 builds batches w, w + 2, ... of 43
+        monkeypatch.setattr(data, "get_worker_info", lambda worker=worker: SimpleNamespace(id=worker, num_workers=2))
+        source.reads = []
+        assert len(list(WorkerBatches(stream, chunk_ids, row_ids, window_ids))) == batches
+        assert sorted(source.reads) == list(range(16))  # its batches touch every window, and each chunk once
+        assert [window_of[chunk] for chunk in source.reads] == sorted(window_of[chunk] for chunk in source.reads)
+
+
+def test_an_indexed_source_makes_its_records_as_the_worker_gets_to_them(tokenizer):
+    """Its one chunk is the whole source, so a window holds everything: records are made lazily, not held."""
+    class Counted(IndexedSource):
+        entries, made = range(40), 0
+
+        def record(self, row):
+            self.made += 1
+            return {"name": str(row), "image": png(), "conversations": caption_row(row)["conversations"]}
+
+    source = Counted()
+    stream = make_stream(source, tokenizer, batch_size=8)
+    batches = iter(WorkerBatches(stream, *shuffled_order(source.chunk_sizes, seed=0, epoch=0, window=16)))
+    next(batches)
+    assert source.made == 9  # the batch's 8, and the next one's first (where the batch is seen to end)
+    assert len(list(batches)) == 4 and source.made == 40
 
 
 # --- bad data -----------------------------------------------------------------------------------------------

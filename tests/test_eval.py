@@ -265,6 +265,23 @@ def test_image_ids_match_coco_format_reference_files():
     assert image_id({"filename": "1000268201_693b08cb0e.jpg"}) == "1000268201_693b08cb0e"  # Flickr8k
 
 
+def test_captions_are_asked_as_the_coco_fine_tune_was_trained_and_decoded_greedily(karpathy_root):
+    """The default instruction is config/caption_coco.py's training one (data.KarpathyCaptions's), so full-shot
+    COCO asks what was trained and zero-shot Flickr asks what published harnesses ask; --prompt changes it. The
+    README states the decoding defaults: greedy, at most 30 new tokens."""
+    import inspect
+    from data import KarpathyCaptions
+    from eval import parse_args
+    args = parse_args(["--backbones"])
+    assert args.prompt == "Provide a one-sentence caption for the provided image."
+    assert args.prompt == inspect.signature(KarpathyCaptions).parameters["prompt"].default
+    assert (args.num_beams, args.max_new_tokens) == (1, 30)
+    samples = karpathy_samples(str(karpathy_root / "karpathy"), "flickr8k", "karpathy", str(karpathy_root / "images"),
+                               args.prompt)
+    assert {s["prompt"] for s in samples} == {"Provide a one-sentence caption for the provided image."}
+    assert parse_args(["--backbones", "--prompt", "Caption it."]).prompt == "Caption it."
+
+
 def test_a_runs_out_dir_stands_for_its_newest_checkpoint(tmp_path):
     """The scores and their settings name the checkpoint that was scored, not a folder that moves on. They go
     beside it, not into it: train.py deletes a run's older step-N folders as it trains on."""
@@ -278,19 +295,25 @@ def test_a_runs_out_dir_stands_for_its_newest_checkpoint(tmp_path):
     assert parse_args(["--backbones"]).out_dir == "out-eval"  # the pretrained backbones, no checkpoint
 
 
-def test_without_a_checkpoint_the_newest_of_the_recipes_last_stage_is_evaluated(tmp_path, monkeypatch):
-    """`python eval.py --split karpathy` scores the newest checkpoint in config/stage3.py's out_dir."""
+def test_without_a_checkpoint_the_newest_of_the_recipes_last_stage_is_evaluated(tmp_path, monkeypatch, capsys):
+    """`python eval.py --split karpathy` scores the newest checkpoint in config/stage3.py's out_dir, and says COCO
+    is then zero-shot; `--task pathvqa` scores config/pathvqa.py's."""
     import eval
     import train
     from configurator import configure
-    assert eval.LAST_STAGE == configure(dict(train.settings), [str(REPO / "config" / "stage3.py")])["out_dir"]
+    for task, config in [("caption", "stage3.py"), ("pathvqa", "pathvqa.py")]:
+        assert eval.LAST_STAGE[task] == configure(dict(train.settings), [str(REPO / "config" / config)])["out_dir"]
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "out" / "stage3" / "step-0000007").mkdir(parents=True)
-    (tmp_path / "out" / "stage3" / "step-0000007" / "config.json").write_text("{}")
-    (tmp_path / "out" / "stage3" / "latest").write_text("step-0000007")
+    for run in ("stage3", "pathvqa"):
+        (tmp_path / "out" / run / "step-0000007").mkdir(parents=True)
+        (tmp_path / "out" / run / "step-0000007" / "config.json").write_text("{}")
+        (tmp_path / "out" / run / "latest").write_text("step-0000007")
     args = eval.parse_args(["--split", "karpathy"])
     assert args.checkpoint == os.path.join("out", "stage3", "step-0000007") and not args.backbones
     assert args.out_dir == os.path.join("out", "stage3", "eval", "step-0000007")
+    assert "zero-shot on COCO too" in capsys.readouterr().out
+    args = eval.parse_args(["--task", "pathvqa", "--pathvqa_parquet", "test.parquet"])
+    assert args.checkpoint == os.path.join("out", "pathvqa", "step-0000007")
 
 
 def test_without_a_checkpoint_or_a_trained_last_stage_it_says_what_to_pass(tmp_path, monkeypatch, capsys):

@@ -405,8 +405,9 @@ def test_packed_rows_give_each_sample_the_loss_it_has_alone(fast, flex_backward_
 
 # --- compiled blocks ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("packed", [False, True], ids=["padded (prefix by blocks)", "packed (flex)"])
-def test_fixed_inputs_reuse_memory_and_keep_each_batchs_values(packed, flex_backward_on_cpu):
+@pytest.mark.parametrize("mask_kind", masks.MASK_KINDS)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_fixed_inputs_reuse_memory_and_keep_each_batchs_values(packed, mask_kind, flex_backward_on_cpu):
     """With CUDA graphs (compile_blocks in a graph mode), the masks and RoPE tables built for each batch go
     through FixedInputs, so that batches of one shape hand the blocks the same memory. Two batches of one
     shape, their documents cut in different places: each keeps its own loss and gradients, and the second's
@@ -419,16 +420,17 @@ def test_fixed_inputs_reuse_memory_and_keep_each_batchs_values(packed, flex_back
     else:
         first, second = padded_batch([7, 4, 9], pad_to_multiple=16), padded_batch([2, 5, 6], seed=1, pad_to_multiple=16)
     assert first["document"].shape == second["document"].shape
-    expected = reference_and_fast(model, lambda: model(**first))[:1] + reference_and_fast(model, lambda: model(**second))[:1]
+    run = lambda batch: lambda: model(**batch, mask_kind=mask_kind)
+    expected = [reference_and_fast(model, run(batch))[0] for batch in (first, second)]
     model.fast_path.fixed = fast_path.FixedInputs()  # as compile_blocks does in a CUDA-graph mode
     for batch, reference in zip((first, second), expected):
-        assert_same_loss_and_gradients(loss_and_gradients(model, lambda: model(**batch)), reference)
+        assert_same_loss_and_gradients(loss_and_gradients(model, run(batch)), reference)
     rope = model.language.rope(masks.document_positions(first["document"]))
-    built = [model.fast_path.inputs("prefix", N_IMAGE, b["document"], rope, packed) for b in (first, second)]
-    memory = [(cos.data_ptr(), getattr(mask, "block_mask", None)) for mask, (cos, _) in built]
-    assert memory[0][0] == memory[1][0]
-    if packed:
-        assert memory[0][1].kv_indices.data_ptr() == memory[1][1].kv_indices.data_ptr()
+    built = [model.fast_path.inputs(mask_kind, N_IMAGE, b["document"], rope, packed, b["labels"] != IGNORE_INDEX)
+             for b in (first, second)]
+    assert built[0][1][0].data_ptr() == built[1][1][0].data_ptr()  # RoPE's cos
+    if isinstance(built[0][0], fast_path.FlexMask):  # the block lists (PrefixBlocks holds no tensor)
+        assert built[0][0].block_mask.kv_indices.data_ptr() == built[1][0].block_mask.kv_indices.data_ptr()
 
 
 @pytest.mark.parametrize("mask_kind", masks.MASK_KINDS)
@@ -472,3 +474,21 @@ def test_compiled_blocks_give_the_same_loss_and_gradients():
 def test_cuda_graph_modes_need_the_fast_paths_fixed_inputs():
     with pytest.raises(ValueError, match="use_fast_path"):
         fast_path.compile_blocks(tiny_vlm(), "reduce-overhead")
+
+
+def test_a_batch_the_fast_path_would_misread_stops_it():
+    """PrefixBlocks is chosen for rows of one right-padded document each (as many images as rows), and the fast
+    loss reads the token before each label: a hand-made batch that breaks either (an empty row beside a row of
+    two documents; a label at a row's start) is an error, not a silently different loss."""
+    model = on_fast_path(tiny_vlm(), True)
+    batch = packed_batch([7, 4], max_len=32, rows=[[0, 1]])  # one row of two documents: two images, one row
+    empty_row = torch.full_like(batch["document"], -1)
+    odd = {**batch, "input_ids": torch.cat([batch["input_ids"], torch.zeros_like(batch["input_ids"])]),
+           "labels": torch.cat([batch["labels"], torch.full_like(batch["labels"], IGNORE_INDEX)]),
+           "document": torch.cat([batch["document"], empty_row])}  # two images, two rows: read as one document each
+    with pytest.raises(RuntimeError, match="PrefixBlocks takes one right-padded document per row"):
+        model(**odd)
+    labelled_start = padded_batch([5, 5])
+    labelled_start["labels"][1, 0] = 3
+    with pytest.raises(RuntimeError, match="a row starts with a labelled token"):
+        model(**{k: v for k, v in labelled_start.items() if k != "label_positions"})

@@ -73,18 +73,19 @@ def assert_as_close_as_the_dense_mask_in_bf16(reference_model, model, batch, mas
 
 # 400 tokens (256 + 144) do not fill 128-token blocks: the kernels' edge handling runs too. The prefix mask of
 # padded rows runs by blocks on flash kernels, the other masks on FlexAttention.
-@pytest.mark.parametrize("mask_kind", ["prefix", "bidirectional", "causal"])
+@pytest.mark.parametrize("mask_kind", ["prefix", "prefix_prompt", "bidirectional", "causal"])
 def test_padded_rows_on_the_gpus_kernels(model, mask_kind):
     assert_as_close_as_the_dense_mask_in_bf16(model, model, padded_batch([144, 100, 37]), mask_kind)
 
 
-def test_packed_rows_on_the_gpus_kernels(model):
+@pytest.mark.parametrize("mask_kind", ["prefix", "prefix_prompt"])
+def test_packed_rows_on_the_gpus_kernels(model, mask_kind):
     batch = packed_batch([300, 40, 144, 90, 12, 200], row_length=1024)
     assert batch["document"].max() >= 2  # three documents share a row
-    assert_as_close_as_the_dense_mask_in_bf16(model, model, batch, "prefix")
+    assert_as_close_as_the_dense_mask_in_bf16(model, model, batch, mask_kind)
 
 
-@pytest.mark.parametrize("mask_kind", ["prefix", "bidirectional"])
+@pytest.mark.parametrize("mask_kind", ["prefix", "prefix_prompt", "bidirectional"])
 def test_compiled_blocks_as_train_py_runs_them(model, mask_kind):
     compiled = copy.deepcopy(model)
     fast_path.compile_blocks(fast_path.use_fast_path(compiled), "default")

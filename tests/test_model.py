@@ -327,8 +327,8 @@ def test_training_flops_equal_torchs_flop_counter(trainable):
     from model import IGNORE_INDEX, Qwen2Config, SigLIPConfig, VLMConfig
 
     class DenseMaskFastLoss(fast_path.FastPath):
-        def inputs(self, mask_kind, n_image_tokens, document, rope, packed):
-            return masks.attention_mask(mask_kind, n_image_tokens, document), rope
+        def inputs(self, mask_kind, n_image_tokens, document, rope, packed, labelled=None):
+            return masks.attention_mask(mask_kind, n_image_tokens, document, labelled), rope
     torch.manual_seed(0)
     model = VLM(VLMConfig(SigLIPConfig(image_size=56, patch_size=14, hidden_size=64, intermediate_size=128,
                                        num_hidden_layers=2, num_attention_heads=4),

@@ -71,6 +71,12 @@ def test_beam_search_prints_at_the_end(checkpoint, images, capsys):
     assert capsys.readouterr().out == f"{images[0]}: {answers[0]}\n"
 
 
+def test_the_default_prompt_is_the_caption_instruction_of_the_coco_fine_tune():
+    args = sample.parse_args(["--image", "a.png"])
+    assert args.prompt == "Provide a one-sentence caption for the provided image."
+    assert sample.parse_args(["--image", "a.png", "--prompt", "What is it?"]).prompt == "What is it?"
+
+
 def test_left_pad_lines_up_the_ends_of_the_prompts():
     input_ids, text_mask = sample.left_pad([[5, 6, 7], [8]], pad_id=0)
     assert input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]

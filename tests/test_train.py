@@ -70,6 +70,20 @@ def test_each_stage_config_is_the_papers(stage):
     assert cfg["grad_clip"] > 0 and cfg["init_from"] == ("" if stage == 0 else f"out/stage{stage - 1}")
 
 
+def test_caption_coco_config_is_the_full_shot_fine_tune_from_stage_3():
+    """Table 6's COCO column is full-shot (paper 4.4): one epoch on COCO's Karpathy train + restval, every caption
+    once, from stage 3, under the prefix mask, at stage 3's learning rates (the paper gives none for this fine-tune)."""
+    cfg = configure(dict(train.settings), [os.path.join(ROOT, "config", "caption_coco.py")])
+    stage3 = configure(dict(train.settings), [os.path.join(ROOT, "config", "stage3.py")])
+    assert (cfg["data_format"], os.path.basename(cfg["dataset"]), cfg["mask_kind"], cfg["noise_prob"]) == (
+        "karpathy", "dataset_coco.json", "prefix", 0.0)
+    assert [cfg[f"{m}_lr"] for m in ("vision", "projector", "language")] == [stage3[f"{m}_lr"] for m in
+                                                                           ("vision", "projector", "language")]
+    assert (cfg["init_from"], cfg["out_dir"], cfg["epochs"], cfg["max_steps"]) == ("out/stage3", "out/caption_coco", 1, 0)
+    assert (cfg["global_batch"], cfg["beta1"], cfg["beta2"], cfg["weight_decay"], cfg["min_lr"]) == (128, 0.9, 0.999, 0.01, 1e-8)
+    assert cfg["image_root"] == "data/images/coco"  # eval.py's default --image_root, + the dataset's folder
+
+
 def test_stage_is_not_a_setting():
     """The out_dir names a stage; its recipe is its config file. A `stage` setting that only labelled the log
     (--stage=0 alone trained stage 2's recipe) is refused like any unknown setting."""
@@ -168,9 +182,23 @@ def test_gradient_checkpointing_with_cuda_graphs_is_refused_up_front(compile_mod
     """Gradient checkpointing runs the blocks again in the backward pass, which stops CUDA graph recording (on
     an H200). It is refused before anything is built, naming the setting to change."""
     cfg = merged(train.settings, {**TINY, "device": "cpu", "tokenizer": "shapes", "gradient_checkpointing": True,
-                                  "compile": True, "compile_mode": compile_mode}, "test")
+                                  "fast_path": True, "compile": True, "compile_mode": compile_mode}, "test")
     with pytest.raises(ValueError, match="gradient_checkpointing.*compile_mode='default'"):
         train.train_stage(cfg)
+
+
+def test_the_reference_path_compiles_nothing_whatever_compile_says(monkeypatch, tmp_path):
+    """compile and compile_mode belong to the fast path: with fast_path=False the blocks stay eager, so that
+    `--fast_path=False` alone gives the plain reference on a GPU too (CUDA graphs need the fast path)."""
+    compiled = []
+    monkeypatch.setattr(train, "compile_blocks", lambda model, mode: compiled.append(mode))
+    cfg = merged(train.settings, {**TINY, "device": "cpu", "tokenizer": "shapes", "fast_path": False, "compile": True,
+                                  "compile_mode": "reduce-overhead", "max_steps": 1, "checkpoint_interval": 1,
+                                  "out_dir": str(tmp_path / "reference")}, "test")
+    train.train_stage(cfg)
+    assert compiled == []
+    train.train_stage({**cfg, "fast_path": True, "compile_mode": "default", "out_dir": str(tmp_path / "fast")})
+    assert compiled == ["default"]
 
 
 def test_every_module_has_its_own_learning_rate_on_the_schedule():
@@ -288,7 +316,7 @@ def test_ddp_resume_continues_each_rank_where_it_stopped(tmp_path):
     from PIL import Image
     import data
     n_entries, seed = 32, 5
-    _, row_ids = data.shuffled_order([n_entries], seed, epoch=0)
+    _, row_ids, _ = data.shuffled_order([n_entries], seed, epoch=0)
     text_only = set(row_ids[1::2][:4].tolist())  # rank 1's first batch: 4 of its samples, every second one
     os.makedirs(tmp_path / "images")
     entries = []
@@ -300,6 +328,7 @@ def test_ddp_resume_continues_each_rank_where_it_stopped(tmp_path):
             entries[-1]["image"] = f"{i}.png"
     (tmp_path / "data.json").write_text(json.dumps(entries))
     common = dict(max_steps=4, checkpoint_interval=2, micro_batch=1, seed=seed, data_format="llava_json",
+                  max_text_only_fraction=0.5,
                   dataset=str(tmp_path / "data.json"), image_root=str(tmp_path / "images"), vision_lr=1e-3,
                   projector_lr=1e-3, language_lr=1e-3)
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518")
