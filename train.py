@@ -52,6 +52,8 @@ num_workers = 4
 shuffle_chunks = 16           # row groups whose rows are shuffled together, so batches mix sources (data.BatchStream)
 shapes_samples = 4000         # data_format synthetic: how many shape images (shapes.SyntheticShapes)
 shapes_questions = 0          # ... and how many question turns follow each caption
+shapes_captions = "consistent"  # ... in one wording; "human": many, synonyms, omissions (paper 4.6); "mixed": either
+shapes_relations = False      # ... True: 1-3 shapes, questions on the whole image (counts, left of, same colour)
 # the stage (paper 3.4): config/stage<N>.py sets these
 mask_kind = "prefix"          # bidirectional (stage 0) | prefix (stages 1-3) | causal (LLaVA) | prefix_prompt
 noise_prob = 0.0              # stage 0: share of text inputs replaced by noise (Algorithm 1)
@@ -387,7 +389,8 @@ def open_stream(cfg, tokenizer, model):
         source = data.KarpathyCaptions(where, cfg["image_root"], split="train")
     elif fmt == "synthetic":
         source = shapes.SyntheticShapes(cfg["shapes_samples"], split="train", image_size=image_size, seed=cfg["seed"],
-                                        questions=cfg["shapes_questions"])
+                                        questions=cfg["shapes_questions"], captions=cfg["shapes_captions"],
+                                        relations=cfg["shapes_relations"])
     else:
         raise ValueError(f"unknown data_format {fmt!r}: parquet, pathvqa, llava_json, karpathy or synthetic")
     return data.BatchStream(
