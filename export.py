@@ -188,7 +188,8 @@ def checkpoint_name(checkpoint):
 
 
 def model_card(config, prefix, checkpoint):
-    n_image_tokens = (config.vision.image_size // config.vision.patch_size) ** 2
+    vision, language = config.vision, config.language
+    n_image_tokens = (vision.image_size // vision.patch_size) ** 2
     if prefix:
         mask = (f"**The prefix mask (paper section 3.2, Fig. 3b).** The {n_image_tokens} image tokens attend to each "
                 "other both ways; the text attends causally to earlier text and to every image token. transformers' "
@@ -202,7 +203,7 @@ def model_card(config, prefix, checkpoint):
                 "`\"is_mm_prefix_lm\": true` is honoured (vLLM from early 2026, with an attention backend that "
                 "supports it); older versions run causal attention without a warning.")
     else:
-        mask = "**A causal mask** (LLaVA's): trained so, it is plain Llava and needs no remote code."
+        mask = "**A causal mask** (LLaVA's): it trained and decodes causally, so it is plain Llava, no remote code."
         load = "model = AutoModelForImageTextToText.from_pretrained(repo)\n"
         vllm = "vLLM serves it as its Llava."
     return f"""---
@@ -212,13 +213,15 @@ tags: [llava, siglip, qwen2, prefix-lm]
 ---
 # SigLIP + Qwen2 vision-language model (vlm-align)
 
-Exported by `export.py` of vlm-align from its checkpoint `{checkpoint_name(checkpoint)}`. The paper: *Improved Alignment of Modalities in Large
-Vision Language Models*: a SigLIP so400m vision encoder, a 2-layer GELU projector and the Qwen2.5-0.5B decoder,
-{n_image_tokens} image tokens first, the text after (section 3.1).
+Exported by `export.py` of vlm-align from its checkpoint `{checkpoint_name(checkpoint)}`: a SigLIP vision encoder
+({vision.num_hidden_layers} layers of width {vision.hidden_size}), a 2-layer GELU projector and a Qwen2 decoder
+({language.num_hidden_layers} layers of width {language.hidden_size}), {n_image_tokens} image tokens first, the text
+after, as in *Improved Alignment of Modalities in Large Vision Language Models* (section 3.1; the paper's own
+model: SigLIP so400m and Qwen2.5-0.5B).
 
 {mask}
 
-## Training (paper section 3.4, Table 5)
+## The paper's recipe (section 3.4, Table 5), which vlm-align's stage configs follow
 
 | stage | data | trains | mask |
 | --- | --- | --- | --- |
@@ -227,7 +230,8 @@ Vision Language Models*: a SigLIP so400m vision encoder, a 2-layer GELU projecto
 | 2 | LLaVA-ReCap-558K (BLIP) | everything | prefix |
 | 3 | LLaVA-NeXT-Data | everything | prefix |
 
-This checkpoint decodes under the `{config.mask_kind}` mask; image features: SigLIP layer
+This checkpoint trained and decodes under the `{config.mask_kind}` mask (which stages it went through is its
+run's, not recorded here); image features: SigLIP layer
 {config.vision_feature_layer} (before the final norm).
 
 ## Use
@@ -254,14 +258,13 @@ resizes with torchvision when it is installed, whose bicubic differs slightly fr
 
 # -----------------------------------------------------------------------------
 
-def export(checkpoint, out, dtype="bfloat16", mask_kind=None):
-    """Write the transformers folder `out` for our checkpoint folder; returns `out`."""
+def export(checkpoint, out, dtype="bfloat16"):
+    """Write the transformers folder `out` for our checkpoint folder, under the mask it trained with; returns `out`."""
     model = VLM.load(checkpoint)
-    mask_kind = mask_kind or model.config.mask_kind
+    mask_kind = model.config.mask_kind
     if mask_kind not in ("prefix", "causal"):
-        raise ValueError(f"{checkpoint} decodes under mask_kind {mask_kind!r}: the export writes prefix (remote code) "
-                         "or causal (plain Llava); choose one with --mask_kind")
-    model.config.mask_kind = mask_kind
+        raise ValueError(f"{checkpoint} decodes under mask_kind {mask_kind!r}: Llava holds the prefix mask (remote "
+                         "code) or the causal one (plain Llava), so a prefix_prompt checkpoint cannot be exported")
     check_exportable(model.config)
     prefix = mask_kind == "prefix"
     os.makedirs(out, exist_ok=True)
@@ -314,8 +317,6 @@ def parse_args(argv=None):
                         help="our checkpoint, or a training run's out_dir (its newest)")
     parser.add_argument("--out", required=True, help="the folder to write")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="the weights' dtype in the folder")
-    parser.add_argument("--mask_kind", choices=["prefix", "causal"],
-                        help="default: the mask the checkpoint decodes under")
     parser.add_argument("--push", metavar="OWNER/NAME", help="also upload the folder to this Hub model repo")
     parser.add_argument("--private", action="store_true", help="with --push: create the repo private")
     args = parser.parse_args(argv)
@@ -326,7 +327,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    folder = export(args.checkpoint, args.out, args.dtype, args.mask_kind)
+    folder = export(args.checkpoint, args.out, args.dtype)
     print(f"wrote {folder}")
     if args.push:
         print(f"uploaded: {push(folder, args.push, args.private)}")

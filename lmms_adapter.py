@@ -77,7 +77,10 @@ class VLMAlign(lmms):
         input_ids = torch.tensor([prompt + target], device=weight.device)
         rows, document = prompt_rows(input_ids, torch.ones_like(input_ids, dtype=torch.bool), model.n_image_tokens)
         pixel_values = preprocess_image(image, model.config.vision.image_size)[None].to(weight.device, weight.dtype)
-        hidden = model.hidden_states(model.image_tokens(pixel_values), rows, document, model.config.mask_kind)
+        answer = torch.zeros_like(rows, dtype=torch.bool)
+        answer[0, -len(target):] = True  # under prefix_prompt the prompt is seen both ways, the answer stays causal
+        hidden = model.hidden_states(model.image_tokens(pixel_values), rows, document, model.config.mask_kind,
+                                     labelled=answer)
         logits = model.language.lm_head(hidden[0, -len(target) - 1:-1]).float()  # position t predicts token t + 1
         targets = torch.tensor(target, device=weight.device)
         logprob = F.log_softmax(logits, dim=-1).gather(1, targets[:, None]).sum()

@@ -4,3 +4,4 @@
 language = "Qwen/Qwen2.5-3B"
 projector_hidden = 2048  # LLaVA-OneVision's projector: as wide as the language model
 distributed = "fsdp"  # weights, gradients and AdamW take 52 GiB per GPU under DDP (README), before activations
+compile_mode = "default"  # compiled blocks without CUDA graphs: FSDP gathers weights outside recorded graphs

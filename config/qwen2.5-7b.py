@@ -5,3 +5,4 @@
 language = "Qwen/Qwen2.5-7B"
 projector_hidden = 3584  # LLaVA-OneVision's projector: as wide as the language model
 distributed = "fsdp"  # under DDP weights, gradients and AdamW alone take 120 GiB per GPU (README): sharded, 21 on 8
+compile_mode = "default"  # compiled blocks without CUDA graphs: FSDP gathers weights outside recorded graphs

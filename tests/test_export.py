@@ -153,11 +153,21 @@ def test_folder_declares_the_mask(exported):
     with open(f"{exported}/README.md") as f:
         card = f.read()
     assert "trust_remote_code=True" in card and "causal Llava" in card and "Fig. 3b" in card
+    assert "(3 layers of width" in card  # this model's sizes, not the paper's
+
+
+def under_mask(checkpoint, mask_kind, folder):
+    """The checkpoint's weights saved as if trained under `mask_kind` (the mask lives in its config.json)."""
+    model = VLM.load(checkpoint)
+    model.config.mask_kind = mask_kind
+    model.save(folder, tokenizer=Tokenizer.from_pretrained(checkpoint))
+    return folder
 
 
 def test_a_causal_checkpoint_exports_as_plain_llava(checkpoint, ours, images, tmp_path, monkeypatch):
     from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
-    folder = export_without_transformers(checkpoint, tmp_path / "causal", monkeypatch, mask_kind="causal")
+    causal = under_mask(checkpoint, "causal", tmp_path / "causal_checkpoint")
+    folder = export_without_transformers(causal, tmp_path / "causal", monkeypatch)
     with open(f"{folder}/config.json") as f:
         config = json.load(f)
     assert "auto_map" not in config and "is_mm_prefix_lm" not in config
@@ -230,15 +240,16 @@ def test_what_llava_cannot_hold_is_refused():
 
 
 def test_prefix_prompt_checkpoint_is_refused(checkpoint, tmp_path):
-    with pytest.raises(ValueError, match="prefix_prompt"):
-        export.export(str(checkpoint), str(tmp_path / "out"), mask_kind="prefix_prompt")
+    prefix_prompt = under_mask(checkpoint, "prefix_prompt", tmp_path / "prefix_prompt_checkpoint")
+    with pytest.raises(ValueError, match="prefix_prompt checkpoint cannot be exported"):
+        export.export(str(prefix_prompt), str(tmp_path / "out"))
 
 
 def test_push_arguments(monkeypatch, exported, tmp_path, checkpoint):
     """--push hands the written folder and repo id to huggingface_hub (the upload itself needs the network)."""
     calls = []
     monkeypatch.setattr(export, "push", lambda folder, repo_id, private: calls.append((folder, repo_id, private)))
-    monkeypatch.setattr(export, "export", lambda checkpoint, out, dtype, mask_kind: out)
+    monkeypatch.setattr(export, "export", lambda checkpoint, out, dtype: out)
     export.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf"), "--push", "me/model", "--private"])
     assert calls == [(str(tmp_path / "hf"), "me/model", True)]
     with pytest.raises(SystemExit):

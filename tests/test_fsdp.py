@@ -168,6 +168,7 @@ def test_larger_language_model_configs(size):
     """config/qwen2.5-*.py: the language model and a projector as wide as it, on top of a stage's config, which
     they leave as it was (the paper's recipe); 3B and 7B sharded, as DDP would not fit them (README's table)."""
     import bench
+    import fast_path
     import train
     from configurator import configure
     stage2 = os.path.join(ROOT, "config", "stage2.py")
@@ -177,7 +178,9 @@ def test_larger_language_model_configs(size):
     assert cfg["projector_hidden"] == bench.QWEN25[size].hidden_size
     assert cfg["distributed"] == ("ddp" if size == "1.5B" else "fsdp")
     changed = {key for key in cfg if cfg[key] != recipe[key]}
-    assert changed <= {"language", "projector_hidden", "distributed"}
+    assert changed <= {"language", "projector_hidden", "distributed", "compile_mode"}
+    on_a_gpu = {**cfg, "fast_path": True, "compile": True}  # train.py's defaults on CUDA
+    assert not (fast_path.uses_cuda_graphs(on_a_gpu) and fast_path.cuda_graphs_refused(on_a_gpu)), size
 
 
 def test_data_positions_move_to_another_number_of_ranks_only_from_one_place():

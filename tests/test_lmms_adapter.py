@@ -49,8 +49,10 @@ def test_generate_until_gives_our_answers_in_order(adapter):
     assert cut == [expected[0][:expected[0].index(stop)]]
 
 
-def test_loglikelihood_is_minus_our_summed_loss(adapter):
+@pytest.mark.parametrize("mask_kind", ["prefix", "prefix_prompt"])  # prefix_prompt: the answer must not be seen ahead
+def test_loglikelihood_is_minus_our_summed_loss(adapter, mask_kind, monkeypatch):
     model, tokenizer = adapter.model, adapter.tokenizer
+    monkeypatch.setattr(model.config, "mask_kind", mask_kind)
     document = adapter.task_dict["tiny"]["test"][1]
     continuation = "A cat sits on a red mat."
     [(logprob, greedy)] = adapter.loglikelihood([instance("loglikelihood", QUESTIONS[1], continuation, 1)])
