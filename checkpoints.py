@@ -350,7 +350,7 @@ def restore_shards(folder, model, optimizer):
 def rank_states(folder, saved):
     """Each rank's data position and random streams to resume with: as saved, on as many ranks; on another number,
     the data positions moved to that many (data.reshard_positions) and rank r given the random streams of saved
-    rank r mod their number (only stage 0's noise draws from them, per rank: its noise then differs)."""
+    rank r mod their number. Stage 0's noise, drawn per step and rank (train.py), then falls on other samples."""
     if len(saved) == world_size():
         return saved
     try:

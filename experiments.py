@@ -108,7 +108,6 @@ def pretrain(job):
     random towers in front), or "vision", a whole model trained to caption the world, of which only the vision
     encoder is kept. Returns (its checkpoint, CPU seconds); join() puts the two together."""
     run_dir, name, steps, tokenizer_dir, resume = job
-    torch.set_num_threads(1)  # small matrices: a thread per training, and trainings side by side, use cores best
     cfg = merged(train.settings, {**SMALL, **{"language": LANGUAGE, "vision": VISION}[name], "seed": 0,
                                   "tokenizer": tokenizer_dir, "max_steps": steps, "out_dir": os.path.join(run_dir, name)},
                  f"experiments.{name.upper()}")
@@ -136,7 +135,6 @@ def train_arm(job):
     backbones; score the final checkpoint on heldout images. Returns {"losses": [[loss per step] per stage],
     "captions", "questions"}."""
     run_dir, stages, seed, backbones, n_images = job
-    torch.set_num_threads(1)
     base = merged(train.settings, {**SMALL, "seed": seed, "init_from": backbones}, "experiments.SMALL")
     runs = [merged(base, {**settings, "out_dir": os.path.join(run_dir, name)}, name) for name, settings in stages]
     train.chain_stages(runs, [settings for _, settings in stages])  # each later stage from the one before
@@ -208,6 +206,10 @@ def end_loss(losses):
     return statistics.mean(losses[-max(1, len(losses) // 10):])  # a stage's last tenth of steps
 
 
+def stage0_loss(run):
+    return end_loss(run["losses"][0]) if len(run["losses"]) == 3 else None  # None: an arm without stage 0
+
+
 def final_loss(run):
     return end_loss(run["losses"][-1])
 
@@ -237,8 +239,8 @@ def table(claim, arms, results, seeds, blind, n_images):
              "scenes never trained on. Δ: CIDEr-D minus the paper arm's of the same seed (the same data order and "
              "projector draw). Losses: a stage's last tenth of steps. Steps: from the start until the last stage's "
              f"10-step running mean is below {threshold:.3f} (1.5 x the paper arm's final loss), of {total}.", "",
-             "| arm | captions CIDEr-D | Δ same seed | questions exact % | loss after stage 1 | final loss | "
-             f"steps to loss < {threshold:.3f} |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| arm | captions CIDEr-D | Δ same seed | questions exact % | loss after stage 0 | loss after stage 1 | "
+             f"final loss | steps to loss < {threshold:.3f} |", "|" + " --- |" * 8]
     for arm in arms:
         runs = results[arm]
         delta = [run["captions"] - same_seed["captions"] for run, same_seed in zip(runs, results[paper])]
@@ -247,7 +249,8 @@ def table(claim, arms, results, seeds, blind, n_images):
         never = sum(s is None for s in steps)
         reached = "never" if never == len(steps) else mean_std(steps, 0) + (f" ({never} never)" if never else "")
         lines.append(f"| {arm} | {mean_std([r['captions'] for r in runs])} | {mean_std(delta) if comparable else '-'} "
-                     f"| {mean_std([r['questions'] for r in runs])} | {mean_std([end_loss(r['losses'][-2]) for r in runs], 3)} "
+                     f"| {mean_std([r['questions'] for r in runs])} | {mean_std([stage0_loss(r) for r in runs], 3)} "
+                     f"| {mean_std([end_loss(r['losses'][-2]) for r in runs], 3)} "
                      f"| {mean_std([final_loss(r) for r in runs], 3)} | {reached} |")
     if any(run["questions"] is not None for runs in results.values() for run in runs):
         lines += ["", f"Answering each question by its most common training answer, image unseen: {blind:.1f}% exact."]
@@ -331,7 +334,8 @@ def main(argv=None):
             recipes.setdefault(json.dumps(stages), f"{name}-{slug}")
     print(f"{len(recipes) * len(seeds)} trainings: {len(recipes)} recipes x {len(seeds)} seeds, {args.jobs} at a "
           f"time, after the backbones of each seed", flush=True)
-    pool = multiprocessing.get_context("spawn").Pool(args.jobs) if args.jobs > 1 else None
+    # small matrices: a thread per training, and trainings side by side, use the cores best
+    pool = multiprocessing.get_context("spawn").Pool(args.jobs, torch.set_num_threads, (1,)) if args.jobs > 1 else None
     pretrained = os.path.join(args.out, "runs", "backbones")
     os.makedirs(pretrained, exist_ok=True)
     (language, language_cpu), (vision, vision_cpu) = (pool.map if pool else map)(

@@ -203,6 +203,8 @@ def train_stage(cfg):
         if step % cfg["checkpoint_interval"] == 0 or step == total_steps or stop:
             saved = save_checkpoint(cfg, model, tokenizer, optimizer, step, stream.state_dict())
         if stop and step < total_steps:  # preempted: the step is done and saved
+            if tracker:
+                tracker.finish()
             exit_preempted(f"step {step} of {total_steps}, saved in {saved}")
     progress.close()
     if tracker:

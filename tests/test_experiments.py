@@ -62,6 +62,10 @@ def test_an_arm_pair_end_to_end(tmp_path, monkeypatch, capsys):
     table = (out / "align_first" / "results.md").read_text()
     for arm in ("align first (paper)", "unfrozen from the start"):
         assert f"| {arm} |" in table
+    unfrozen = next(line for line in table.splitlines() if line.startswith("| unfrozen"))
+    assert unfrozen.split(" | ")[4] == "-"  # no stage 0 to report a loss after
+    assert table.count(" --- |") == 8 and all(  # every row has the header's 8 columns
+        line.count(" | ") == 7 for line in table.splitlines() if line.startswith("| ") and "---" not in line)
     assert "steps to loss <" in table and "most common training answer" in table
     with Image.open(out / "align_first" / "loss.png") as picture:
         assert picture.size == (900, 520)
