@@ -207,6 +207,32 @@ def test_full_size_names_and_shapes_are_llavas():
     assert llava.config.tie_word_embeddings and llava.config.projector_hidden_act == "gelu"
 
 
+def test_logits_equal_ours_at_full_width(tmp_path, images, monkeypatch):
+    """The paper's widths (SigLIP so400m, Qwen2.5-0.5B: heads, GQA, 256 image tokens of 224 pixels, the 151936-row
+    vocabulary, the real tokenizer) at 2 layers each, random weights: the exported model's logits are ours at every
+    position."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    config = replace(full_size_config(), vision=SigLIPConfig(num_hidden_layers=2),
+                     language=Qwen2Config(num_hidden_layers=2))
+    torch.manual_seed(0)
+    model = VLM(config).eval()
+    tokenizer = Tokenizer.from_pretrained(copy_qwen_bpe_files(tmp_path / "qwen"))
+    model.save(tmp_path / "checkpoint", tokenizer=tokenizer)
+    folder = export_without_transformers(tmp_path / "checkpoint", tmp_path / "hf", monkeypatch)
+    llava = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, backend="pil")
+    ids, _ = encode_conversation(tokenizer, [{"from": "human", "value": "<image>\nWhat is it?"},
+                                             {"from": "gpt", "value": "A cat sits on a red mat."}])
+    input_ids = torch.tensor([processor.image_token_id] * 256 + ids)[None]
+    pixel_values = processor(images=[images[0]], text=[processor.image_token], return_tensors="pt")["pixel_values"]
+    rows, document = prompt_rows(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool), 256)
+    with torch.no_grad():
+        logits = llava(input_ids=input_ids, pixel_values=pixel_values).logits[0]
+        hidden = model.hidden_states(model.image_tokens(preprocess_image(images[0], 224)[None]), rows, document, "prefix")
+        expected = model.language.lm_head(hidden)[0]
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_full_size_processor_with_the_real_qwen_tokenizer(tmp_path):
     """Qwen2.5's tokenizer: <image> on row 151665 (the first free one of 151936), and a multi-turn conversation
     tokenised by the processor's chat template exactly as training encodes it."""
