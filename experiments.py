@@ -307,7 +307,45 @@ def plot(path, title, arms, results):
     canvas.save(path)
 
 
-def main(argv=None):
+def distinct_recipes(chosen):
+    """{recipe as JSON: its run name}: an arm in several experiments (the paper's recipe) trains once per seed,
+    named after its first appearance."""
+    recipes = {}
+    for name, (_, arms) in chosen.items():
+        for arm, stages in arms.items():
+            slug = "".join(c if c.isalnum() else "-" for c in arm.split(" (")[0])
+            recipes.setdefault(json.dumps(stages), f"{name}-{slug}")
+    return recipes
+
+
+def finished(work):
+    """{(recipe as JSON, seed): result} of the trainings an interrupted run completed (their result.json)."""
+    results = {}
+    for run_dir, stages, seed, *_ in work:
+        saved = os.path.join(run_dir, "result.json")
+        if os.path.exists(saved):
+            with open(saved) as f:
+                result = json.load(f)
+            if result.pop("stages") == stages and result.pop("seed") == seed:
+                results[json.dumps(stages), seed] = result
+    return results
+
+
+def write_report(folder, name, claim, arms, by_arm, seeds, blind, n_images):
+    """An experiment's results.md (the table), results.json (every run's numbers) and loss.png; returns the table."""
+    os.makedirs(folder, exist_ok=True)
+    text = table(claim, arms, by_arm, seeds, blind, n_images)
+    with open(os.path.join(folder, "results.md"), "w") as f:
+        f.write(f"# {name}\n\n{text}\n![loss curves](loss.png)\n")
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump({"claim": claim, "seeds": seeds, "arms": {arm: {"stages": arms[arm], "runs": by_arm[arm]}
+                                                             for arm in arms}}, f)
+    plot(os.path.join(folder, "loss.png"), f"{name}: training loss, mean and min-max band over {len(seeds)} "
+         f"seeds (10-step running mean, log scale; dashed: the paper arm's stages)", list(arms), by_arm)
+    return text
+
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="experiments to run (default: all)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm: 1337, 1338, ...")
@@ -316,22 +354,21 @@ def main(argv=None):
     parser.add_argument("--out", default="out/experiments")
     parser.add_argument("--resume", action="store_true", help="keep the trainings an interrupted run finished")
     args = parser.parse_args(argv)
-    steps, n_images = (QUICK_STEPS, QUICK_EVAL_IMAGES) if args.quick else (STEPS, EVAL_IMAGES)
-    chosen = experiments(steps)
-    unknown = set(args.names) - set(chosen)
+    unknown = set(args.names) - set(experiments(STEPS))
     if unknown:
-        parser.error(f"unknown experiment(s) {sorted(unknown)}; choose from {list(chosen)}")
-    chosen = {name: chosen[name] for name in args.names or chosen}
-    seeds = [1337 + i for i in range(args.seeds)]
-    started = time.time()
+        parser.error(f"unknown experiment(s) {sorted(unknown)}; choose from {list(experiments(STEPS))}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    steps, n_images = (QUICK_STEPS, QUICK_EVAL_IMAGES) if args.quick else (STEPS, EVAL_IMAGES)
+    every = experiments(steps)
+    chosen = {name: every[name] for name in args.names or every}
+    seeds, started = [1337 + i for i in range(args.seeds)], time.time()
     tokenizer_dir = os.path.join(args.out, "tokenizer")  # one vocabulary for every caption style and question
     shapes.shapes_tokenizer(512, every_world=True).save(tokenizer_dir)
-    # An arm in several experiments (the paper's recipe) trains once per seed, named after its first appearance.
-    recipes = {}
-    for name, (_, arms) in chosen.items():
-        for arm, stages in arms.items():
-            slug = "".join(c if c.isalnum() else "-" for c in arm.split(" (")[0])
-            recipes.setdefault(json.dumps(stages), f"{name}-{slug}")
+    recipes = distinct_recipes(chosen)
     print(f"{len(recipes) * len(seeds)} trainings: {len(recipes)} recipes x {len(seeds)} seeds, {args.jobs} at a "
           f"time, after the backbones of each seed", flush=True)
     # small matrices: a thread per training, and trainings side by side, use the cores best
@@ -344,14 +381,7 @@ def main(argv=None):
     print(f"  {time.time() - started:5.0f}s  backbones: {language} + {vision}", flush=True)
     work = [(os.path.join(args.out, "runs", run_name, f"seed{seed}"), json.loads(key), seed, backbones[seed], n_images)
             for key, run_name in recipes.items() for seed in seeds]
-    results = {}
-    for run_dir, stages, seed, *_ in work:
-        saved = os.path.join(run_dir, "result.json")
-        if args.resume and os.path.exists(saved):
-            with open(saved) as f:
-                result = json.load(f)
-            if result.pop("stages") == stages and result.pop("seed") == seed:
-                results[json.dumps(stages), seed] = result
+    results = finished(work) if args.resume else {}
     todo = [job for job in work if (json.dumps(job[1]), job[2]) not in results]
     for (run_dir, stages, seed, *_), result in zip(todo, (pool.imap if pool else map)(train_arm, todo)):
         results[json.dumps(stages), seed] = result
@@ -362,22 +392,12 @@ def main(argv=None):
         pool.close()
     blind = blind_questions(n_images)
     for name, (claim, arms) in chosen.items():
-        folder = os.path.join(args.out, name)
-        os.makedirs(folder, exist_ok=True)
         by_arm = {arm: [results[json.dumps(stages), seed] for seed in seeds] for arm, stages in arms.items()}
-        text = table(claim, arms, by_arm, seeds, blind, n_images)
-        with open(os.path.join(folder, "results.md"), "w") as f:
-            f.write(f"# {name}\n\n{text}\n![loss curves](loss.png)\n")
-        with open(os.path.join(folder, "results.json"), "w") as f:
-            json.dump({"claim": claim, "seeds": seeds, "arms": {arm: {"stages": arms[arm], "runs": by_arm[arm]}
-                                                                 for arm in arms}}, f)
-        plot(os.path.join(folder, "loss.png"), f"{name}: training loss, mean and min-max band over {len(seeds)} "
-             f"seeds (10-step running mean, log scale; dashed: the paper arm's stages)", list(arms), by_arm)
+        text = write_report(os.path.join(args.out, name), name, claim, arms, by_arm, seeds, blind, n_images)
         print(f"\n## {name}\n\n{text}", flush=True)
     cpu = language_cpu + vision_cpu + sum(result["cpu_s"] for result in results.values())
     print(f"all done in {(time.time() - started) / 60:.1f} minutes ({len(todo)} trainings now); {cpu / 60:.1f} CPU "
           f"minutes of training in all; tables and pictures in {args.out}/<experiment>/")
-
 
 if __name__ == "__main__":
     main()
