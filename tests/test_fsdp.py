@@ -70,12 +70,19 @@ def test_the_whole_weights_file_is_the_shards_gathered(runs):
     assert {n: t.shape for n, t in whole.items()} == {n: s for n, s in unsharded_shapes.items() if "lm_head" not in n}
 
 
-def resumed_from(run, tmp_path, step, ranks, **changes):
-    """What a crash after `step`'s checkpoint leaves (that checkpoint, the log up to step + 1), resumed on `ranks`."""
+def resumed_from(run, tmp_path, step, ranks, half_written=None, **changes):
+    """What a crash after `step`'s checkpoint leaves (that checkpoint, the log up to step + 1; `half_written`: a
+    later checkpoint's folder as a kill in the middle of its writing leaves it), resumed on `ranks`."""
     out_dir, metrics = run
     os.makedirs(tmp_path)
     name = f"step-{step:07d}"
     shutil.copytree(out_dir / name, tmp_path / name)
+    if half_written:
+        partial = tmp_path / f"step-{half_written:07d}.partial"
+        shutil.copytree(out_dir / f"step-{half_written:07d}", partial)
+        os.remove(partial / "sharded" / ".metadata")  # DCP writes it last
+        with open(partial / "sharded" / "__0_0.distcp", "r+b") as f:
+            f.truncate(10)
     (tmp_path / "latest").write_text(name)
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics[:step + 1]))
     return tmp_path, run_train(tmp_path, launcher=LAUNCHERS[ranks], distributed="fsdp", resume=True,
@@ -83,7 +90,10 @@ def resumed_from(run, tmp_path, step, ranks, **changes):
 
 
 def test_fsdp_resume_on_as_many_ranks_is_exact(runs, tmp_path):
-    resumed = resumed_from(runs["fsdp"], tmp_path / "resumed", step=2, ranks=2)
+    """Killed while writing step 4's shards: the resume from step 2 passes over the half-written folder, writes step
+    4 afresh, and ends with the uninterrupted run's losses and weights."""
+    resumed = resumed_from(runs["fsdp"], tmp_path / "resumed", step=2, ranks=2, half_written=4)
+    assert not os.path.exists(resumed[0] / "step-0000004.partial")
     assert [m["step"] for m in resumed[1]] == [1, 2, 3, 4]
     assert [m["loss"] for m in resumed[1]] == [m["loss"] for m in runs["fsdp"][1]]
     a, b = final_weights(runs["fsdp"][0]), final_weights(resumed[0])
