@@ -209,7 +209,7 @@ def write_sharded_checkpoint(cfg, model, tokenizer, optimizer, step, ranks):
     .metadata, by rank 0 once every rank has written its file); rank 0 the whole weights, gathered from the shards,
     as one model.safetensors (what sample.py, eval.py and the next stage read), and the trainer state (the optimizer's
     groups: moments are in the shards). Then rank 0 renames the folder and names it in `latest`, as write_checkpoint."""
-    out_dir, partial = cfg["out_dir"], os.path.join(cfg["out_dir"], f"step-{step:07d}.partial")
+    out_dir, partial = cfg["out_dir"], partial_path(cfg["out_dir"], step)
     if rank() == 0:
         fresh_partial(out_dir, step)
     dist.barrier()
@@ -231,9 +231,14 @@ def write_sharded_checkpoint(cfg, model, tokenizer, optimizer, step, ranks):
         publish(out_dir, step)
 
 
+def partial_path(out_dir, step):
+    """Where step N's checkpoint is written before it is complete: step-N.partial."""
+    return os.path.join(out_dir, f"step-{step:07d}.partial")
+
+
 def fresh_partial(out_dir, step):
     """step-N.partial, emptied of what an interrupted write left there; returns its path."""
-    partial = os.path.join(out_dir, f"step-{step:07d}.partial")
+    partial = partial_path(out_dir, step)
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
     return partial
@@ -266,7 +271,7 @@ def sync_files(partial, writing):
 def publish(out_dir, step):
     """Rename step-N.partial to step-N and name it in `latest`, each on disk before the next; prune older ones."""
     name = f"step-{step:07d}"
-    folder, partial = os.path.join(out_dir, name), os.path.join(out_dir, name + ".partial")
+    folder, partial = os.path.join(out_dir, name), partial_path(out_dir, step)
     flush_entries(partial)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)

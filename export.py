@@ -187,25 +187,30 @@ def checkpoint_name(checkpoint):
     return "/".join(parts[-2:])
 
 
+def mask_notes(prefix, n_image_tokens):
+    """The model card's words on the mask, the loading line and vLLM, for a prefix or a causal checkpoint."""
+    if not prefix:
+        return ("**A causal mask** (LLaVA's): it trained and decodes causally, so it is plain Llava, no remote code.",
+                "model = AutoModelForImageTextToText.from_pretrained(repo)\n", "vLLM serves it as its Llava.")
+    mask = (f"**The prefix mask (paper section 3.2, Fig. 3b).** The {n_image_tokens} image tokens attend to each "
+            "other both ways; the text attends causally to earlier text and to every image token. transformers' "
+            "Llava is causal, so the mask comes with this folder's remote code, `modeling_prefix_llava.py` (a "
+            "Llava subclass: the same weights, the prefix mask in `forward` and in `generate`'s mask creation; "
+            "flash-attention 2 is declared unsupported, since it would keep only the padding).\n\n"
+            "**Load it with `trust_remote_code=True`.** Without it the folder still loads, silently, as plain "
+            "causal Llava: a different model from the one trained, with worse answers and no error.")
+    load = "model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True)  # the prefix mask\n"
+    vllm = ("vLLM ignores the remote code and uses its own Llava. It keeps the prefix when `config.json`'s "
+            "`\"is_mm_prefix_lm\": true` is honoured (vLLM from early 2026, with an attention backend that "
+            "supports it); older versions run causal attention without a warning.")
+    return mask, load, vllm
+
+
 def model_card(config, prefix, checkpoint):
+    """The folder's README.md: what the model is, its mask, the paper's recipe, how to load and prompt it."""
     vision, language = config.vision, config.language
     n_image_tokens = (vision.image_size // vision.patch_size) ** 2
-    if prefix:
-        mask = (f"**The prefix mask (paper section 3.2, Fig. 3b).** The {n_image_tokens} image tokens attend to each "
-                "other both ways; the text attends causally to earlier text and to every image token. transformers' "
-                "Llava is causal, so the mask comes with this folder's remote code, `modeling_prefix_llava.py` (a "
-                "Llava subclass: the same weights, the prefix mask in `forward` and in `generate`'s mask creation; "
-                "flash-attention 2 is declared unsupported, since it would keep only the padding).\n\n"
-                "**Load it with `trust_remote_code=True`.** Without it the folder still loads, silently, as plain "
-                "causal Llava: a different model from the one trained, with worse answers and no error.")
-        load = ("model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True)  # the prefix mask\n")
-        vllm = ("vLLM ignores the remote code and uses its own Llava. It keeps the prefix when `config.json`'s "
-                "`\"is_mm_prefix_lm\": true` is honoured (vLLM from early 2026, with an attention backend that "
-                "supports it); older versions run causal attention without a warning.")
-    else:
-        mask = "**A causal mask** (LLaVA's): it trained and decodes causally, so it is plain Llava, no remote code."
-        load = "model = AutoModelForImageTextToText.from_pretrained(repo)\n"
-        vllm = "vLLM serves it as its Llava."
+    mask, load, vllm = mask_notes(prefix, n_image_tokens)
     return f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text
