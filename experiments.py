@@ -354,6 +354,8 @@ def parse_args(argv):
     parser.add_argument("--out", default="out/experiments")
     parser.add_argument("--resume", action="store_true", help="keep the trainings an interrupted run finished")
     args = parser.parse_args(argv)
+    if args.seeds < 1 or args.jobs < 1:
+        parser.error(f"--seeds={args.seeds} and --jobs={args.jobs}: each must be at least 1")
     unknown = set(args.names) - set(experiments(STEPS))
     if unknown:
         parser.error(f"unknown experiment(s) {sorted(unknown)}; choose from {list(experiments(STEPS))}")

@@ -78,3 +78,11 @@ def test_an_arm_pair_end_to_end(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     experiments.main(["align_first", "--quick", "--seeds=1", "--jobs=1", f"--out={out}", "--resume"])
     assert "(0 trainings now)" in capsys.readouterr().out  # an interrupted run keeps what it finished
+
+
+def test_unknown_experiments_and_empty_counts_are_refused(capsys):
+    import pytest
+    for argv in (["nosuch"], ["--seeds=0"], ["--jobs=0"]):
+        with pytest.raises(SystemExit):
+            experiments.main(argv)
+        assert "error:" in capsys.readouterr().err
