@@ -2,6 +2,7 @@
 the runner trains a small arm pair end to end and writes its table, picture and numbers."""
 import json
 
+import pytest
 from PIL import Image
 
 import experiments
@@ -81,7 +82,6 @@ def test_an_arm_pair_end_to_end(tmp_path, monkeypatch, capsys):
 
 
 def test_unknown_experiments_and_empty_counts_are_refused(capsys):
-    import pytest
     for argv in (["nosuch"], ["--seeds=0"], ["--jobs=0"]):
         with pytest.raises(SystemExit):
             experiments.main(argv)
